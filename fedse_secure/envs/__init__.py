@@ -4,4 +4,77 @@ Contract used by the rest of the package:
 - ``ENV_NAMES``: names accepted in configs.
 - ``make_env(name, **options) -> TextEnv``
 - ``make_oracle(name) -> Oracle``
+- ``generate_demonstrations(env_name, task_ids, **env_options) -> list[Trajectory]``
+
+Environment modules are imported lazily, so importing this package does not pull in minigrid or textcraft.
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+from fedse_secure.envs.base import BatchedEnv, Oracle, StepResult, TextEnv, extract_action
+
+ENV_NAMES: tuple[str, ...] = ("babyai", "webshop", "textcraft", "maze", "wordle")
+
+# name -> (module, env class, oracle class or None)
+_REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "maze": ("fedse_secure.envs.maze", "MazeEnv", "MazeOracle"),
+    "wordle": ("fedse_secure.envs.wordle", "WordleEnv", "WordleOracle"),
+    "textcraft": ("fedse_secure.envs.textcraft", "TextCraftEnv", "TextCraftOracle"),
+    "babyai": ("fedse_secure.envs.babyai", "BabyAIEnv", "BabyAIOracle"),
+    "webshop": ("fedse_secure.envs.webshop", "WebShopEnv", "WebShopOracle"),
+    "agentgym": ("fedse_secure.envs.agentgym", "AgentGymHTTPEnv", None),
+}
+
+
+def _lookup(name: str) -> tuple[str, str, str | None]:
+    if not isinstance(name, str) or name.lower() not in _REGISTRY:
+        valid = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown environment {name!r}; valid names are: {valid}")
+    return _REGISTRY[name.lower()]
+
+
+def make_env(name: str, **options) -> TextEnv:
+    """A fresh environment instance; ``options`` go to its constructor (e.g. ``max_turns``)."""
+    module, cls, _ = _lookup(name)
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+def make_oracle(name: str) -> Oracle:
+    """The expert policy for ``name`` (the seed-demonstration source)."""
+    module, _, cls = _lookup(name)
+    if cls is None:
+        raise ValueError(
+            f"environment {name!r} has no local oracle: it proxies a remote AgentGym server; "
+            f"use one of {', '.join(ENV_NAMES)} for expert demonstrations"
+        )
+    return getattr(importlib.import_module(module), cls)()
+
+
+def generate_demonstrations(env_name: str, task_ids: Iterable[int], **env_options):
+    """Run the oracle on ``task_ids``; return the successful episodes as expert ``Trajectory`` objects."""
+    from fedse_secure.envs.rollout import run_oracle_episode
+
+    env = make_env(env_name, **env_options)
+    oracle = make_oracle(env_name)
+    demos = []
+    for task_id in task_ids:
+        traj = run_oracle_episode(env, oracle, int(task_id))
+        if traj.success:
+            demos.append(traj)
+    return demos
+
+
+__all__ = [
+    "ENV_NAMES",
+    "BatchedEnv",
+    "Oracle",
+    "StepResult",
+    "TextEnv",
+    "extract_action",
+    "generate_demonstrations",
+    "make_env",
+    "make_oracle",
+]

@@ -24,7 +24,7 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-_ACTION_RE = re.compile(r"Action\s*:\s*(.*)", re.IGNORECASE | re.DOTALL)
+_ACTION_RE = re.compile(r"Action\s*:", re.IGNORECASE)
 
 
 def extract_action(text: str) -> str:
@@ -34,7 +34,7 @@ def extract_action(text: str) -> str:
     still works.
     """
     matches = list(_ACTION_RE.finditer(text))
-    tail = matches[-1].group(1) if matches else text
+    tail = text[matches[-1].end() :] if matches else text
     for line in tail.splitlines():
         line = line.strip().strip("`").strip()
         if line:

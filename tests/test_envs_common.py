@@ -1,0 +1,135 @@
+"""Contract tests every local environment must pass (registry, determinism, robustness, demo format)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+
+from fedse_secure.envs import ENV_NAMES, BatchedEnv, extract_action, generate_demonstrations, make_env, make_oracle
+from fedse_secure.envs.rollout import run_oracle_episode
+
+_AVAILABLE = [
+    n for n in ENV_NAMES if importlib.util.find_spec(f"fedse_secure.envs.{n}") is not None
+]
+
+JUNK = ["", "Action:", "Thought: hmm", "!!!@@@", "Action: \x00\x01", "Action: " + "x" * 5000, "Thought:\nAction:\n\n"]
+
+
+def test_env_names():
+    assert ENV_NAMES == ("babyai", "webshop", "textcraft", "maze", "wordle")
+
+
+def test_unknown_env_error_lists_names():
+    with pytest.raises(ValueError) as err:
+        make_env("alfworld")
+    msg = str(err.value)
+    assert "alfworld" in msg and all(n in msg for n in ENV_NAMES)
+    with pytest.raises(ValueError):
+        make_oracle("nope")
+
+
+def test_extract_action():
+    assert extract_action("Thought: a\nAction: move up") == "move up"
+    assert extract_action("Thought: a\nAction:\nmove up\nmore") == "move up"
+    assert extract_action("Action: a\nThought: b\nAction: `c`") == "c"
+    assert extract_action("just this\nline two") == "just this"
+    assert extract_action("") == ""
+
+
+def _oracle_actions(name: str, task_id: int) -> list[str]:
+    env, oracle = make_env(name), make_oracle(name)
+    traj = run_oracle_episode(env, oracle, task_id)
+    return [m["content"] for m in traj.messages if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("name", _AVAILABLE)
+def test_same_task_same_actions_same_outcome(name):
+    env = make_env(name)
+    for task_id in list(env.test_task_ids())[:3] + list(env.train_task_ids())[:2]:
+        actions = _oracle_actions(name, task_id)
+        # Mix in junk so invalid-action paths are covered by the determinism check too.
+        actions = actions[:1] + ["Action: nonsense"] + actions[1:]
+        runs = []
+        for _ in range(2):
+            e = make_env(name)
+            obs = [e.reset(task_id)]
+            rew = []
+            for a in actions:
+                r = e.step(a)
+                obs.append(r.observation)
+                rew.append((r.reward, r.done, r.success))
+                if r.done:
+                    break
+            runs.append((obs, rew))
+        assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", _AVAILABLE)
+def test_reset_is_reproducible_across_instances(name):
+    env = make_env(name)
+    ids = list(env.test_task_ids())[:3]
+    assert [make_env(name).reset(t) for t in ids] == [env.reset(t) for t in ids]
+
+
+@pytest.mark.parametrize("name", _AVAILABLE)
+def test_junk_actions_never_raise(name):
+    env = make_env(name)
+    env.reset(list(env.test_task_ids())[0])
+    for junk in JUNK:
+        r = env.step(junk)
+        assert isinstance(r.observation, str) and r.observation
+        assert not r.success
+        if r.done:
+            break
+
+
+@pytest.mark.parametrize("name", _AVAILABLE)
+def test_splits(name):
+    env = make_env(name)
+    test, train = list(env.test_task_ids()), list(env.train_task_ids())
+    expected = {"babyai": 90, "webshop": 200, "textcraft": 100, "maze": 25, "wordle": 25}[name]
+    assert len(test) == expected
+    assert len(train) > 0
+    assert not set(test) & set(train)
+
+
+@pytest.mark.parametrize("name", _AVAILABLE)
+def test_demonstration_format(name):
+    env = make_env(name)
+    demos = generate_demonstrations(name, list(env.train_task_ids())[:2])
+    assert demos
+    for d in demos:
+        assert d.source == "expert" and d.round == -1 and d.success and d.env == name
+        roles = [m["role"] for m in d.messages]
+        assert roles[0] == "system" and d.messages[0]["content"] == env.system_prompt()
+        assert roles[1:] == ["user", "assistant"] * ((len(roles) - 1) // 2)
+        for m in d.messages[2::2]:
+            assert re.fullmatch(r"Thought: .+\nAction: .+", m["content"], re.DOTALL), m["content"]
+
+
+@pytest.mark.parametrize("name", _AVAILABLE)
+def test_batched_matches_single(name):
+    env = make_env(name)
+    ids = list(env.test_task_ids())[:4]
+    batch = BatchedEnv([make_env(name) for _ in ids])
+    oracles = [make_oracle(name) for _ in ids]
+    obs = batch.reset(ids)
+    for o, e, t in zip(oracles, batch.envs, ids):
+        o.reset(e, t)
+    live = [True] * len(ids)
+    batched_rewards = [0.0] * len(ids)
+    for _ in range(env.max_turns):
+        acts = [o.act(e, ob) if alive else None for o, e, ob, alive in zip(oracles, batch.envs, obs, live)]
+        results = batch.step(acts)
+        for i, r in enumerate(results):
+            if r is None:
+                continue
+            obs[i] = r.observation
+            batched_rewards[i] = r.reward
+            live[i] = not r.done
+        if not any(live):
+            break
+    single = [run_oracle_episode(make_env(name), make_oracle(name), t).reward for t in ids]
+    assert batched_rewards == single
