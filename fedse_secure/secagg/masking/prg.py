@@ -1,0 +1,138 @@
+"""Key derivation, mask expansion and randomness, all built on the ``cryptography`` package.
+
+* Masks are AES-128-CTR keystreams (AES-NI: ~8 GB/s per core when written in L2-sized chunks). A mask key
+  is used for exactly one round: keys are derived with HKDF-SHA256 whose ``info`` binds the round's setup
+  digest, so a zero IV is safe.
+* :class:`RandomSource` is where every random byte of the protocol comes from: ``os.urandom`` in
+  production, or a ChaCha20 keystream under a seed for reproducible tests (never use a seed in production).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+DOMAIN = b"fedse-secagg/v1"
+
+#: Elements per chunk when masks are streamed: 64 Ki elements = 256/512 KiB, so the output chunk and the
+#: keystream chunk both stay in L2 while every mask of a client is added to them.
+CHUNK_ELEMENTS = 1 << 16
+
+_ZERO_IV = b"\x00" * 16
+
+
+def hkdf(key_material: bytes, label: bytes, context: bytes, length: int = 16) -> bytes:
+    """HKDF-SHA256 with a domain-separated ``info`` (label) bound to ``context`` (the round's setup digest)."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=DOMAIN + b"/" + label + b"/" + context).derive(
+        key_material
+    )
+
+
+class MaskStream:
+    """An AES-128-CTR keystream read as ring elements (uint32 or uint64), chunk by chunk, in order.
+
+    ``sign`` is +1 or -1: how the mask enters the vector it is applied to.
+    """
+
+    __slots__ = ("_enc", "dtype", "sign")
+
+    def __init__(self, key: bytes, dtype: np.dtype, sign: int = 1) -> None:
+        if len(key) != 16:
+            raise ValueError(f"mask key must be 16 bytes, got {len(key)}")
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+        self.dtype = np.dtype(dtype)
+        self.sign = sign
+
+    def fill(self, out: np.ndarray, zeros: memoryview, scratch: bytearray) -> None:
+        """Write the next ``out.size`` keystream elements into ``out`` (a contiguous ring-dtype array)."""
+        nbytes = out.nbytes
+        # update_into needs len(buf) >= len(data) + 15 for a block cipher; scratch is sized for that.
+        self._enc.update_into(zeros[:nbytes], scratch)
+        out[...] = np.frombuffer(scratch, dtype=self.dtype, count=out.size)
+
+
+class MaskApplier:
+    """Applies many keystream masks to one ring vector, chunk-major so the data stays in cache."""
+
+    def __init__(self, dtype: np.dtype, chunk: int = CHUNK_ELEMENTS) -> None:
+        self.dtype = np.dtype(dtype)
+        self.chunk = chunk
+        nbytes = chunk * self.dtype.itemsize
+        self._zeros = memoryview(bytes(nbytes))
+        self._scratch = bytearray(nbytes + 16)
+        self._tmp = np.frombuffer(self._scratch, dtype=self.dtype, count=chunk)
+        self.keystream_bytes = 0
+
+    def apply(self, vec: np.ndarray, streams: list[MaskStream], before_chunk=None) -> None:
+        """``vec += sum(sign * stream)`` in the ring. ``before_chunk(start, stop, view)`` fills a chunk first
+        (the client quantises its update into the chunk there, so the input is read exactly once)."""
+        n = vec.size
+        zeros, scratch, tmp = self._zeros, self._scratch, self._tmp
+        for start in range(0, n, self.chunk):
+            stop = min(start + self.chunk, n)
+            view = vec[start:stop]
+            if before_chunk is not None:
+                before_chunk(start, stop, view)
+            m = stop - start
+            t = tmp[:m]
+            for s in streams:
+                s._enc.update_into(zeros[: m * self.dtype.itemsize], scratch)
+                if s.sign > 0:
+                    np.add(view, t, out=view)
+                else:
+                    np.subtract(view, t, out=view)
+        self.keystream_bytes += n * self.dtype.itemsize * len(streams)
+
+
+def expand_mask(key: bytes, size: int, dtype: np.dtype) -> np.ndarray:
+    """The whole keystream of ``key`` as ``size`` ring elements (for tests and one-off uses)."""
+    out = np.zeros(size, dtype=dtype)
+    MaskApplier(dtype).apply(out, [MaskStream(key, dtype, +1)])
+    return out
+
+
+class RandomSource:
+    """Randomness for keys, seeds, nonces and Shamir coefficients.
+
+    ``RandomSource()`` uses the operating system CSPRNG. ``RandomSource.seeded(seed, label)`` is a
+    deterministic ChaCha20 keystream for reproducible tests; it must never be used in production.
+    """
+
+    def __init__(self, seed: int | None = None, label: str = "") -> None:
+        self.deterministic = seed is not None
+        if seed is not None:
+            key = hashlib.sha256(DOMAIN + b"/test-rng/" + str(seed).encode() + b"/" + label.encode()).digest()
+            self._enc = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), None).encryptor()
+
+    @classmethod
+    def seeded(cls, seed: int, label: str = "") -> RandomSource:
+        return cls(seed, label)
+
+    def child(self, label: str) -> RandomSource:
+        """An independent source for one party (a fresh OS source in production)."""
+        if not self.deterministic:
+            return RandomSource()
+        return RandomSource(int.from_bytes(self.bytes(16), "big"), label)
+
+    def bytes(self, n: int) -> bytes:
+        if not self.deterministic:
+            return os.urandom(n)
+        return self._enc.update(b"\x00" * n)
+
+    def below(self, bound: int) -> int:
+        """Uniform integer in ``[0, bound)`` (rejection sampling, no modulo bias)."""
+        if not self.deterministic:
+            return secrets.randbelow(bound)
+        nbits = bound.bit_length()
+        nbytes = (nbits + 7) // 8
+        excess = nbytes * 8 - nbits
+        while True:
+            v = int.from_bytes(self.bytes(nbytes), "big") >> excess
+            if v < bound:
+                return v

@@ -1,0 +1,86 @@
+"""Fixed-point quantisation into the ring Z_{2^k} and back.
+
+A value x is clipped to ``[-c, c]`` and mapped to ``round(x * 2^f)`` (round half to even), stored in two's
+complement in ``uint32`` or ``uint64`` so that numpy's wrap-around *is* arithmetic mod 2^k. The ring is the
+smallest of 2^32 and 2^64 in which the sum of n clients cannot overflow:
+``n * round(c * 2^f) <= 2^(k-1) - 1``, so the signed reading of the ring sum is the exact integer sum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedse_secure.secagg.masking.errors import InvalidUpdateError, SecureAggregationError
+
+RING_DTYPES = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
+SIGNED_DTYPES = {32: np.dtype(np.int32), 64: np.dtype(np.int64)}
+
+
+def max_quantised(clip_range: float, fractional_bits: int) -> int:
+    return int(round(clip_range * 2.0**fractional_bits))
+
+
+def required_ring_bits(n_clients: int, clip_range: float, fractional_bits: int) -> int:
+    """Smallest supported ring (32 or 64 bits) whose signed range holds the sum of ``n_clients`` inputs."""
+    bound = n_clients * max_quantised(clip_range, fractional_bits)
+    for bits in (32, 64):
+        if bound <= 2 ** (bits - 1) - 1:
+            return bits
+    raise SecureAggregationError(
+        f"{n_clients} clients x clip_range {clip_range} x 2^{fractional_bits} overflows a 64-bit ring; "
+        "lower secagg.fractional_bits or secagg.clip_range"
+    )
+
+
+def check_finite(x: np.ndarray, who: str) -> None:
+    # A float64 sum of float32 values cannot overflow, so it is finite iff every element is: one cheap pass.
+    s = float(np.sum(x, dtype=np.float64))
+    if np.isfinite(s):
+        return
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise InvalidUpdateError(
+            f"{who}'s update contains {bad} NaN/Inf value(s); fix the training step (e.g. lower the learning "
+            "rate or enable gradient clipping) before aggregating"
+        )
+
+
+def count_out_of_range(x: np.ndarray, clip_range: float) -> int:
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if lo >= -clip_range and hi <= clip_range:
+        return 0
+    return int(np.count_nonzero(x > clip_range) + np.count_nonzero(x < -clip_range))
+
+
+def working_float(x: np.ndarray) -> np.ndarray:
+    """float32 stays float32 (x * 2^f is exact there: a power-of-two scale); anything else becomes float64."""
+    if x.dtype == np.float32 or x.dtype == np.float64:
+        return x
+    return x.astype(np.float64)
+
+
+def quantise_into(x: np.ndarray, out: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: int) -> None:
+    """Clip, scale, round and store ``x`` (float) into ``out`` (ring dtype, same length)."""
+    scale = x.dtype.type(2.0**fractional_bits)
+    c = x.dtype.type(clip_range)
+    f = np.clip(x, -c, c)
+    np.multiply(f, scale, out=f)
+    np.rint(f, out=f)
+    out[...] = f.astype(SIGNED_DTYPES[ring_bits], copy=False).view(RING_DTYPES[ring_bits])
+
+
+def quantise(x: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: int) -> np.ndarray:
+    """The ring representation of one update (what the masked vector hides)."""
+    x = working_float(np.asarray(x).reshape(-1))
+    out = np.empty(x.size, dtype=RING_DTYPES[ring_bits])
+    quantise_into(x, out, clip_range, fractional_bits, ring_bits)
+    return out
+
+
+def signed_integers(ring_vec: np.ndarray) -> np.ndarray:
+    """Two's-complement reading of a ring vector (the exact integer sum, given the headroom rule)."""
+    return ring_vec.view(SIGNED_DTYPES[ring_vec.dtype.itemsize * 8])
+
+
+def dequantise(ring_sum: np.ndarray, fractional_bits: int) -> np.ndarray:
+    return signed_integers(ring_sum).astype(np.float64) / 2.0**fractional_bits
