@@ -1,0 +1,309 @@
+"""Record-level DP-SGD for the local LoRA fine-tuning, with Opacus (one trajectory = one privacy record).
+
+We assemble the three objects that ``PrivacyEngine.make_private`` would build — a hooks-mode
+``GradSampleModule``, a ``DPOptimizer`` and a Poisson sampler, with the accountant's step hook attached — instead
+of calling ``make_private`` itself, because ``make_private`` derives the sample rate as ``1 / len(data_loader)``,
+which differs from the intended ``q = expected_batch_size / num_records`` whenever the batch size does not divide
+the data set (and the accountant would then be told a different rate than the sampler uses; see Opacus #813).
+Here one value of ``q`` feeds the sampler, the optimiser's normaliser and the accountant, and training checks
+afterwards that the accountant recorded exactly the projected event.
+
+Pitfalls handled (shared/research/deps.md §3b):
+
+* ``grad_sample_mode="hooks"`` — ghost clipping with HF's internal loss silently skips clipping. We compute the
+  loss ourselves, as a per-sequence token mean averaged over the batch: HF's batch-wide token mean would make
+  each record's gradient depend on the other records' lengths, so removing one record would change every
+  other clipped term too, which breaks the sensitivity argument behind the noise.
+* Empty Poisson batches (probability (1-q)^N) crash the Llama forward; they become noise-only steps, which the
+  accountant still counts (skipping them would change the mechanism).
+* Before every noisy step we check that every trainable parameter holds a per-sample gradient for exactly the
+  sampled batch, and after it that the accountant counted the step: clipping cannot be skipped silently.
+
+Afterwards the model is the same peft model object, without Opacus hooks or per-sample attributes, ready to be
+saved or aggregated.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fedse_secure.config import PrivacyConfig, TrainingConfig
+from fedse_secure.privacy.client_dp import client_event
+from fedse_secure.privacy.events import DpEvent
+
+IGNORE_INDEX = -100
+# Attributes Opacus (GradSampleModule and DPOptimizer) attaches to parameters; removed after training.
+_OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad",
+                       "_processed")
+
+
+class EncodedExampleLike(Protocol):
+    input_ids: list[int]
+    labels: list[int]
+
+
+class DPTrainingError(RuntimeError):
+    """DP-SGD could not run as configured, or a DP invariant was violated; the message says which and how to fix."""
+
+
+@dataclass
+class DPTrainResult:
+    steps: int
+    # Training loss per step on private data (NaN for noise-only steps). Not differentially private: keep it at
+    # the institution (logs), never send it to the coordinator.
+    losses: list[float]
+    sample_rate: float
+    expected_batch_size: int
+    batch_sizes: list[int]
+    empty_batches: int
+    event: DpEvent
+    # ε of this round alone from the Opacus accountant attached to the optimiser (composition across rounds is
+    # done from the ledger).
+    round_epsilon: float
+    delta: float
+    accountant: str
+    reproducible_noise: bool
+    learning_rates: list[float] = field(default_factory=list)
+
+
+def sample_rate(num_records: int, privacy: PrivacyConfig) -> float:
+    """Poisson sample rate q = expected_batch_size / num_records, capped at 1 (every record in every step)."""
+    if num_records < 1:
+        raise ValueError(f"num_records={num_records}: DP-SGD needs at least one record")
+    return min(1.0, privacy.expected_batch_size / num_records)
+
+
+def planned_steps(num_records: int, training: TrainingConfig, privacy: PrivacyConfig) -> int:
+    """round(epochs_per_round / q), capped by training.max_steps_per_round (at least 1 if any epoch is planned)."""
+    if training.epochs_per_round == 0:
+        return 0
+    q = sample_rate(num_records, privacy)
+    steps = max(1, round(training.epochs_per_round / q))
+    if training.max_steps_per_round is not None:
+        steps = min(steps, training.max_steps_per_round)
+    return steps
+
+
+def project_event(num_records: int, training: TrainingConfig, privacy: PrivacyConfig) -> DpEvent:
+    """The DP event a round *would* produce (for the budget check before training).
+
+    ``dp-sgd``: the record-level event of DP-SGD on ``num_records`` trajectories. ``client-dp``: the client-level
+    event of one privatised round update (``num_records`` does not matter there).
+    """
+    if privacy.mode == "dp-sgd":
+        q = sample_rate(num_records, privacy)
+        return DpEvent(
+            mechanism="gaussian" if q == 1.0 else "subsampled_gaussian",
+            level="record",
+            noise_multiplier=float(privacy.noise_multiplier),
+            sample_rate=q,
+            steps=planned_steps(num_records, training, privacy),
+            clipping_bound=float(privacy.max_grad_norm),
+            population=num_records,
+        )
+    if privacy.mode == "client-dp":
+        return client_event(privacy)
+    raise ValueError("privacy.mode is 'none': no DP event is produced and no budget applies; set privacy.mode to "
+                     "dp-sgd or client-dp to account for privacy")
+
+
+def collate(examples: Sequence[EncodedExampleLike], pad_token_id: int):
+    """Right-padded (input_ids, attention_mask, labels) tensors; labels are IGNORE_INDEX on padding."""
+    try:
+        from fedse_secure.agent.sft import collate_examples
+    except ImportError:
+        collate_examples = None
+    if collate_examples is not None:
+        return collate_examples(list(examples), pad_token_id)
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        if len(e.input_ids) != len(e.labels):
+            raise ValueError(f"example {i}: {len(e.input_ids)} input ids but {len(e.labels)} labels")
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
+    return ids, mask, labels
+
+
+def per_sequence_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"):
+    """Causal-LM loss: token mean within each sequence (labelled tokens only), then ``mean`` over the batch
+    (or ``none``: one value per sequence). A sequence without labelled tokens contributes 0."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    tok = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]).float(), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    per_seq = tok.sum(dim=1) / counts
+    return per_seq if reduction == "none" else per_seq.mean()
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _generator(seed: int | None):
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return g
+
+
+def train_dp_sgd(
+    model,
+    examples: Sequence[EncodedExampleLike],
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    pad_token_id: int,
+    seed: int,
+    *,
+    reproducible_noise: bool = False,
+) -> DPTrainResult:
+    """Train the trainable (LoRA) parameters of the peft ``model`` in place with DP-SGD; return what happened.
+
+    ``seed`` seeds everything that is not a privacy mechanism (e.g. LoRA dropout). The Poisson sampling and the
+    Gaussian noise come from OS entropy, because anyone who can regenerate the noise can subtract it; pass
+    ``reproducible_noise=True`` (tests, debugging only) to derive them from ``seed`` instead.
+    Opacus's secure_mode (torchcsprng) is not used: that package is not installable with torch 2.13.
+    """
+    import torch
+    from opacus.accountants import create_accountant
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from opacus.validators import ModuleValidator
+    from transformers import get_scheduler
+
+    if privacy.mode != "dp-sgd":
+        raise ValueError(f"train_dp_sgd needs privacy.mode dp-sgd, got {privacy.mode!r}")
+    n = len(examples)
+    if n == 0:
+        raise DPTrainingError("no training examples this round; skip training (no privacy is spent) instead of "
+                              "calling train_dp_sgd")
+    event = project_event(n, training, privacy)
+    q, steps = event.sample_rate, event.steps
+    expected_batch = max(1, round(q * n))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise DPTrainingError("the model has no trainable parameters; wrap it with peft.get_peft_model first")
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise DPTrainingError(f"Opacus cannot compute per-sample gradients for this model: {errors}")
+    accountant = create_accountant(privacy.accountant)
+    result = DPTrainResult(
+        steps=0, losses=[], sample_rate=q, expected_batch_size=expected_batch, batch_sizes=[], empty_batches=0,
+        event=event, round_epsilon=0.0, delta=privacy.delta, accountant=privacy.accountant,
+        reproducible_noise=reproducible_noise,
+    )
+    if steps == 0:
+        return result
+    if reproducible_noise:
+        warnings.warn("DP-SGD noise derived from the seed: anyone who knows the seed can remove it; "
+                      "use only for tests", stacklevel=2)
+    sample_gen = _generator(seed * 2 + 1 if reproducible_noise else None)
+    noise_gen = _generator(seed * 2 + 2 if reproducible_noise else None)
+
+    was_training = model.training
+    hooks_before = _hook_count(model)
+    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    scheduler = get_scheduler(
+        training.lr_schedule, optimizer, num_warmup_steps=min(training.warmup_steps, steps), num_training_steps=steps
+    )
+    gsm = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            # strict=False: frozen modules (embeddings, norms) need no grad sampler; trainable ones are checked by
+            # the validator above and get per-sample gradients from the hooks (or functorch where Opacus has none).
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+            gsm.forbid_grad_accumulation()
+            dp_optimizer = DPOptimizer(
+                optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen,
+            )
+            dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen, steps=steps)
+            if sampler.sample_rate != event.sample_rate:
+                raise DPTrainingError(f"sampler rate {sampler.sample_rate} != accounted rate {event.sample_rate}")
+            gsm.train()
+            for step, indices in enumerate(sampler):
+                dp_optimizer.zero_grad(set_to_none=True)
+                if not indices:
+                    # Noise-only step: an empty batch contributes a zero sum, the optimiser still adds noise.
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    result.losses.append(math.nan)
+                    result.empty_batches += 1
+                else:
+                    batch = [examples[i] for i in indices]
+                    input_ids, attention_mask, labels = collate(batch, pad_token_id)
+                    device = params[0].device
+                    loss = per_sequence_loss(gsm, input_ids.to(device), attention_mask.to(device), labels.to(device))
+                    loss.backward()
+                    result.losses.append(float(loss.detach()))
+                    for p in params:
+                        gs = getattr(p, "grad_sample", None)
+                        if not isinstance(gs, torch.Tensor) or gs.shape[0] != len(indices):
+                            raise DPTrainingError(
+                                f"step {step}: a trainable parameter of shape {tuple(p.shape)} has no per-sample "
+                                f"gradient for the {len(indices)} sampled records, so it would not be clipped; "
+                                "the model must be wrapped in hooks mode and trained through the wrapper"
+                            )
+                result.batch_sizes.append(len(indices))
+                result.learning_rates.append(float(scheduler.get_last_lr()[0]))
+                dp_optimizer.step()
+                counted = sum(s for _, _, s in accountant.history)
+                if counted != step + 1:
+                    raise DPTrainingError(f"step {step}: the accountant counted {counted} steps; the noisy step was "
+                                          "skipped or double-counted")
+                scheduler.step()
+                result.steps += 1
+            dp_optimizer.zero_grad(set_to_none=True)
+        finally:
+            if gsm is not None:
+                gsm.to_standard_module()
+            for p in model.parameters():
+                for attr in _OPACUS_PARAM_ATTRS:
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+                p.grad = None
+            model.train(was_training)
+    if _hook_count(model) != hooks_before:
+        raise DPTrainingError("Opacus hooks were left on the model after training; do not save this adapter")
+    if accountant.history != [(privacy.noise_multiplier, q, steps)]:
+        raise DPTrainingError(
+            f"the Opacus accountant recorded {accountant.history}, but the projected event is "
+            f"{(privacy.noise_multiplier, q, steps)}; the ledger would be wrong"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns when the best RDP order is at the grid's edge
+        result.round_epsilon = float(accountant.get_epsilon(delta=privacy.delta))
+    return result
+
+
+def describe_result(result: DPTrainResult) -> dict[str, Any]:
+    """A JSON-friendly summary for local logs (includes the non-private losses: keep it local)."""
+    return {
+        "steps": result.steps, "sample_rate": result.sample_rate, "expected_batch_size": result.expected_batch_size,
+        "empty_batches": result.empty_batches, "event": result.event.to_dict(),
+        "round_epsilon": result.round_epsilon, "delta": result.delta, "accountant": result.accountant,
+        "reproducible_noise": result.reproducible_noise,
+        "mean_loss": (sum(x for x in result.losses if not math.isnan(x)) /
+                      max(1, sum(1 for x in result.losses if not math.isnan(x)))),
+    }
