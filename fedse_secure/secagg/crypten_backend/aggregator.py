@@ -1,0 +1,333 @@
+"""``secure_aggregation: crypten``: the sum computed by CrypTen parties, one local process per party.
+
+Round protocol (n institutions, world size n + 1):
+
+1. The launcher (this process, playing the coordinator's host) checks every update (shape, NaN/Inf,
+   clipping range) *before* starting anything, so a bad update never costs a rendezvous.
+2. It starts n institution parties (ranks 0..n-1) and one coordinator party (rank n, no input) as fresh
+   Python processes (``subprocess``, i.e. fork+exec: safe from a process that holds a model and torch's
+   thread pools, and no re-import of ``__main__`` as with multiprocessing's spawn). They meet through a
+   ``file://`` rendezvous in a private temporary folder and talk over torch.distributed/gloo.
+3. Each institution encodes its update as fixed-point integers (``fixed_point.encode``) and secret-shares
+   it with ``crypten.cryptensor(x, src=rank, precision=0)``; every party adds its shares locally; the sum
+   is revealed with a reduce to the coordinator's rank only, and decoded exactly by
+   ``fixed_point.decode`` (never by CrypTen's decoder, which shifts some negatives by 1.0).
+4. Every stage has ``federation.secagg.stage_timeout_s``. A party that crashes, never arrives or stalls
+   aborts the round: all parties are killed, nothing is revealed, and :class:`RoundAbortedError` names the
+   party. CrypTen's sharing is n-of-n, so there is no dropout recovery (the masking backend has it).
+
+Trust model: semi-honest (honest-but-curious) parties, CrypTen's only model. A sum needs additions only,
+which are local on additive shares: no Beaver triples, so neither CrypTen's trusted third party nor its
+trusted first party provider is used or needed (CrypTen's default TFP provider is never invoked). There is
+no authentication of parties beyond the private rendezvous folder, and no protection against a party that
+deviates (it can shift the sum arbitrarily) -- the same as CrypTen itself.
+
+CrypTen shares an input as ``x + PRZS`` where the pseudo-random zero sharing comes from seeds that each
+party shares with its two ring neighbours (rank +- 1 mod n+1). Hence a coalition holding *both* ring
+neighbours of an institution and seeing that institution's share of the sum learns its update; the
+coordinator alone (or with any coalition that lacks two such neighbours) learns only the sum. The
+coordinator sits between institutions n-1 and 0. The masking backend (pairwise masks with Shamir-shared
+seeds) resists larger coalitions; choose it when that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+import fedse_secure
+from fedse_secure.config import SecAggConfig
+from fedse_secure.secagg.base import AggregateResult, RoundAbortedError, SecureAggregationError, SecureAggregator
+from fedse_secure.secagg.crypten_backend import fixed_point
+from fedse_secure.secagg.crypten_backend.compat import EXIT_UNAVAILABLE, CryptenUnavailableError, check_crypten_installed
+
+PARTY_MODULE = "fedse_secure.secagg.crypten_backend.party"
+
+
+class InvalidUpdateError(SecureAggregationError):
+    """An institution's update cannot be shared: wrong shape, NaN/Inf, or out of range under ``refuse``."""
+
+
+class CryptenAggregator(SecureAggregator):
+    """Secure sum by CrypTen 0.4.1 parties (torch.distributed, gloo), one local process per party.
+
+    ``config.clip_range``, ``fractional_bits``, ``on_out_of_range`` and ``stage_timeout_s`` apply as in the
+    masking backend; ``threshold`` and ``neighbours`` do not (the sharing is n-of-n over all parties).
+    Institutions named in ``simulate_dropouts`` are never started, whatever the stage, which exercises the
+    "party never arrives" path: the round aborts after ``stage_timeout_s``.
+    """
+
+    name = "crypten"
+
+    def __init__(
+        self,
+        config: SecAggConfig | None = None,
+        *,
+        python: str | None = None,
+        workdir_root: str | os.PathLike | None = None,
+    ) -> None:
+        self.config = config if config is not None else SecAggConfig()
+        # Fail at set-up, before any training, if CrypTen is missing; the import itself (with the torch
+        # shim) happens only in the party processes.
+        self.crypten_version = check_crypten_installed()
+        self.python = python or sys.executable
+        self.workdir_root = None if workdir_root is None else Path(workdir_root)
+
+    # -- input checks --------------------------------------------------------------------------------------
+    def _prepare(self, round_id: int, contributions: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.ndarray], int]:
+        if len(contributions) < 2:
+            raise RoundAbortedError(
+                f"round {round_id}: CrypTen secure aggregation needs at least 2 institutions, got "
+                f"{len(contributions)} (a sum over one institution is its update); add clients"
+            )
+        names = sorted(contributions)
+        cfg = self.config
+        vectors, size, clipped = [], None, 0
+        for name in names:
+            v = np.asarray(contributions[name])
+            if v.ndim != 1:
+                raise InvalidUpdateError(f"round {round_id}: {name} sent shape {v.shape}; flatten the update to 1-D")
+            if size is None:
+                size = v.size
+            if v.size != size or size == 0:
+                raise InvalidUpdateError(f"round {round_id}: {name} sent {v.size} values, expected {size} (> 0)")
+            if not np.issubdtype(v.dtype, np.floating) and not np.issubdtype(v.dtype, np.integer):
+                raise InvalidUpdateError(f"round {round_id}: {name} sent dtype {v.dtype}; send a float vector")
+            v = fixed_point.working_float(v)
+            if not np.isfinite(np.sum(v, dtype=np.float64)):
+                bad = int(np.count_nonzero(~np.isfinite(v)))
+                if bad:
+                    raise InvalidUpdateError(
+                        f"round {round_id}: {name}'s update contains {bad} NaN/Inf value(s); fix the training step "
+                        "(e.g. lower the learning rate or enable gradient clipping) before aggregating"
+                    )
+            lo, hi = float(np.min(v)), float(np.max(v))
+            if lo < -cfg.clip_range or hi > cfg.clip_range:
+                out = int(np.count_nonzero(v > cfg.clip_range) + np.count_nonzero(v < -cfg.clip_range))
+                if cfg.on_out_of_range == "refuse":
+                    raise InvalidUpdateError(
+                        f"round {round_id}: {name}'s update has {out} value(s) outside +-{cfg.clip_range} "
+                        f"(range [{lo:.4g}, {hi:.4g}]) and federation.secagg.on_out_of_range is refuse; raise "
+                        "federation.secagg.clip_range or set on_out_of_range: clip"
+                    )
+                clipped += out
+            vectors.append(np.ascontiguousarray(v))
+        fixed_point.check_headroom(len(names), cfg.clip_range, cfg.fractional_bits)
+        return names, vectors, clipped
+
+    # -- the round ----------------------------------------------------------------------------------------
+    def aggregate(self, round_id: int, contributions: Mapping[str, np.ndarray]) -> AggregateResult:
+        t_start = time.perf_counter()
+        names, vectors, clipped = self._prepare(round_id, contributions)
+        n, size = len(names), vectors[0].size
+        root = self.workdir_root
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        # mkdtemp makes the folder 0700: the inputs written there are as private as this process's memory.
+        workdir = Path(tempfile.mkdtemp(prefix=f"fedse-crypten-r{round_id}-", dir=root))
+        try:
+            for rank, v in enumerate(vectors):
+                np.save(workdir / f"input.{rank}.npy", v, allow_pickle=False)
+            run = _Round(self, round_id, names, size, workdir)
+            ring_sum, stats, stage_s = run.execute()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+        bound = n * fixed_point.max_quantised(self.config.clip_range, self.config.fractional_bits)
+        peak = int(np.max(np.abs(ring_sum))) if ring_sum.size else 0
+        if peak > bound:
+            # Cannot happen when every party followed the protocol; a deviating party (or a bug) can.
+            raise SecureAggregationError(
+                f"round {round_id}: the revealed CrypTen sum has magnitude {peak}, above the largest possible "
+                f"{bound}; a party did not follow the protocol. The round's sum is discarded"
+            )
+        total = fixed_point.decode(ring_sum, self.config.fractional_bits)
+
+        inst = [stats[r] for r in range(n)]
+        def worst(key: str) -> float:
+            return float(max(s[key] for s in stats.values()))
+
+        measurements: dict[str, float | int] = {
+            "parties": n + 1,
+            "clipped_values": clipped,
+            "fractional_bits": self.config.fractional_bits,
+            # As CrypTen's communicator counts it: an institution sends its d int64 shares once (the reduce).
+            "bytes_sent_per_client": int(max(s["bytes"] for s in inst)),
+            "bytes_received_coordinator": int(stats[n]["bytes"]),
+            "crypten_startup_s": worst("startup_s"),
+            "crypten_rendezvous_s": stage_s["rendezvous"],
+            "crypten_share_s": worst("share_s"),
+            "crypten_add_s": worst("add_s"),
+            "crypten_reveal_s": worst("reveal_s"),
+            "crypten_sum_s": stage_s["sum"],
+            "wall_s": time.perf_counter() - t_start,
+        }
+        return AggregateResult(total=total, survivors=names, dropped=[], measurements=measurements)
+
+
+class _Round:
+    """Launches and watches the n+1 party processes of one round."""
+
+    POLL_S = 0.02
+
+    def __init__(self, agg: CryptenAggregator, round_id: int, names: list[str], size: int, workdir: Path) -> None:
+        self.agg, self.round_id, self.names, self.size, self.workdir = agg, round_id, names, size, workdir
+        self.n = len(names)
+        self.world = self.n + 1
+        self.timeout = float(agg.config.stage_timeout_s)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.not_started = {r for r, name in enumerate(names) if name in agg.config.simulate_dropouts}
+
+    def who(self, rank: int) -> str:
+        return f"party {rank} (institution {self.names[rank]!r})" if rank < self.n else f"party {rank} (the coordinator)"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The parties must import this very package, installed or not.
+        pkg_root = str(Path(fedse_secure.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
+        # n+1 processes on a shared machine: one thread each (see party.py).
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        # All parties are local: gloo must bind to loopback, not to whatever the hostname resolves to.
+        if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
+            env["GLOO_SOCKET_IFNAME"] = "lo"
+        return env
+
+    def _launch(self) -> None:
+        cfg = self.agg.config
+        env = self._env()
+        # The parties' own torch.distributed timeout is a backstop for when this process dies; it is longer
+        # than ours so that, normally, we are the ones who notice and can say which party is missing.
+        party_timeout = 2 * self.timeout + 5
+        for rank in range(self.world):
+            if rank in self.not_started:
+                continue
+            cmd = [
+                self.agg.python, "-m", PARTY_MODULE,
+                "--workdir", str(self.workdir), "--rank", str(rank), "--institutions", str(self.n),
+                "--size", str(self.size), "--clip-range", repr(cfg.clip_range),
+                "--fractional-bits", str(cfg.fractional_bits), "--timeout-s", repr(party_timeout),
+            ]
+            with open(self.workdir / f"party.{rank}.log", "wb") as log:
+                self.procs[rank] = subprocess.Popen(
+                    cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+                )
+
+    def _kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not wait for the process
+                pass
+
+    def _marked(self, what: str) -> set[int]:
+        return {r for r in range(self.world) if (self.workdir / f"{what}.{r}").exists()}
+
+    def _last_line(self, rank: int) -> str:
+        try:
+            lines = (self.workdir / f"party.{rank}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no output)"
+        return lines[-1].strip() if lines else "(no output)"
+
+    def _abort(self, msg: str, cls: type[SecureAggregationError] = RoundAbortedError) -> None:
+        self._kill_all()
+        raise cls(f"round {self.round_id}: {msg}. Nothing was revealed; the round has no sum")
+
+    def _check_exits(self, stage: str) -> None:
+        failed = {r: p.returncode for r, p in self.procs.items() if p.poll() is not None and p.returncode != 0}
+        if not failed:
+            return
+        # A party's death makes its peers fail too; give them a moment so the report lists the whole picture.
+        time.sleep(0.3)
+        failed = {r: p.returncode for r, p in self.procs.items() if p.poll() is not None and p.returncode != 0}
+        parts = []
+        for r, rc in sorted(failed.items()):
+            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            parts.append(f"{self.who(r)} {how}: {self._last_line(r)}")
+        if any(rc == EXIT_UNAVAILABLE for rc in failed.values()):
+            self._abort(f"CrypTen could not be imported in a party process ({'; '.join(parts)})", CryptenUnavailableError)
+        self._abort(f"CrypTen party failure during the {stage} stage: " + "; ".join(parts))
+
+    def execute(self) -> tuple[np.ndarray, dict[int, dict], dict[str, float]]:
+        stage_s: dict[str, float] = {}
+        try:
+            t0 = time.perf_counter()
+            self._launch()
+            # Stage 1, arrival: start-up, rendezvous and CrypTen's seed exchange.
+            deadline = t0 + self.timeout
+            while True:
+                self._check_exits("rendezvous")
+                joined = self._marked("joined")
+                if len(joined) == self.world:
+                    break
+                if time.perf_counter() > deadline:
+                    self._arrival_timeout(joined)
+                time.sleep(self.POLL_S)
+            t1 = time.perf_counter()
+            stage_s["rendezvous"] = t1 - t0
+            # Stage 2, the sum: share, add, reveal to the coordinator, leave.
+            deadline = t1 + self.timeout
+            while True:
+                self._check_exits("sum")
+                if all(p.poll() == 0 for p in self.procs.values()):
+                    break
+                if time.perf_counter() > deadline:
+                    slow = sorted(r for r, p in self.procs.items() if p.poll() is None)
+                    self._abort(
+                        f"CrypTen parties did not finish the sum within federation.secagg.stage_timeout_s="
+                        f"{self.timeout:g} s: {', '.join(self.who(r) for r in slow)} still running; raise the "
+                        "timeout for large updates on a slow machine"
+                    )
+                time.sleep(self.POLL_S)
+            stage_s["sum"] = time.perf_counter() - t1
+            result = self.workdir / "revealed.npy"
+            if not result.exists():
+                self._abort("every CrypTen party exited cleanly but the coordinator wrote no sum (a bug)", SecureAggregationError)
+            ring_sum = np.load(result, allow_pickle=False)
+            stats = {r: json.loads((self.workdir / f"stats.{r}.json").read_text()) for r in range(self.world)}
+            return ring_sum, stats, stage_s
+        finally:
+            self._kill_all()
+
+    def _arrival_timeout(self, joined: set[int]) -> None:
+        ready = self._marked("ready")
+        missing = [r for r in range(self.world) if r not in ready]
+        if missing:
+            waiting = sorted(ready)
+            details = []
+            for r in missing:
+                if r in self.not_started:
+                    why = "its process was never started (simulate_dropouts)"
+                elif self.procs[r].poll() is None:
+                    why = "its process is running but never reached the rendezvous (stuck starting up)"
+                else:
+                    why = f"its process ended: {self._last_line(r)}"
+                details.append(f"{self.who(r)} never arrived: {why}")
+            self._abort(
+                f"{'; '.join(details)}. Waited federation.secagg.stage_timeout_s={self.timeout:g} s; "
+                f"{len(waiting)} other part{'y was' if len(waiting) == 1 else 'ies were'} waiting at the rendezvous. "
+                "CrypTen's n-of-n sharing cannot leave a party out: bring that institution back, raise the "
+                "timeout on a slow machine, or use secure_aggregation: masking, which tolerates dropouts"
+            )
+        stuck = [r for r in range(self.world) if r not in joined]
+        self._abort(
+            f"all {self.world} CrypTen parties reached the rendezvous but "
+            f"{', '.join(self.who(r) for r in stuck)} did not finish joining within "
+            f"federation.secagg.stage_timeout_s={self.timeout:g} s; check that gloo can use the loopback "
+            "interface (GLOO_SOCKET_IFNAME) and that the temporary folder is writable"
+        )
