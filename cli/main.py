@@ -30,9 +30,21 @@ def _root(
     """Run, deploy and audit federated self-evolution of LLM agents with secure aggregation and DP."""
 
 
+def _optional(module_name: str):
+    """Import a CLI area if it is present in this checkout (areas land independently)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+
+
 def _register_subcommands() -> None:
-    # Each area registers its own commands; keep imports inside the modules light (no torch at import time)
-    # so `fedse --help` stays fast.
+    # Each area registers its own commands; modules keep heavy imports (torch) inside functions so
+    # `fedse --help` stays fast.
     from fedse_cli import run as run_commands
 
     run_commands.register(app)
@@ -41,19 +53,11 @@ def _register_subcommands() -> None:
         ("fedse_cli.privacy", "privacy_app", "privacy"),
         ("fedse_cli.threats", "threats_app", "threats"),
     ):
-        try:
-            module = __import__(module_name, fromlist=[attr])
-        except ModuleNotFoundError as err:
-            if err.name == module_name:
-                continue
-            raise
-        app.add_typer(getattr(module, attr), name=name)
-    try:
-        from fedse_cli import deploy
-    except ModuleNotFoundError as err:
-        if err.name != "fedse_cli.deploy":
-            raise
-    else:
+        module = _optional(module_name)
+        if module is not None:
+            app.add_typer(getattr(module, attr), name=name)
+    deploy = _optional("fedse_cli.deploy")
+    if deploy is not None:
         deploy.register(app)
 
 

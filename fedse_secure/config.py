@@ -88,6 +88,8 @@ class EvaluationConfig(_Strict):
     # Held-out test tasks per environment each round; None = the paper-sized test split.
     test_tasks: int | None = Field(None, ge=1)
     every_round: bool = True
+    # Also evaluate the initial adapter (round 0), so every run shows where it started.
+    include_initial: bool = False
     max_new_tokens: int = Field(48, ge=1, le=1024)
     batch_size: int = Field(8, ge=1)
 

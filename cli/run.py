@@ -1,0 +1,161 @@
+"""`fedse simulate`, `fedse report`, `fedse config validate`, `fedse model prepare`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from fedse_cli.progress import RichProgress, console, fail
+
+
+def _quiet_libraries() -> None:
+    # Progress bars of our own are the only ones a user should see; HF's loaders print their own otherwise.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - transformers always present in the pinned set
+        pass
+
+
+def simulate(
+    config: Path = typer.Argument(..., help="Experiment YAML, e.g. configs/smoke.yaml."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default: the config's output_dir)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set federation.rounds=2."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run a whole federated experiment in one process (every institution, no network)."""
+    from fedse_secure.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        fail(str(err))
+    _quiet_libraries()
+    from fedse_secure.federation.run_folder import RunFolderError
+    from fedse_secure.federation.simulation import simulate as run_simulation
+    from fedse_secure.models import ModelNotAvailableError
+
+    out_dir = out or cfg.resolved_output_dir()
+    progress = RichProgress(enabled=not quiet)
+    try:
+        with progress:
+            summary = run_simulation(cfg, out_dir, overwrite=overwrite, progress=progress)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: {out_dir} holds every completed round (summary status 'interrupted')")
+        raise typer.Exit(130)
+    except (RunFolderError, ModelNotAvailableError) as err:
+        fail(str(err))
+    except Exception as err:
+        if type(err).__name__ in ("BudgetExceededError", "SecureAggregationError", "RoundAbortedError"):
+            fail(f"{type(err).__name__}: {err}")
+        raise
+    from fedse_secure.report import final_table
+
+    _print_table(final_table([{**summary, "_dir": str(out_dir)}]))
+    console.print(f"run folder: [bold]{out_dir}[/]  (summary.json, metrics.jsonl, adapters/)")
+
+
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run folders (seeds of one experiment are grouped)."),
+    plot_dir: Path | None = typer.Option(None, "--plots", help="Where to write PNGs (default: the first run folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Table of success per environment (mean ± 95% CI over seeds) and PNG plots per round."""
+    from fedse_secure.report import ReportError, final_table, load_summary, plot_runs
+
+    try:
+        summaries = [load_summary(d) for d in run_dirs]
+    except ReportError as err:
+        fail(str(err))
+    table = final_table(summaries)
+    if as_json:
+        typer.echo(json.dumps(table))
+    else:
+        _print_table(table)
+    written = plot_runs(summaries, plot_dir or run_dirs[0])
+    if not as_json:
+        for p in written:
+            console.print(f"plot: {p}")
+
+
+def _print_table(table: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="success rate at the last evaluated round (%)")
+    t.add_column("run")
+    t.add_column("seeds", justify="right")
+    for env in table["environments"] + ["avg"]:
+        t.add_column(env, justify="right")
+    for row in table["rows"]:
+        cells = []
+        for env in table["environments"] + ["avg"]:
+            c = row.get(env)
+            if c is None:
+                cells.append("-")
+            elif c["ci95"]:
+                cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}")
+            else:
+                cells.append(f"{100 * c['mean']:.1f}")
+        t.add_row(row["run"], str(row["seeds"]), *cells)
+    console.print(t)
+
+
+config_app = typer.Typer(help="Check experiment configs.", no_args_is_help=True)
+
+
+@config_app.command("validate")
+def config_validate(
+    config: Path = typer.Argument(..., help="Experiment YAML."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set federation.rounds=2."),
+    show: bool = typer.Option(False, "--show", help="Print the resolved config."),
+) -> None:
+    """Validate a config without running anything; exits non-zero with one line per problem."""
+    from fedse_secure.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        fail(str(err))
+    if show:
+        typer.echo(cfg.to_yaml())
+    else:
+        console.print(f"[green]ok[/]: {config} ({len(cfg.clients)} clients, {cfg.federation.rounds} rounds, "
+                      f"{cfg.federation.mode}, secure aggregation {cfg.federation.secure_aggregation})")
+
+
+model_app = typer.Typer(help="Prepare models offline.", no_args_is_help=True)
+
+
+@model_app.command("prepare")
+def model_prepare(
+    name: str = typer.Argument("smollm2-135m-instruct", help="smollm2-135m-instruct or tiny-llama."),
+) -> None:
+    """Convert the bundled SmolLM2 GGUF (or build the tiny test model) into the local cache, once."""
+    _quiet_libraries()
+    from fedse_secure.models import DEFAULT_MODEL, TINY_MODEL, ModelNotAvailableError, prepare_default_model, prepare_tiny_model
+
+    builders = {DEFAULT_MODEL: prepare_default_model, TINY_MODEL: prepare_tiny_model}
+    if name not in builders:
+        fail(f"unknown model {name!r}; choose {DEFAULT_MODEL} or {TINY_MODEL} (other models load from a local path)")
+    try:
+        path = builders[name]()
+    except ModelNotAvailableError as err:
+        fail(str(err))
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate")(simulate)
+    app.command("report")(report)
+    app.add_typer(config_app, name="config")
+    app.add_typer(model_app, name="model")

@@ -1,0 +1,57 @@
+"""The agent: an HF causal LM with a peft LoRA adapter, acting through an environment's chat prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedse_secure.aggregation.adapter_state import get_adapter_state, peft_config_dict, set_adapter_state
+from fedse_secure.config import LoraSettings, ModelConfig
+
+
+@dataclass
+class AgentModel:
+    """One base model + one LoRA adapter. In simulation all institutions share it and swap adapter states, so
+    the base weights are loaded once (they are frozen and identical everywhere)."""
+
+    model: object
+    tokenizer: object
+    model_path: str
+
+    @classmethod
+    def load(cls, model_cfg: ModelConfig, lora: LoraSettings, seed: int) -> AgentModel:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from fedse_secure.models import load_model_and_tokenizer
+
+        if model_cfg.num_threads:
+            torch.set_num_threads(model_cfg.num_threads)
+        loaded = load_model_and_tokenizer(model_cfg.name_or_path, model_cfg.dtype)
+        # The initial A matrices are random: seed them so every institution (and every rerun) starts from the
+        # same global adapter.
+        torch.manual_seed(seed)
+        lora_cfg = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+            bias="none",
+        )
+        peft_model = get_peft_model(loaded.model, lora_cfg)
+        peft_model.eval()
+        return cls(model=peft_model, tokenizer=loaded.tokenizer, model_path=loaded.path)
+
+    def adapter_state(self):
+        return get_adapter_state(self.model)
+
+    def load_adapter_state(self, state) -> None:
+        set_adapter_state(self.model, state)
+
+    def peft_config(self) -> dict:
+        cfg = peft_config_dict(self.model)
+        cfg["base_model_name_or_path"] = self.model_path
+        return cfg
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)

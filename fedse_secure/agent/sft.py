@@ -1,0 +1,203 @@
+"""Multi-turn SFT on trajectories: loss on the agent's own tokens (thought + action) only; LoRA only.
+
+A conversation is tokenised segment by segment with the tokenizer's chat template, so the tokens the model is
+trained on are the tokens it sees when it acts. Labels are -100 everywhere except the content of assistant
+turns and their end-of-turn token (the model must learn to stop).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.config import TrainingConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def _render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_messages(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int) -> EncodedExample:
+    """Tokenise a chat; assistant content (and its end-of-turn marker) is the only target.
+
+    If the conversation is longer than ``max_seq_len``, whole later turns are dropped (the system prompt, the
+    task and the earliest turns are kept), so no example ends in the middle of an action.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        seg_ids: list[int]
+        seg_labels: list[int]
+        if message["role"] == "assistant":
+            header = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            full = _render(tokenizer, messages[: i + 1])
+            if not header.startswith(rendered) or not full.startswith(header):
+                raise ValueError("the tokenizer's chat template is not prefix-stable; multi-turn SFT cannot mask it")
+            head_ids = tokenizer(header[len(rendered) :], add_special_tokens=False)["input_ids"]
+            body_ids = tokenizer(full[len(header) :], add_special_tokens=False)["input_ids"]
+            seg_ids = head_ids + body_ids
+            seg_labels = [IGNORE_INDEX] * len(head_ids) + list(body_ids)
+            rendered = full
+        else:
+            full = _render(tokenizer, messages[: i + 1])
+            if not full.startswith(rendered):
+                raise ValueError("the tokenizer's chat template is not prefix-stable; multi-turn SFT cannot mask it")
+            seg_ids = tokenizer(full[len(rendered) :], add_special_tokens=False)["input_ids"]
+            seg_labels = [IGNORE_INDEX] * len(seg_ids)
+            rendered = full
+        if message["role"] == "assistant" and labels_has_target(labels) and len(ids) + len(seg_ids) > max_seq_len:
+            # Stop before this turn rather than cut a target in half; the dangling observation is trimmed below.
+            break
+        ids.extend(seg_ids)
+        labels.extend(seg_labels)
+    if len(ids) > max_seq_len:
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    # Trailing observations after the last kept assistant turn carry no targets: trim them.
+    while labels and labels[-1] == IGNORE_INDEX:
+        labels.pop()
+        ids.pop()
+    return EncodedExample(input_ids=ids, labels=labels)
+
+
+def labels_has_target(labels: Sequence[int]) -> bool:
+    return any(t != IGNORE_INDEX for t in labels)
+
+
+def encode_trajectory(tokenizer, trajectory: Trajectory, max_seq_len: int) -> EncodedExample:
+    return encode_messages(tokenizer, trajectory.messages, max_seq_len)
+
+
+def collate_examples(examples: Sequence[EncodedExample], pad_token_id: int):
+    """Right-padded ``(input_ids, attention_mask, labels)`` tensors for training."""
+    width = max(len(e.input_ids) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        L = len(e.input_ids)
+        input_ids[row, :L] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention[row, :L] = 1
+        labels[row, :L] = torch.tensor(e.labels, dtype=torch.long)
+    return input_ids, attention, labels
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    """Multiplier on the base learning rate at optimiser step ``step`` (0-based); cosine decays to 0."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= 1:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def freeze_matching(model, pattern: str | None) -> list[str]:
+    """Freeze trainable parameters whose name matches ``pattern`` (FFA-LoRA freezes ``lora_A``)."""
+    if not pattern:
+        return []
+    frozen = []
+    rx = re.compile(pattern)
+    for name, p in model.named_parameters():
+        if p.requires_grad and rx.search(name):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples: int = 0
+    target_tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+
+def planned_steps(num_examples: int, cfg: TrainingConfig) -> int:
+    per_epoch = math.ceil(num_examples / cfg.batch_size) if num_examples else 0
+    steps = per_epoch * cfg.epochs_per_round
+    if cfg.max_steps_per_round is not None:
+        steps = min(steps, cfg.max_steps_per_round)
+    return steps
+
+
+def train_lora(
+    model,
+    examples: Sequence[EncodedExample],
+    cfg: TrainingConfig,
+    pad_token_id: int,
+    seed: int,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainStats:
+    """Non-private SFT of the trainable (LoRA) parameters: AdamW, the configured schedule, shuffled epochs.
+
+    The base model stays frozen: only parameters with ``requires_grad`` (the LoRA tensors) are optimised.
+    """
+    import time
+
+    start = time.perf_counter()
+    stats = TrainStats(examples=len(examples))
+    examples = [e for e in examples if e.num_target_tokens > 0]
+    total_steps = planned_steps(len(examples), cfg)
+    if total_steps == 0:
+        return stats
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: is this a peft LoRA model?")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_steps))
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    step = 0
+    while step < total_steps:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for i in range(0, len(order), cfg.batch_size):
+            if step >= total_steps:
+                break
+            batch = [examples[j] for j in order[i : i + cfg.batch_size]]
+            input_ids, attention, labels = collate_examples(batch, pad_token_id)
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            stats.losses.append(float(loss.detach()))
+            stats.target_tokens += sum(e.num_target_tokens for e in batch)
+            if on_step is not None:
+                on_step(step, total_steps, stats.losses[-1])
+    model.eval()
+    stats.steps = step
+    stats.seconds = time.perf_counter() - start
+    return stats

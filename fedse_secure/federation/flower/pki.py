@@ -1,0 +1,357 @@
+"""Local PKI for tests and small pilots: a CA, TLS certificates, Flower node-auth keys and identity keys.
+
+What each file is for (Flower 1.42):
+
+* ``ca/ca.pem`` signs every TLS server certificate; institutions and the operator verify the SuperLink with
+  it (``--root-certificates``; ``root-certificates`` in the flwr connection).
+* ``coordinator/superlink.{pem,key}``: the SuperLink's server certificate. In 1.42 one certificate serves the
+  Fleet API (SuperNodes), the Control API (``flwr run``) and the Runtime API (the ServerApp process).
+* ``institutions/<name>/supernode.{pem,key}``: each SuperNode's server certificate for its own Runtime API
+  (the SuperNode <-> ClientApp process link). Flower 1.42 has no mutual TLS on the Fleet API: a SuperNode
+  proves who it is with its node-authentication key instead (next item), so these are *server* certificates.
+* ``institutions/<name>/node_auth{,.pub}``: the EC P-384 key pair (OpenSSH format) Flower's SuperNode
+  authentication uses. The SuperLink runs with ``--enable-supernode-auth`` and only accepts nodes whose public
+  key the coordinator registered; every Fleet request is signed with the private key.
+* ``institutions/<name>/identity_ed25519{.pem,.pub}``: the institution's long-term Ed25519 identity for our
+  secure-aggregation signatures (independent of Flower, so a compromised transport cannot impersonate it).
+
+Bring your own: any CA works. Put your CA certificate, the SuperLink's certificate/key (SANs must cover the
+address institutions dial) and each SuperNode's certificate/key at the paths the deployment configs name.
+Keys can be made on each institution's own machine with ``fedse keys init --institution NAME --out DIR``;
+only the ``*.pub`` files travel to the coordinator, which lists them in its config.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class PkiError(RuntimeError):
+    """A certificate or key is missing, unreadable or does not match what is expected; says how to fix it."""
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    ca_cert: Path
+    ca_key: Path
+    superlink_cert: Path
+    superlink_key: Path
+    supernode_certs: dict[str, tuple[Path, Path]]
+
+
+@dataclass(frozen=True)
+class KeyPaths:
+    # name -> (private, public)
+    node_auth: dict[str, tuple[Path, Path]]
+    identity: dict[str, tuple[Path, Path]]
+
+
+def _write_private(path: Path, data: bytes, force: bool) -> None:
+    if path.exists() and not force:
+        raise PkiError(f"{path} already exists; pass --force to overwrite it (this invalidates the old key)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Create with 0600 from the start: a private key must never be readable by others, not even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path: Path, data: bytes, force: bool) -> None:
+    if path.exists() and not force:
+        raise PkiError(f"{path} already exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedse-secure local PKI"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            entries.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(entries)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _issue_server_cert(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    hosts: Sequence[str],
+    days: int,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
+    if not cert_path.is_file() or not key_path.is_file():
+        raise PkiError(f"no CA in {ca_dir}; run `fedse certs init` first (or drop your own ca.pem/ca.key there)")
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{key_path}: expected an EC private key for the CA")
+    return cert, key
+
+
+def init_certs(
+    out_dir: str | Path,
+    institutions: Sequence[str],
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    days: int = 365,
+    force: bool = False,
+) -> CertPaths:
+    """Create (or reuse) a local CA, the SuperLink certificate and one SuperNode certificate per institution.
+
+    An existing CA is reused so that adding an institution later does not invalidate the others' trust.
+    """
+    out = Path(out_dir)
+    ca_dir = out / "ca"
+    if (ca_dir / "ca.pem").exists() and not force:
+        ca_cert, ca_key = _load_ca(ca_dir)
+    else:
+        ca_key = ec.generate_private_key(ec.SECP384R1())
+        now = _now()
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name("fedse-secure local CA"))
+            .issuer_name(_name("fedse-secure local CA"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(minutes=5))
+            .not_valid_after(now + _dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA384())
+        )
+        _write_private(ca_dir / "ca.key", _pem_key(ca_key), force=True)
+        _write_public(ca_dir / "ca.pem", _pem_cert(ca_cert), force=True)
+
+    link_cert, link_key = _issue_server_cert(ca_cert, ca_key, "fedse superlink", hosts, days)
+    link_dir = out / "coordinator"
+    _write_private(link_dir / "superlink.key", _pem_key(link_key), force=True)
+    _write_public(link_dir / "superlink.pem", _pem_cert(link_cert), force=True)
+
+    nodes: dict[str, tuple[Path, Path]] = {}
+    for name in institutions:
+        _check_name(name)
+        node_cert, node_key = _issue_server_cert(ca_cert, ca_key, f"fedse supernode {name}", DEFAULT_HOSTS, days)
+        node_dir = out / "institutions" / name
+        _write_private(node_dir / "supernode.key", _pem_key(node_key), force=True)
+        _write_public(node_dir / "supernode.pem", _pem_cert(node_cert), force=True)
+        nodes[name] = (node_dir / "supernode.pem", node_dir / "supernode.key")
+    return CertPaths(
+        ca_cert=ca_dir / "ca.pem",
+        ca_key=ca_dir / "ca.key",
+        superlink_cert=link_dir / "superlink.pem",
+        superlink_key=link_dir / "superlink.key",
+        supernode_certs=nodes,
+    )
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise PkiError(f"institution name {name!r}: use letters, digits, '.', '_' or '-' only")
+
+
+def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = False) -> KeyPaths:
+    """Create each institution's Flower node-auth key pair (EC P-384) and Ed25519 identity key pair."""
+    out = Path(out_dir)
+    node_auth: dict[str, tuple[Path, Path]] = {}
+    identity: dict[str, tuple[Path, Path]] = {}
+    for name in institutions:
+        _check_name(name)
+        d = out / "institutions" / name
+        # Flower 1.42's SuperNode loads an OpenSSH-format NIST-curve EC key (`--auth-supernode-private-key`),
+        # and `flwr supernode register` takes the OpenSSH public key.
+        nkey = ec.generate_private_key(ec.SECP384R1())
+        _write_private(
+            d / "node_auth",
+            nkey.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+            force,
+        )
+        _write_public(
+            d / "node_auth.pub",
+            nkey.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            + f" fedse-{name}\n".encode(),
+            force,
+        )
+        ikey = ed25519.Ed25519PrivateKey.generate()
+        _write_private(
+            d / "identity_ed25519.pem",
+            ikey.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            force,
+        )
+        _write_public(
+            d / "identity_ed25519.pub",
+            ikey.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+            force,
+        )
+        node_auth[name] = (d / "node_auth", d / "node_auth.pub")
+        identity[name] = (d / "identity_ed25519.pem", d / "identity_ed25519.pub")
+    return KeyPaths(node_auth=node_auth, identity=identity)
+
+
+# -- loading and checking (used before any process starts, so a bad file fails with a clear message) ---------
+def load_identity_private(path: str | Path) -> ed25519.Ed25519PrivateKey:
+    path = Path(path)
+    if not path.is_file():
+        raise PkiError(f"identity key {path} not found; create it with `fedse keys init` or fix identity_key")
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise PkiError(f"{path}: expected an Ed25519 private key (PKCS8 PEM), got {type(key).__name__}")
+    return key
+
+
+def load_identity_public(path: str | Path) -> ed25519.Ed25519PublicKey:
+    path = Path(path)
+    if not path.is_file():
+        raise PkiError(f"identity public key {path} not found; copy the institution's identity_ed25519.pub there")
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise PkiError(f"{path}: expected an Ed25519 public key (PEM), got {type(key).__name__}")
+    return key
+
+
+def raw_public_bytes(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def check_node_auth_public(path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise PkiError(f"node-auth public key {path} not found; copy the institution's node_auth.pub there")
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except ValueError as err:
+        raise PkiError(f"{path}: not an OpenSSH public key ({err}); use the node_auth.pub `fedse keys init` wrote")
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PkiError(f"{path}: Flower node authentication needs a NIST EC key (P-384), got {type(key).__name__}")
+
+
+def check_node_auth_private(path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise PkiError(f"node-auth key {path} not found; create it with `fedse keys init` or fix node_auth_key")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise PkiError(f"{path}: not an unencrypted OpenSSH private key ({err})")
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path}: Flower node authentication needs a NIST EC key (P-384), got {type(key).__name__}")
+
+
+def check_server_cert(ca_path: str | Path, cert_path: str | Path, key_path: str | Path, host: str) -> None:
+    """Fail early, with a fix, if the certificate is not signed by the CA or does not name ``host``."""
+    for p, what in ((ca_path, "CA certificate"), (cert_path, "certificate"), (key_path, "private key")):
+        if not Path(p).is_file():
+            raise PkiError(f"{what} {p} not found; run `fedse certs init` or fix the path in the config")
+    ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, Exception) as err:  # InvalidSignature has no common base worth naming
+        raise PkiError(f"{cert_path} is not signed by {ca_path} ({type(err).__name__}); reissue it with that CA")
+    if cert.not_valid_after_utc < _now():
+        raise PkiError(f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; reissue it")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PkiError(f"{cert_path} has no subjectAltName; reissue it for {host}") from None
+    names = {str(v) for v in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
+    if host not in names:
+        raise PkiError(f"{cert_path} is not valid for {host} (it names {sorted(names)}); reissue it with --host {host}")
+    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise PkiError(f"{key_path} does not belong to {cert_path}; use the key the certificate was issued for")

@@ -1,0 +1,136 @@
+"""Reports over one or more run folders: a table and PNG plots of success per environment per round.
+
+Several runs of the same experiment with different seeds are grouped (by run name and mode) and shown as a
+mean with a 95% confidence interval (Student t), which the paper does not report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no summary.json; is this a run folder written by `fedse simulate`?")
+    summary = json.loads(path.read_text())
+    summary["_dir"] = str(run_dir)
+    return summary
+
+
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (0 half-width for a single value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    dof = n - 1
+    t = _T95.get(dof) or next((v for k, v in sorted(_T95.items()) if k >= dof), 1.96)
+    return mean, t * math.sqrt(var / n)
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def series(self, env: str | None) -> dict[int, tuple[float, float, int]]:
+        """round -> (mean, ci half-width, number of runs) for one environment (None = micro average)."""
+        per_round: dict[int, list[float]] = defaultdict(list)
+        for s in self.runs:
+            table = s["micro_avg"] if env is None else s["success_by_env"].get(env, {})
+            for r, v in table.items():
+                if v is not None:
+                    per_round[int(r)].append(float(v))
+        return {r: (*mean_ci95(vs), len(vs)) for r, vs in sorted(per_round.items())}
+
+
+def group_runs(summaries: list[dict[str, Any]]) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for s in summaries:
+        label = f"{s['name']} ({s['mode']})"
+        groups.setdefault(label, Group(label)).runs.append(s)
+    return list(groups.values())
+
+
+def environments(summaries: list[dict[str, Any]]) -> list[str]:
+    envs: list[str] = []
+    for s in summaries:
+        for e in s.get("success_by_env", {}):
+            if e not in envs:
+                envs.append(e)
+    return envs
+
+
+def final_table(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows per group: the last evaluated round's success per environment and the micro average."""
+    envs = environments(summaries)
+    rows = []
+    for g in group_runs(summaries):
+        row: dict[str, Any] = {"run": g.label, "seeds": len(g.runs)}
+        for env in envs + [None]:
+            series = g.series(env)
+            key = env or "avg"
+            if series:
+                last = max(series)
+                mean, ci, _ = series[last]
+                row[key] = {"round": last, "mean": mean, "ci95": ci}
+            else:
+                row[key] = None
+        rows.append(row)
+    return {"environments": envs, "rows": rows}
+
+
+def plot_runs(summaries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """One PNG per environment plus the micro average: success per round, one line per group, CI bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    envs = environments(summaries)
+    groups = group_runs(summaries)
+    panels = envs + [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    written = []
+    for ax, env in zip(axes[0], panels):
+        for g in groups:
+            series = g.series(env)
+            if not series:
+                continue
+            rounds = sorted(series)
+            means = [100 * series[r][0] for r in rounds]
+            cis = [100 * series[r][1] for r in rounds]
+            ax.plot(rounds, means, marker="o", label=g.label)
+            if any(cis):
+                ax.fill_between(rounds, [m - c for m, c in zip(means, cis)], [m + c for m, c in zip(means, cis)], alpha=0.2)
+        ax.set_title(env or "micro average")
+        ax.set_xlabel("round")
+        ax.set_ylabel("success (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "success_per_round.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
