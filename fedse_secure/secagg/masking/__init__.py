@@ -46,6 +46,7 @@ from fedse_secure.secagg.masking.messages import (
     decode,
 )
 from fedse_secure.secagg.masking.server import SecAggServer
+from fedse_secure.secagg.masking.tensors import TensorLayout
 
 __all__ = [
     "AuthenticationError",
@@ -68,6 +69,7 @@ __all__ = [
     "SecureAggregationError",
     "SetupRequest",
     "Stage",
+    "TensorLayout",
     "UnmaskRequest",
     "UnmaskShares",
     "decode",

@@ -10,8 +10,10 @@ How a transport drives it::
         reply = client.handle(decode(wire_bytes))             # raises on anything suspicious
         send(reply.to_bytes())
 
-A client that raises has refused to continue (it moves to ``aborted`` and answers nothing more); the
-transport should simply not reply, which the server treats as a dropout. A client never needs a timeout of
+A message for another round or out of stage order is rejected with :class:`ProtocolError` and leaves the
+client unchanged (a replayed or stray message cannot derail it). Any other error means the client refuses to
+continue: it moves to ``aborted`` and answers nothing more; the transport should simply not reply, which the
+server treats as a dropout. A client never needs a timeout of
 its own: if the server goes silent, nothing is revealed.
 
 Security rules enforced here, not left to the transport:
@@ -64,9 +66,7 @@ from fedse_secure.secagg.masking.messages import (
 from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream, RandomSource
 from fedse_secure.secagg.masking.quantize import (
     RING_DTYPES,
-    check_finite,
-    count_out_of_range,
-    quantise_into,
+    ChunkQuantiser,
     required_ring_bits,
     working_float,
 )
@@ -76,9 +76,6 @@ _NONCE = 12
 
 class SecAggClient:
     """One institution's side of one secure-aggregation round."""
-
-    #: Lifecycle: the stage whose request the client expects next, then "done" or "aborted".
-    WAITING_FOR = Stage.ALL
 
     def __init__(
         self,
@@ -275,14 +272,7 @@ class SecAggClient:
                 "institutions must send adapters of the same shape"
             )
         t0 = time.perf_counter()
-        check_finite(x, self.name)
         c = self.setup.clip_range
-        self.values_clipped = count_out_of_range(x, c)
-        if self.values_clipped and self.config.on_out_of_range == "refuse":
-            raise InvalidUpdateError(
-                f"{self.name}: {self.values_clipped} value(s) lie outside [-{c}, {c}] (max |x| = "
-                f"{float(np.max(np.abs(x))):.4g}); raise secagg.clip_range or set secagg.on_out_of_range: clip"
-            )
         bits = self.setup.ring_bits
         dtype = RING_DTYPES[bits]
         streams = [MaskStream(keys.self_mask_key(self._seed, self.digest), dtype, +1)]
@@ -291,13 +281,12 @@ class SecAggClient:
             # Each pair's mask enters once with + and once with -, so it cancels in the sum.
             streams.append(MaskStream(k, dtype, +1 if self.name < peer else -1))
         out = np.empty(x.size, dtype=dtype)
-        fb = self.setup.fractional_bits
-
-        def quantise_chunk(start: int, stop: int, view: np.ndarray) -> None:
-            quantise_into(x[start:stop], view, c, fb, bits)
-
+        quant = ChunkQuantiser(
+            x, c, self.setup.fractional_bits, bits, self.name, refuse=self.config.on_out_of_range == "refuse"
+        )
         applier = MaskApplier(dtype)
-        applier.apply(out, streams, before_chunk=quantise_chunk)
+        applier.apply(out, streams, before_chunk=quant)
+        self.values_clipped = quant.values_clipped
         self.keystream_bytes = applier.keystream_bytes
         self.mask_seconds = time.perf_counter() - t0
         self._vector = None

@@ -19,6 +19,7 @@ from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
 from fedse_secure.secagg.masking.messages import ProtocolMessage, Stage, decode
 from fedse_secure.secagg.masking.prg import RandomSource
 from fedse_secure.secagg.masking.server import SecAggServer
+from fedse_secure.secagg.masking.tensors import TensorLayout
 
 #: Hook for tests: ``(stage, direction, name, message) -> message | None`` where direction is "to_client" or
 #: "to_server"; return a replacement message, or None to let it through unchanged.
@@ -160,3 +161,14 @@ class MaskingAggregator(SecureAggregator):
         result.measurements["wall_s"] = time.perf_counter() - t0
         self.last_result = result
         return result
+
+    def aggregate_tensors(
+        self, round_id: int, updates: Mapping[str, Mapping[str, np.ndarray]], **kwargs
+    ) -> tuple[dict[str, np.ndarray], AggregateResult]:
+        """Sum named adapter tensors: each client's tensors travel as one flat vector, shapes are restored."""
+        if not updates:
+            raise RoundAbortedError(f"round {round_id}: no contributions to aggregate")
+        layout = TensorLayout.of(next(iter(updates.values())))
+        flat = {c: layout.flatten(t) for c, t in updates.items()}
+        result = self.aggregate(round_id, flat, **kwargs)
+        return layout.unflatten(result.total), result

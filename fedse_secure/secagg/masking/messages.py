@@ -94,7 +94,12 @@ class ProtocolMessage:
 
     @classmethod
     def _typed(cls, **kw: Any) -> ProtocolMessage:
-        return cls(**kw)
+        m = cls(**kw)
+        for f in fields(m):
+            want = _FIELD_TYPES.get(str(f.type))
+            if want is not None and not want(getattr(m, f.name)):
+                raise ValueError(f"field {f.name!r} is not a {f.type}")
+        return m
 
     # -- wire form ------------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -173,9 +178,20 @@ def _dec(v: Any, blobs: list | None) -> Any:
     return v
 
 
-def _check(cond: bool, what: str) -> None:
-    if not cond:
-        raise ValueError(what)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_FIELD_TYPES = {
+    "int": _is_int,
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bytes": lambda v: isinstance(v, bytes),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "dict[str, bytes]": lambda v: isinstance(v, dict) and all(isinstance(x, bytes) for x in v.values()),
+    "list[KeyAdvertisement]": lambda v: isinstance(v, list) and all(isinstance(x, KeyAdvertisement) for x in v),
+    "np.ndarray": lambda v: isinstance(v, np.ndarray),
+}
 
 
 # ---- stage 0: advertise keys -----------------------------------------------------------------------------
@@ -208,13 +224,6 @@ class SetupRequest(ProtocolMessage):
         }
         return hashlib.sha256(frame("setup", json.dumps(canon, sort_keys=True))).digest()
 
-    @classmethod
-    def _typed(cls, **kw: Any) -> SetupRequest:
-        m = cls(**kw)
-        _check(isinstance(m.participants, list) and all(isinstance(p, str) for p in m.participants), "participants")
-        _check(isinstance(m.graph_seed, bytes), "graph_seed")
-        return m
-
 
 @dataclass
 class KeyAdvertisement(ProtocolMessage):
@@ -243,12 +252,6 @@ class KeysBroadcast(ProtocolMessage):
 
     STAGE: ClassVar[str] = Stage.SHARE_KEYS
     adverts: list[KeyAdvertisement] = field(default_factory=list)
-
-    @classmethod
-    def _typed(cls, **kw: Any) -> KeysBroadcast:
-        m = cls(**kw)
-        _check(all(isinstance(a, KeyAdvertisement) for a in m.adverts), "adverts")
-        return m
 
 
 @dataclass
@@ -280,12 +283,6 @@ class MaskedInput(ProtocolMessage):
     sender: str = ""
     vector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     values_clipped: int = 0
-
-    @classmethod
-    def _typed(cls, **kw: Any) -> MaskedInput:
-        m = cls(**kw)
-        _check(isinstance(m.vector, np.ndarray), "vector")
-        return m
 
 
 # ---- stage 3: consistency check --------------------------------------------------------------------------

@@ -69,6 +69,48 @@ def quantise_into(x: np.ndarray, out: np.ndarray, clip_range: float, fractional_
     out[...] = f.astype(SIGNED_DTYPES[ring_bits], copy=False).view(RING_DTYPES[ring_bits])
 
 
+class ChunkQuantiser:
+    """Checks and quantises an update chunk by chunk (the chunk is in cache, so the checks are nearly free).
+
+    Used as the ``before_chunk`` hook of :class:`~fedse_secure.secagg.masking.prg.MaskApplier`, so the input is
+    read from memory once. NaN/Inf raise :class:`InvalidUpdateError`; out-of-range values are counted and
+    clipped, or raise when ``refuse`` is set.
+    """
+
+    def __init__(self, x: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: int, who: str,
+                 refuse: bool = False) -> None:
+        self.x = working_float(x)
+        self.c = self.x.dtype.type(clip_range)
+        self.scale = self.x.dtype.type(2.0**fractional_bits)
+        self.signed = SIGNED_DTYPES[ring_bits]
+        self.who, self.refuse = who, refuse
+        self.buf = np.empty(0, dtype=self.x.dtype)
+        self.values_clipped = 0
+
+    def __call__(self, start: int, stop: int, out: np.ndarray) -> None:
+        xs = self.x[start:stop]
+        if self.buf.size < stop - start:
+            self.buf = np.empty(stop - start, dtype=self.x.dtype)
+        f = self.buf[: stop - start]
+        c = self.c
+        lo, hi = xs.min(), xs.max()
+        if lo >= -c and hi <= c:  # False for NaN, so the slow path below also catches NaN/Inf
+            np.multiply(xs, self.scale, out=f)
+        else:
+            check_finite(xs, self.who)
+            k = count_out_of_range(xs, float(c))
+            if k and self.refuse:
+                raise InvalidUpdateError(
+                    f"{self.who}: value(s) outside [-{float(c)}, {float(c)}] (e.g. {float(hi if hi > c else lo):.4g}); "
+                    "raise secagg.clip_range or set secagg.on_out_of_range: clip"
+                )
+            self.values_clipped += k
+            np.clip(xs, -c, c, out=f)
+            np.multiply(f, self.scale, out=f)
+        np.rint(f, out=f)
+        out.view(self.signed)[...] = f
+
+
 def quantise(x: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: int) -> np.ndarray:
     """The ring representation of one update (what the masked vector hides)."""
     x = working_float(np.asarray(x).reshape(-1))
