@@ -113,27 +113,10 @@ def project_event(num_records: int, training: TrainingConfig, privacy: PrivacyCo
 
 
 def collate(examples: Sequence[EncodedExampleLike], pad_token_id: int):
-    """Right-padded (input_ids, attention_mask, labels) tensors; labels are IGNORE_INDEX on padding."""
-    try:
-        from fedse_secure.agent.sft import collate_examples
-    except ImportError:
-        collate_examples = None
-    if collate_examples is not None:
-        return collate_examples(list(examples), pad_token_id)
-    import torch
+    """Right-padded (input_ids, attention_mask, labels) tensors, exactly as the non-DP SFT path builds them."""
+    from fedse_secure.agent.sft import collate_examples
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        if len(e.input_ids) != len(e.labels):
-            raise ValueError(f"example {i}: {len(e.input_ids)} input ids but {len(e.labels)} labels")
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
-    return ids, mask, labels
+    return collate_examples(list(examples), pad_token_id)
 
 
 def per_sequence_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"):
@@ -151,6 +134,17 @@ def per_sequence_loss(model, input_ids, attention_mask, labels, reduction: str =
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     per_seq = tok.sum(dim=1) / counts
     return per_seq if reduction == "none" else per_seq.mean()
+
+
+def wrap_for_per_sample_grads(model):
+    """The Opacus wrapper DP-SGD trains through: hooks mode, batch first, per-sample grads of a *mean* loss.
+
+    ``strict=False``: frozen modules (embeddings, norms) need no grad sampler; trainable modules get per-sample
+    gradients from the hooks (or functorch where Opacus has no sampler), as checked by ``ModuleValidator``.
+    """
+    from opacus.grad_sample import GradSampleModule
+
+    return GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
 
 
 def _hook_count(model) -> int:
@@ -184,11 +178,12 @@ def train_dp_sgd(
     """
     import torch
     from opacus.accountants import create_accountant
-    from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     from opacus.validators import ModuleValidator
-    from transformers import get_scheduler
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from fedse_secure.agent.sft import lr_lambda
 
     if privacy.mode != "dp-sgd":
         raise ValueError(f"train_dp_sgd needs privacy.mode dp-sgd, got {privacy.mode!r}")
@@ -199,9 +194,18 @@ def train_dp_sgd(
     event = project_event(n, training, privacy)
     q, steps = event.sample_rate, event.steps
     expected_batch = max(1, round(q * n))
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise DPTrainingError("the model has no trainable parameters; wrap it with peft.get_peft_model first")
+    not_lora = [name for name, _ in named if "lora_" not in name]
+    if not_lora:
+        # Per-sample gradients of a full model cost batch x model size in memory, and the federation only
+        # aggregates adapters: training anything else would be a configuration mistake.
+        raise DPTrainingError(
+            f"train_dp_sgd trains LoRA adapters only, but {len(not_lora)} other parameters are trainable "
+            f"(e.g. {not_lora[:3]}); wrap the model with peft.get_peft_model or freeze them"
+        )
+    params = [p for _, p in named]
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise DPTrainingError(f"Opacus cannot compute per-sample gradients for this model: {errors}")
@@ -222,16 +226,13 @@ def train_dp_sgd(
     was_training = model.training
     hooks_before = _hook_count(model)
     optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
-    scheduler = get_scheduler(
-        training.lr_schedule, optimizer, num_warmup_steps=min(training.warmup_steps, steps), num_training_steps=steps
-    )
+    # The same schedule as non-DP SFT, so that DP and non-DP rounds differ only in clipping and noise.
+    scheduler = LambdaLR(optimizer, lr_lambda(training.lr_schedule, steps, training.warmup_steps))
     gsm = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            # strict=False: frozen modules (embeddings, norms) need no grad sampler; trainable ones are checked by
-            # the validator above and get per-sample gradients from the hooks (or functorch where Opacus has none).
-            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+            gsm = wrap_for_per_sample_grads(model)
             gsm.forbid_grad_accumulation()
             dp_optimizer = DPOptimizer(
                 optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
@@ -255,7 +256,11 @@ def train_dp_sgd(
                     input_ids, attention_mask, labels = collate(batch, pad_token_id)
                     device = params[0].device
                     loss = per_sequence_loss(gsm, input_ids.to(device), attention_mask.to(device), labels.to(device))
-                    loss.backward()
+                    with warnings.catch_warnings():
+                        # The frozen embedding output needs no grad, so the first LoRA layer's full backward hook
+                        # fires on module outputs only; Opacus needs exactly that (deps.md §3b).
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
                     result.losses.append(float(loss.detach()))
                     for p in params:
                         gs = getattr(p, "grad_sample", None)
