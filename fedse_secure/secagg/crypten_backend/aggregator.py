@@ -63,7 +63,9 @@ class CryptenAggregator(SecureAggregator):
     ``config.clip_range``, ``fractional_bits``, ``on_out_of_range`` and ``stage_timeout_s`` apply as in the
     masking backend; ``threshold`` and ``neighbours`` do not (the sharing is n-of-n over all parties).
     Institutions named in ``simulate_dropouts`` are never started, whatever the stage, which exercises the
-    "party never arrives" path: the round aborts after ``stage_timeout_s``.
+    "party never arrives" path: the round aborts ``stage_timeout_s`` after the first party reached the
+    rendezvous. ``python`` is the interpreter that runs the parties (default: this one); ``workdir_root``
+    the folder for each round's private temporary folder (default: the system's temporary folder).
     """
 
     name = "crypten"
@@ -74,6 +76,7 @@ class CryptenAggregator(SecureAggregator):
         *,
         python: str | None = None,
         workdir_root: str | os.PathLike | None = None,
+        startup_allowance_s: float = 120.0,
     ) -> None:
         self.config = config if config is not None else SecAggConfig()
         # Fail at set-up, before any training, if CrypTen is missing; the import itself (with the torch
@@ -81,6 +84,8 @@ class CryptenAggregator(SecureAggregator):
         self.crypten_version = check_crypten_installed()
         self.python = python or sys.executable
         self.workdir_root = None if workdir_root is None else Path(workdir_root)
+        # Time a fresh party process may take to import torch and CrypTen before the stage clock starts.
+        self.startup_allowance_s = float(startup_allowance_s)
 
     # -- input checks --------------------------------------------------------------------------------------
     def _prepare(self, round_id: int, contributions: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.ndarray], int]:
@@ -157,9 +162,14 @@ class CryptenAggregator(SecureAggregator):
             return float(max(s[key] for s in stats.values()))
 
         measurements: dict[str, float | int] = {
-            "parties": n + 1,
-            "clipped_values": clipped,
+            # Same names as the masking backend where the figure means the same thing.
+            "values_clipped": clipped,
+            "n_participants": n,
+            "n_survivors": n,
+            "n_dropped": 0,
+            "ring_bits": 64,
             "fractional_bits": self.config.fractional_bits,
+            "crypten_parties": n + 1,
             # As CrypTen's communicator counts it: an institution sends its d int64 shares once (the reduce).
             "bytes_sent_per_client": int(max(s["bytes"] for s in inst)),
             "bytes_received_coordinator": int(stats[n]["bytes"]),
@@ -268,15 +278,22 @@ class _Round:
         try:
             t0 = time.perf_counter()
             self._launch()
-            # Stage 1, arrival: start-up, rendezvous and CrypTen's seed exchange.
-            deadline = t0 + self.timeout
+            # Stage 1, arrival: rendezvous and CrypTen's seed exchange. The stage clock starts when the first
+            # party reaches the rendezvous: the parties there wait stage_timeout_s for the others. Before
+            # that, fresh processes are importing torch, which on a busy machine can take a while.
+            deadline = t0 + self.agg.startup_allowance_s + self.timeout
+            first_ready = None
             while True:
                 self._check_exits("rendezvous")
                 joined = self._marked("joined")
                 if len(joined) == self.world:
                     break
-                if time.perf_counter() > deadline:
-                    self._arrival_timeout(joined)
+                now = time.perf_counter()
+                if first_ready is None and self._marked("ready"):
+                    first_ready = now
+                    deadline = min(deadline, now + self.timeout)
+                if now > deadline:
+                    self._arrival_timeout(joined, first_ready is not None)
                 time.sleep(self.POLL_S)
             t1 = time.perf_counter()
             stage_s["rendezvous"] = t1 - t0
@@ -304,9 +321,15 @@ class _Round:
         finally:
             self._kill_all()
 
-    def _arrival_timeout(self, joined: set[int]) -> None:
+    def _arrival_timeout(self, joined: set[int], anyone_ready: bool) -> None:
         ready = self._marked("ready")
         missing = [r for r in range(self.world) if r not in ready]
+        if not anyone_ready:
+            self._abort(
+                f"no CrypTen party reached the rendezvous within {self.agg.startup_allowance_s:g} s of start-up "
+                f"plus federation.secagg.stage_timeout_s={self.timeout:g} s; the party processes are stuck "
+                f"importing torch/CrypTen (last output of party 0: {self._last_line(0)}); check the machine's load"
+            )
         if missing:
             waiting = sorted(ready)
             details = []
