@@ -17,6 +17,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # Known-harmless library chatter (deps.md §3a/§3b): peft's deprecation notice and Opacus's note that the
+    # frozen embedding makes its full backward hook fire on module outputs.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -56,13 +63,23 @@ def simulate(
     except (RunFolderError, ModelNotAvailableError) as err:
         fail(str(err))
     except Exception as err:
-        if type(err).__name__ in ("BudgetExceededError", "SecureAggregationError", "RoundAbortedError"):
-            fail(f"{type(err).__name__}: {err}")
+        name = type(err).__name__
+        if name == "BudgetExceededError":
+            fail(f"stopped before round {summary_round(out_dir)}: {err}", code=3)
+        if name in ("SecureAggregationError", "RoundAbortedError", "LedgerCorruptedError"):
+            fail(f"{name}: {err}")
         raise
     from fedse_secure.report import final_table
 
     _print_table(final_table([{**summary, "_dir": str(out_dir)}]))
     console.print(f"run folder: [bold]{out_dir}[/]  (summary.json, metrics.jsonl, adapters/)")
+
+
+def summary_round(out_dir: Path) -> int:
+    try:
+        return int(json.loads((out_dir / "summary.json").read_text())["rounds_completed"]) + 1
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def report(

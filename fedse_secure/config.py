@@ -180,6 +180,11 @@ class ExperimentConfig(_Strict):
                 "privacy.mode client-dp adds noise in shares that only cancel into a private sum under secure "
                 "aggregation; set federation.secure_aggregation to masking or crypten"
             )
+        if self.privacy.mode == "client-dp" and fed.aggregation not in ("fedavg", "ffa"):
+            raise ValueError(
+                f"privacy.mode client-dp clips each institution's update as one vector; with "
+                f"federation.aggregation {fed.aggregation} the payload is not that update. Use fedavg or ffa"
+            )
         return self
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -210,7 +215,7 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     """Turn pydantic's multi-line report into one line per problem: ``source: field.path: problem; fix``."""
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -219,7 +224,8 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         hint = _FIX_HINTS.get(e["type"])
         got = e.get("input")
         got_text = "" if e["type"] in ("missing",) or isinstance(got, (dict, list)) else f" (got {got!r})"
-        lines.append(f"{source}: {path}: {msg}{got_text}" + (f"; {hint}" if hint else ""))
+        where = f"{source}: {path}: " if path else f"{source}: "  # cross-field messages name their fields
+        lines.append(f"{where}{msg}{got_text}" + (f"; {hint}" if hint else ""))
     return "\n".join(lines)
 
 

@@ -96,6 +96,10 @@ class Institution:
         exp = self.experiment
         timings: dict[str, float] = {}
         metrics: dict[str, Any] = {"round": round_id, "client": self.name, "env": self.env_name}
+        if exp.privacy.mode == "client-dp":
+            from fedse_secure.privacy import client_event
+
+            self._ensure_affordable(client_event(exp.privacy, self.num_clients))
         self.agent.load_adapter_state(global_state)
 
         # 1. explore with the current global adapter
@@ -176,44 +180,57 @@ class Institution:
                 if name in frozen:
                     p.requires_grad_(True)
 
+    def _ledger(self):
+        from fedse_secure.privacy import PrivacyLedger
+
+        return PrivacyLedger(self.ledger_path)
+
+    def _ensure_affordable(self, projected_event) -> None:
+        """Refuse the round before any training if it would exceed this institution's budget (fail closed)."""
+        from fedse_secure.privacy import BudgetGuard
+
+        BudgetGuard(self._ledger(), self.experiment.privacy, institution=self.name).ensure_affordable(projected_event)
+
     def _train_dp_sgd(self, round_id: int, examples, seed: int, progress: Progress) -> dict[str, Any]:
-        from fedse_secure.privacy import BudgetGuard, PrivacyLedger, project_event, train_dp_sgd
+        from fedse_secure.privacy import project_event, train_dp_sgd
 
         exp = self.experiment
-        ledger = PrivacyLedger(self.ledger_path)
-        # Refuse before any training if this round would exceed the institution's budget (fail closed).
-        BudgetGuard(ledger, exp.privacy).ensure_affordable(project_event(len(examples), exp.training, exp.privacy))
+        self._ensure_affordable(project_event(len(examples), exp.training, exp.privacy))
         bar = progress.task(f"{self.name}: DP-SGD train", total=None)
-        result = train_dp_sgd(self.agent.model, examples, exp.training, exp.privacy, self.agent.tokenizer.pad_token_id, seed)
+        self.agent.model.train()
+        try:
+            result = train_dp_sgd(self.agent.model, examples, exp.training, exp.privacy,
+                                  self.agent.tokenizer.pad_token_id, seed)
+        finally:
+            self.agent.model.eval()
         bar.close()
-        ledger.append(result.event, round=round_id, institution=self.name)
+        self._ledger().append(result.event, round=round_id, institution=self.name)
         return {
             "train_examples": len(examples), "train_steps": result.steps,
             "train_loss": (sum(result.losses) / len(result.losses)) if result.losses else None,
             "dp_mechanism": "dp-sgd", "dp_sample_rate": result.sample_rate,
-            "dp_noise_multiplier": exp.privacy.noise_multiplier, "dp_epsilon_spent": self.epsilon_spent(ledger),
+            "dp_noise_multiplier": exp.privacy.noise_multiplier, "dp_epsilon_spent": self.epsilon_spent(),
         }
 
     def _client_level_dp(self, round_id: int, payload: np.ndarray):
-        from fedse_secure.privacy import BudgetGuard, PrivacyLedger, privatize_update
+        from fedse_secure.privacy import privatize_update
 
         exp = self.experiment
-        ledger = PrivacyLedger(self.ledger_path)
-        rng = np.random.default_rng(np.random.SeedSequence(derive_seed(exp.seed, self.name, "client-dp", round_id)))
-        noisy, info = privatize_update(payload, exp.privacy, self.num_clients, rng)
-        BudgetGuard(ledger, exp.privacy).ensure_affordable(info.event)
-        ledger.append(info.event, round=round_id, institution=self.name)
+        # The noise share must be unpredictable to everyone else (whoever can regenerate it can subtract it from
+        # the sum), so it comes from OS entropy, never from the experiment seed.
+        noisy, info = privatize_update(payload, exp.privacy, self.num_clients, np.random.default_rng())
+        self._ledger().append(info.event, round=round_id, institution=self.name)
         return noisy, {"dp_mechanism": "client-dp", "dp_clip_norm": exp.privacy.max_grad_norm,
-                       "dp_update_norm": getattr(info, "original_norm", None),
-                       "dp_epsilon_spent": self.epsilon_spent(ledger)}
+                       "dp_update_norm": info.original_norm, "dp_clipped": info.clipped,
+                       "dp_noise_std": info.noise_std, "dp_epsilon_spent": self.epsilon_spent()}
 
-    def epsilon_spent(self, ledger=None) -> float | None:
+    def epsilon_spent(self) -> float | None:
+        """ε spent so far by this institution (the configured accountant over its ledger's events)."""
         if self.experiment.privacy.mode == "none":
             return None
-        from fedse_secure.privacy import PrivacyLedger, epsilon
+        from fedse_secure.privacy import epsilon
 
-        ledger = ledger or PrivacyLedger(self.ledger_path)
-        events = [e.event for e in ledger.entries()] if hasattr(ledger, "entries") else []
+        events = self._ledger().events()
         return float(epsilon(events, self.experiment.privacy.delta, self.experiment.privacy.accountant)) if events else 0.0
 
     # -- evaluation --------------------------------------------------------------------------------------------

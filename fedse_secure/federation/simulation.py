@@ -70,9 +70,14 @@ class Simulation:
         except KeyboardInterrupt:
             self.summary["status"] = "interrupted"
             raise
-        except BaseException as err:
-            self.summary["status"] = "failed"
-            self.summary["error"] = f"{type(err).__name__}: {err}"
+        except Exception as err:
+            if type(err).__name__ != "BudgetExceededError":
+                self.summary["status"] = "failed"
+                self.summary["error"] = f"{type(err).__name__}: {err}"
+                raise
+            # Fail closed: the refused round never trained, so every completed round and the ledger stand.
+            self.summary["status"] = "budget_exhausted"
+            self.summary["error"] = str(err)
             raise
         finally:
             self.summary["wall_s"] = round(time.time() - started, 3)

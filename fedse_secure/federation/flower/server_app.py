@@ -1,0 +1,87 @@
+"""The Flower ServerApp: runs :class:`CoordinatorRun` with Flower's ``Grid`` as the stage transport.
+
+The SuperLink starts it in its own process when ``fedse federation run`` submits the run. It learns which
+coordinator config to use from the run config (``fedse-config``), and which Flower node id belongs to which
+institution from ``state_dir/nodes.json``, written by ``fedse server start`` when it registered each
+institution's node-auth public key. A reply is attributed by the authenticated node it came from, never by
+the name inside it (a mismatch is rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedse_secure.federation.flower.codec import reply_from_record, request_to_record
+from fedse_secure.federation.flower.wire import FLOWER_MESSAGE_TYPE, StageReply, StageRequest, WireError
+
+app = ServerApp()
+log = logging.getLogger("fedse.serverapp")
+
+
+class FlowerTransport:
+    def __init__(self, grid: Grid, nodes_file: Path, say):
+        self.grid = grid
+        self.nodes_file = nodes_file
+        self.say = say
+
+    def _node_map(self) -> dict[str, int]:
+        if not self.nodes_file.is_file():
+            raise RuntimeError(f"{self.nodes_file} is missing; start the coordinator with `fedse server start`")
+        return {str(k): int(v) for k, v in json.loads(self.nodes_file.read_text()).items()}
+
+    def online(self) -> set[str]:
+        by_id = {v: k for k, v in self._node_map().items()}
+        return {by_id[n] for n in self.grid.get_node_ids() if n in by_id}
+
+    def send_stage(self, requests: dict[str, StageRequest], timeout_s: float) -> dict[str, StageReply]:
+        node_of = self._node_map()
+        name_of = {v: k for k, v in node_of.items()}
+        msgs = []
+        for name, req in requests.items():
+            if name not in node_of:
+                self.say(f"{name} has no registered node; skipped")
+                continue
+            msgs.append(Message(request_to_record(req), dst_node_id=node_of[name], message_type=FLOWER_MESSAGE_TYPE))
+        out: dict[str, StageReply] = {}
+        for rep in self.grid.send_and_receive(msgs, timeout=timeout_s):
+            name = name_of.get(rep.metadata.src_node_id)
+            if name is None:
+                continue
+            if rep.has_error():
+                self.say(f"{name}: the ClientApp failed: {rep.error.reason}")
+                continue
+            try:
+                out[name] = reply_from_record(rep.content)
+            except WireError as err:
+                self.say(f"{name}: malformed reply rejected: {err}")
+        return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from fedse_secure.federation.deploy_config import load_coordinator_config
+    from fedse_secure.federation.flower.coordinator_loop import CoordinatorRun
+    from fedse_secure.io_utils import append_jsonl
+
+    cfg_path = context.run_config.get("fedse-config")
+    if not cfg_path:
+        raise RuntimeError("the run has no fedse-config; submit it with `fedse federation run --config ...`")
+    cfg = load_coordinator_config(str(cfg_path))
+    resume = bool(context.run_config.get("fedse-resume", False))
+    events_file = cfg.state_dir / "events.jsonl"
+
+    def say(text: str) -> None:
+        print(f"[fedse coordinator] {text}", flush=True)
+
+    def event(e: dict) -> None:
+        append_jsonl(events_file, [e])
+
+    event({"event": "serverapp_started", "time": time.time(), "resume": resume})
+    CoordinatorRun(cfg, FlowerTransport(grid, cfg.state_dir / "nodes.json", say), resume=resume, log=say,
+                   events=event).run()

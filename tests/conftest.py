@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests use real components at small sizes (the tiny random Llama, real envs, real crypto)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One `fedse simulate configs/smoke.yaml` through the real CLI, shared by the tests that inspect it."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedse_cli.main", "simulate", str(REPO / "configs" / "smoke.yaml"), "--out", str(out), "-q"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    return {"out": out, "proc": proc, "seconds": time.perf_counter() - start}
