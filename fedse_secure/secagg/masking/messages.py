@@ -140,7 +140,14 @@ def decode(data: bytes | memoryview) -> ProtocolMessage:
     return ProtocolMessage.from_bytes(data)
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def _enc(v: Any, blobs: list | None) -> Any:
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, list) and all(type(x) is str for x in v):  # name lists: the common large case
+        return v
     if isinstance(v, ProtocolMessage):
         return {"$m": v.to_dict(blobs)}
     if isinstance(v, (bytes, bytearray)):
@@ -161,6 +168,10 @@ def _enc(v: Any, blobs: list | None) -> Any:
 
 
 def _dec(v: Any, blobs: list | None) -> Any:
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, list) and all(type(x) is str for x in v):
+        return v
     if isinstance(v, dict):
         if "$m" in v:
             return ProtocolMessage.from_dict(v["$m"], blobs)

@@ -57,6 +57,17 @@ class MaskStream:
         out[...] = np.frombuffer(scratch, dtype=self.dtype, count=out.size)
 
 
+_ZEROS: dict[int, memoryview] = {}
+
+
+def _zeros(nbytes: int) -> memoryview:
+    # Read-only, so one buffer serves every applier.
+    z = _ZEROS.get(nbytes)
+    if z is None:
+        z = _ZEROS[nbytes] = memoryview(bytes(nbytes))
+    return z
+
+
 class MaskApplier:
     """Applies many keystream masks to one ring vector, chunk-major so the data stays in cache."""
 
@@ -64,7 +75,7 @@ class MaskApplier:
         self.dtype = np.dtype(dtype)
         self.chunk = chunk
         nbytes = chunk * self.dtype.itemsize
-        self._zeros = memoryview(bytes(nbytes))
+        self._zeros = _zeros(nbytes)
         self._scratch = bytearray(nbytes + 16)
         self._tmp = np.frombuffer(self._scratch, dtype=self.dtype, count=chunk)
         self.keystream_bytes = 0

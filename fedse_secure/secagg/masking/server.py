@@ -227,8 +227,7 @@ class SecAggServer:
         self.values_clipped += int(m.values_clipped)
 
     def _check_consistency(self, m: ConsistencySignature) -> None:
-        payload = survivors_payload(self.digest, self.round_id, self.survivor_list)
-        self.registry.verify(m.sender, m.signature, payload, f"round {self.round_id}: survivor-list signature")
+        self.registry.verify(m.sender, m.signature, self._survivors_payload, f"round {self.round_id}: survivor-list signature")
 
     def _check_unmask(self, m: UnmaskShares) -> None:
         u = m.sender
@@ -284,6 +283,7 @@ class SecAggServer:
                 raise RoundAbortedError(f"round {self.round_id}: no institution sent a masked input; round abandoned")
             self._require(self.alive["U2"], alive, stage)
             self.survivor_list = sorted(alive)
+            self._survivors_payload = survivors_payload(self.digest, self.round_id, self.survivor_list)
             req = ConsistencyRequest(round_id=self.round_id, survivors=self.survivor_list)
             return self._open(Stage.CONSISTENCY, {u: req for u in self.survivor_list})
         if stage == Stage.CONSISTENCY:
