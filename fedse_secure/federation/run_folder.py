@@ -71,6 +71,18 @@ class RunFolder:
     def save_adapter(self, label: str, state, peft_config: dict, client: str | None = None) -> Path:
         return save_adapter(state, peft_config, self.adapter_dir(label, client))
 
+    def remove_partial_writes(self) -> int:
+        """Delete temporary folders/files of writes that an interruption cut short (they were never renamed
+        into place, so nothing they held was ever part of the run)."""
+        removed = 0
+        for tmp in list(self.path.rglob(".*.tmp*")):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.summary_path, summary)
 

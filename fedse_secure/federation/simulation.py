@@ -81,6 +81,7 @@ class Simulation:
             raise
         finally:
             self.summary["wall_s"] = round(time.time() - started, 3)
+            self.run.remove_partial_writes()
             self.run.write_summary(self.summary)
         return self.summary
 
