@@ -95,6 +95,7 @@ class SecAggClient:
         self.expecting: str = Stage.ADVERTISE_KEYS
         self.values_clipped = 0
         self.mask_seconds = 0.0
+        self.mask_cpu_seconds = 0.0
         self.keystream_bytes = 0
         self._vector: np.ndarray | None = None
         # Per peer: "seed" or "key" once a share of that peer's secret has been released.
@@ -271,7 +272,7 @@ class SecAggClient:
                 f"{self.name}: update has {x.size} values but the round aggregates {self.setup.vector_len}; all "
                 "institutions must send adapters of the same shape"
             )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         c = self.setup.clip_range
         bits = self.setup.ring_bits
         dtype = RING_DTYPES[bits]
@@ -289,12 +290,13 @@ class SecAggClient:
         self.values_clipped = quant.values_clipped
         self.keystream_bytes = applier.keystream_bytes
         self.mask_seconds = time.perf_counter() - t0
+        self.mask_cpu_seconds = time.thread_time() - c0
         self._vector = None
         return MaskedInput(round_id=self.round_id, sender=self.name, vector=out, values_clipped=self.values_clipped)
 
     def _consistency(self, msg: ConsistencyRequest) -> ConsistencySignature:
         survivors = list(msg.survivors)
-        if len(set(survivors)) != len(survivors) or not set(survivors) <= set(self.setup.participants):
+        if len(set(survivors)) != len(survivors) or not set(survivors) <= self.index.keys():
             raise ProtocolError(f"{self.name}: the survivor list has duplicates or unknown names; refusing to sign")
         if self.name not in survivors:
             raise ProtocolError(

@@ -42,11 +42,13 @@ def run_round(
     client_s = {n: 0.0 for n in clients}
     stage_wall: dict[str, float] = {}
     stage_client_max: dict[str, float] = {}
+    stage_client_max_cpu: dict[str, float] = {}
+    server_cpu = 0.0
     requests = server.start()
     while requests:
         stage = server.stage
         t_stage = time.perf_counter()
-        slowest = 0.0
+        slowest = slowest_cpu = 0.0
         for name, req in requests.items():
             if name in dropouts and Stage.ALL.index(stage) >= Stage.ALL.index(dropouts[name]):
                 continue  # silent from this stage on: the server learns it only when the stage closes
@@ -54,20 +56,26 @@ def run_round(
                 req = interceptor(stage, "to_client", name, req) or req
             wire = req.to_bytes()
             received[name] += len(wire)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             reply = clients[name].handle(decode(wire))
             rw = reply.to_bytes()
             dt = time.perf_counter() - t0
             client_s[name] += dt
             slowest = max(slowest, dt)
+            slowest_cpu = max(slowest_cpu, time.thread_time() - c0)
             sent[name] += len(rw)
             msg = decode(rw)
             if interceptor is not None:
                 msg = interceptor(stage, "to_server", name, msg) or msg
+            c0 = time.thread_time()
             server.receive(msg)
+            server_cpu += time.thread_time() - c0
+        c0 = time.thread_time()
         requests = server.advance()
+        server_cpu += time.thread_time() - c0
         stage_wall[stage] = time.perf_counter() - t_stage
         stage_client_max[stage] = slowest
+        stage_client_max_cpu[stage] = slowest_cpu
     result = server.result
     assert result is not None
     m = result.measurements
@@ -81,11 +89,17 @@ def run_round(
         m[f"stage_{stage}_server_s"] = server.server_seconds[stage]
         m[f"stage_{stage}_client_max_s"] = stage_client_max[stage]
     m["server_s"] = sum(server.server_seconds.values())
+    m["server_cpu_s"] = server_cpu
     m["client_s_max"] = max(client_s.values())
     m["client_s_total"] = sum(client_s.values())
     # Wall time if clients ran concurrently (a deployment): per stage, the slowest client plus the server.
     m["critical_path_s"] = sum(stage_client_max.values()) + m["server_s"]
+    m["critical_path_cpu_s"] = sum(stage_client_max_cpu.values()) + server_cpu
     m["client_mask_s_max"] = max(c.mask_seconds for c in clients.values())
+    m["client_mask_cpu_s_max"] = max(c.mask_cpu_seconds for c in clients.values())
+    cpu = sum(c.mask_cpu_seconds for c in clients.values())
+    # Keystream bytes expanded and added per CPU-second of masking (quantisation and checks included).
+    m["client_mask_gb_per_s_cpu"] = sum(c.keystream_bytes for c in clients.values()) / cpu / 1e9 if cpu > 0 else 0.0
     m["client_keystream_bytes_max"] = max(c.keystream_bytes for c in clients.values())
     return result
 

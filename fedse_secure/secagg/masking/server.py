@@ -191,7 +191,7 @@ class SecAggServer:
                 f"round {self.round_id}: a {type(msg).__name__} from {sender!r} arrived during the {stage} stage, "
                 f"which expects {REPLIES[stage].__name__}; rejected (late replies never enter the round)"
             )
-        if sender not in self.setup.participants:
+        if sender not in self.neighbours:
             raise ProtocolError(f"round {self.round_id}: {sender!r} is not a participant of this round; rejected")
         if sender not in self.expected:
             raise ProtocolError(f"round {self.round_id}: {sender!r} has dropped out of this round; its {stage} reply is rejected")

@@ -1,0 +1,310 @@
+"""Secure-aggregation benchmark: plaintext vs this SecAgg+ masking backend vs Flower 1.42's SecAgg+.
+
+All three run in one process, one after the other, on identical inputs (n float32 vectors), each
+sequentially on one core (clients one after the other, then the server), and each passes every message
+through its wire form:
+
+* ``plaintext``: each client serialises its float32 vector (``tobytes``); the server deserialises them and
+  runs :class:`PlaintextAggregator` (finite check + float64 sum). This is the "secure_aggregation: none" path.
+* ``masking``: :meth:`MaskingAggregator.aggregate`: all five stages for every client and the server, every
+  message through ``to_bytes``/``decode`` (full graph for n <= 32, the default config).
+* ``flower_secaggplus``: Flower's own ``SecAggPlusWorkflow.__call__`` (server, all four stages) against
+  Flower's own ``secaggplus_mod`` on each client, driven in-process by a small Grid that passes each Flower
+  ``Message`` through its protobuf wire form (``message_to_proto``/``SerializeToString``/``message_from_proto``).
+  num_shares = n (full graph, as ours), the same threshold, Flower's default quantisation (clip 8, 2^22 levels, mod 2^32), max_weight 1. The strategy's
+  ``aggregate_fit`` is a pass-through (it returns the unmasked result; FedAvg's re-averaging of n copies
+  is not secure-aggregation work), and the global model sent with FitIns is empty (model download is not
+  part of aggregation in either protocol).
+
+Also printed: the critical path of our protocol if clients ran concurrently (slowest client per stage +
+server), per-client masking throughput on one core, and server time for n = 10, 100, 1000 on the SecAgg+
+neighbour graph (degree 2*ceil(log2 n), 5% of clients (at least one) dropping before sending their masked
+input, so the server also recovers pairwise masks).
+
+    python benchmarks/secagg.py            # 10 clients x 8M parameters
+    python benchmarks/secagg.py --quick    # 10 clients x 1M; server scaling n = 10, 100, 300 (< 1 minute)
+    python benchmarks/secagg.py --json     # last line: JSON summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fedse_secure.config import SecAggConfig  # noqa: E402
+from fedse_secure.secagg.base import PlaintextAggregator  # noqa: E402
+from fedse_secure.secagg.masking import (  # noqa: E402
+    IdentityKey,
+    MaskingAggregator,
+    PublicKeyRegistry,
+    SecAggClient,
+    SecAggServer,
+    Stage,
+    run_round,
+)
+from fedse_secure.secagg.masking.graph import default_threshold  # noqa: E402
+
+
+def make_inputs(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # LoRA-delta-like magnitudes, well inside the clipping range.
+    return {f"inst{i:04d}": rng.standard_normal(size, dtype=np.float32) * np.float32(0.01) for i in range(n)}
+
+
+class Timer:
+    """Wall-clock and process CPU time of a block (CPU time is robust to other jobs sharing the cores)."""
+
+    def __enter__(self):
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
+def run_plaintext(inputs: dict[str, np.ndarray]):
+    wire, client_cpu = {}, []
+    with Timer() as t:
+        for name, v in inputs.items():
+            c0 = time.thread_time()
+            wire[name] = v.astype(np.float32, copy=False).tobytes()
+            client_cpu.append(time.thread_time() - c0)
+        c0 = time.thread_time()
+        received = {name: np.frombuffer(b, dtype=np.float32) for name, b in wire.items()}
+        total = PlaintextAggregator().aggregate(1, received).total
+        server_cpu = time.thread_time() - c0
+    # If clients ran concurrently: the slowest client's serialisation, then the server.
+    t.critical_cpu = max(client_cpu) + server_cpu
+    return t, total
+
+
+def run_masking(inputs, identities, round_id: int):
+    agg = MaskingAggregator(SecAggConfig(), identities=identities)
+    with Timer() as t:
+        res = agg.aggregate(round_id, inputs)
+    return t, res
+
+
+# -- Flower 1.42 SecAgg+, in-process -----------------------------------------------------------------------
+def run_flower(inputs: dict[str, np.ndarray], threshold: int):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # A ServerApp process normally has its run/node/task identity set by the SuperLink; set it by hand here.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    names = sorted(inputs)
+    node_of = {name: 1000 + i for i, name in enumerate(names)}
+    vec_of = {node_of[n]: inputs[n] for n in names}
+    contexts = {nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={})
+                for nid in vec_of}
+
+    def wire(msg):
+        return message_from_proto(ProtoMessage.FromString(message_to_proto(msg).SerializeToString()))
+
+    class InProcessGrid:
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for m in messages:
+                m = wire(m)
+                nid = m.metadata.dst_node_id
+
+                def train(msg, ctx, nid=nid):
+                    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vec_of[nid]]), 1, {})
+                    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+                replies.append(wire(secaggplus_mod(m, contexts[nid], train)))
+            return replies
+
+    captured = {}
+
+    class PassThrough(FedAvg):
+        def aggregate_fit(self, server_round, results, failures):
+            captured["params"] = results[0][1].parameters
+            return results[0][1].parameters, {}
+
+    grid = InProcessGrid()
+    cm = SimpleClientManager()
+    for nid in vec_of:
+        cm.register(GridClientProxy(nid, grid, 1))
+    n = len(names)
+    strategy = PassThrough(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n, fraction_evaluate=0.0)
+    ctx = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                        strategy=strategy, client_manager=cm)
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        Parameters(tensors=[], tensor_type="numpy.ndarray"), keep_input=True)
+    # max_weight = 1 matches the weights used (1 per client); Flower's default 1000 would scale every update
+    # by 1/1000 before its 22-bit quantisation and lose three decimal digits.
+    workflow = SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=threshold, max_weight=1.0)
+    with Timer() as dt:
+        workflow(grid, ctx)
+    if "params" not in captured:
+        raise RuntimeError("Flower's SecAgg+ workflow halted without a result")
+    # Flower returns the weighted *mean* (all weights 1 here); scale back to a sum for the accuracy check.
+    mean = parameters_to_ndarrays(captured["params"])[0]
+    return dt, mean.astype(np.float64) * n
+
+
+# -- server scaling -----------------------------------------------------------------------------------------
+def server_scaling(n: int, size: int, seed: int = 0) -> dict[str, float]:
+    names = [f"inst{i:04d}" for i in range(n)]
+    ids = {p: IdentityKey.generate() for p in names}
+    reg = PublicKeyRegistry.from_identities(ids)
+    k = 2 * math.ceil(math.log2(n))
+    cfg = SecAggConfig(neighbours=k)
+    inputs = make_inputs(n, size, seed)
+    n_drop = max(1, n // 20)
+    drops = {p: Stage.MASKED_INPUT for p in names[:: max(1, n // n_drop)][:n_drop]}
+    server = SecAggServer(1, names, size, cfg, reg)
+    clients = {p: SecAggClient(p, ids[p], reg, cfg, vector=inputs[p]) for p in names}
+    t0 = time.perf_counter()
+    res = run_round(server, clients, drops)
+    wall = time.perf_counter() - t0
+    return {
+        "server_s": res.measurements["server_s"],
+        "wall_s": wall,
+        "degree": res.measurements["graph_degree"],
+        "threshold": res.measurements["threshold"],
+        "dropped": len(drops),
+        "client_s_max": res.measurements["client_s_max"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, finishes in under a minute")
+    ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--params", type=int, default=None, help="parameters per client (default 8M, quick 1M)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-flower", action="store_true")
+    args = ap.parse_args()
+    n = args.clients
+    size = args.params or (1_000_000 if args.quick else 8_000_000)
+    repeats = args.repeats or (2 if args.quick else 3)
+    scaling_size = 2_000 if args.quick else 100_000
+    # Simulating 1000 clients costs ~10 CPU-seconds of client-side crypto, too much for --quick.
+    scaling_ns = (10, 100, 300) if args.quick else (10, 100, 1000)
+
+    inputs = make_inputs(n, size)
+    identities = {p: IdentityKey.generate() for p in inputs}
+    threshold = default_threshold(n if n <= 32 else 2 * math.ceil(math.log2(n)) + 1)
+    print(f"secure aggregation benchmark: {n} clients x {size:,} float32 parameters, {os.cpu_count()} CPU(s), "
+          f"single-threaded, median of {repeats}")
+
+    run_plaintext(inputs)  # warm up allocator and page cache
+    plain = [run_plaintext(inputs) for _ in range(repeats)]
+    plaintext_s = statistics.median(t.wall for t, _ in plain)
+    plaintext_cpu = statistics.median(t.cpu for t, _ in plain)
+    exact = plain[0][1]
+
+    masks = [run_masking(inputs, identities, r) for r in range(repeats)]
+    masking_s = statistics.median(t.wall for t, _ in masks)
+    masking_cpu = statistics.median(t.cpu for t, _ in masks)
+    res = masks[-1][1]
+    m = res.measurements
+    err = float(np.max(np.abs(res.total - exact)))
+    crit = statistics.median(r.measurements["critical_path_cpu_s"] for _, r in masks)
+    plain_crit = statistics.median(t.critical_cpu for t, _ in plain)
+    gbps = statistics.median(r.measurements["client_mask_gb_per_s_cpu"] for _, r in masks)
+    input_gbps = gbps * (size * 4) / m["client_keystream_bytes_max"]
+
+    flower = None
+    if not args.no_flower:
+        flower, flower_total = run_flower(inputs, threshold)
+        flower_err = float(np.max(np.abs(flower_total - exact)))
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    print(f"(1-minute load average {load:.1f} on {os.cpu_count()} cores: wall times include waiting for the CPU; "
+          "process CPU times are shown alongside)")
+    print(f"plaintext (serialise float32 + deserialise + finite check + float64 sum): {plaintext_s:8.3f} s wall "
+          f"{plaintext_cpu:8.3f} s CPU")
+    print(f"masking   (this SecAgg+, 5 stages, all clients + server, wire round-trips):  {masking_s:8.3f} s wall "
+          f"{masking_cpu:8.3f} s CPU   max |error| vs float sum {err:.2e}  ({m['ring_bits']}-bit ring, "
+          f"t={m['threshold']}, degree {m['graph_degree']})")
+    if flower is not None:
+        print(f"flower    (SecAggPlusWorkflow + secaggplus_mod, in-process, protobuf wire):   {flower.wall:8.3f} s wall "
+              f"{flower.cpu:8.3f} s CPU   max |error| vs float sum {flower_err:.2e}")
+    ratio_plain = masking_s / plaintext_s
+    ratio_plain_cpu = masking_cpu / plaintext_cpu
+    print(f"ratio masking / plaintext: {ratio_plain:.2f}x wall, {ratio_plain_cpu:.2f}x CPU  (target <= 1.3x: "
+          f"{'met' if max(ratio_plain, ratio_plain_cpu) <= 1.3 else 'NOT met'} for the sequential in-process run)")
+    ratio_flower = ratio_flower_cpu = None
+    if flower is not None:
+        ratio_flower = masking_s / flower.wall
+        ratio_flower_cpu = masking_cpu / flower.cpu
+        print(f"ratio masking / flower:    {ratio_flower:.3f}x wall, {ratio_flower_cpu:.3f}x CPU  "
+              f"({flower.wall / masking_s:.1f}x faster than Flower's SecAgg+)")
+    print(f"critical path if clients ran concurrently (CPU of the slowest client per stage + server): masking "
+          f"{crit:.3f} s vs plaintext {plain_crit:.3f} s (slowest serialisation + server sum) = "
+          f"{crit / plain_crit:.2f}x")
+    print(f"per-client masking on one core: {gbps:.2f} GB/s of AES-128-CTR mask keystream expanded and added per "
+          f"CPU-second (quantisation and checks included), i.e. {input_gbps:.2f} GB/s of float32 input with "
+          f"{m['client_keystream_bytes_max'] // (size * (m['ring_bits'] // 8))} masks per client")
+    print(f"bytes sent per client: {m['bytes_sent_per_client']:,} (plaintext: {size * 4:,})")
+    stages = ", ".join(f"{s} {m[f'stage_{s}_s']:.3f}s" for s in Stage.ALL)
+    print(f"stage wall times (last run): {stages}")
+
+    server_by_n = {}
+    for ns in scaling_ns:
+        r = server_scaling(ns, scaling_size)
+        server_by_n[str(ns)] = round(r["server_s"], 4)
+        print(f"server time, n={ns:5d}, {scaling_size:,} params, degree {r['degree']}, t={r['threshold']}, "
+              f"{r['dropped']} dropped: {r['server_s']:.3f} s (whole round incl. all clients: {r['wall_s']:.2f} s)")
+
+    summary = {
+        "clients": n,
+        "params": size,
+        "plaintext_s": round(plaintext_s, 4),
+        "masking_s": round(masking_s, 4),
+        "flower_secaggplus_s": round(flower.wall, 4) if flower is not None else None,
+        "plaintext_cpu_s": round(plaintext_cpu, 4),
+        "masking_cpu_s": round(masking_cpu, 4),
+        "flower_secaggplus_cpu_s": round(flower.cpu, 4) if flower is not None else None,
+        "ratio_vs_plaintext_cpu": round(ratio_plain_cpu, 3),
+        "ratio_vs_flower_cpu": round(ratio_flower_cpu, 4) if ratio_flower_cpu is not None else None,
+        "load_average_1m": round(load, 2),
+        "ratio_vs_plaintext": round(ratio_plain, 3),
+        "ratio_vs_flower": round(ratio_flower, 4) if ratio_flower is not None else None,
+        "critical_path_cpu_s": round(crit, 4),
+        "plaintext_critical_path_cpu_s": round(plain_crit, 4),
+        "ratio_vs_plaintext_critical_path_cpu": round(crit / plain_crit, 3),
+        "mask_gb_per_s_per_core": round(gbps, 3),
+        "mask_input_gb_per_s_per_core": round(input_gbps, 3),
+        "bytes_sent_per_client": m["bytes_sent_per_client"],
+        "server_s_by_n": server_by_n,
+        "server_scaling_params": scaling_size,
+    }
+    if args.json:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
