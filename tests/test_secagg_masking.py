@@ -29,7 +29,7 @@ def _inputs(n: int, size: int, seed: int = 0, scale: float = 0.5) -> dict[str, n
 
 
 def _expected(inputs, names, cfg: SecAggConfig) -> np.ndarray:
-    bits = required_ring_bits(len(inputs), cfg.clip_range, cfg.fractional_bits)
+    bits = required_ring_bits(len(inputs), cfg.clip_range, cfg.fractional_bits, len(next(iter(inputs.values()))))
     total = sum(signed_integers(quantise(inputs[n], cfg.clip_range, cfg.fractional_bits, bits)).astype(np.int64)
                 for n in names)
     return total / 2.0**cfg.fractional_bits

@@ -97,7 +97,7 @@ def test_messages_roundtrip_and_reject_garbage():
         adv,
         KeysBroadcast(round_id=3, adverts=[adv, adv]),
         EncryptedShares(round_id=3, sender="a", ciphertexts={"b": b"\x00\x01", "c": b""}),
-        MaskedInput(round_id=3, sender="a", vector=np.arange(7, dtype=np.uint64), values_clipped=2),
+        MaskedInput(round_id=3, sender="a", vector=np.arange(7, dtype=np.uint64)),
         UnmaskShares(round_id=3, sender="a", seed_shares={"a": b"s"}, key_shares={}),
     ]
     for m in msgs:
@@ -128,6 +128,7 @@ def test_messages_roundtrip_and_reject_garbage():
 def test_ring_headroom_and_exact_extremes():
     assert required_ring_bits(10, 8.0, 24) == 32
     assert required_ring_bits(16, 8.0, 24) == 64  # 16 * 2^27 = 2^31 does not fit the signed 32-bit range
+    assert required_ring_bits(10, 1.0, 8, vector_len=300_000_000) == 64  # the clipped counts need room too
     with pytest.raises(SecureAggregationError, match="overflows a 64-bit ring"):
         required_ring_bits(2**21, 8.0, 40)
     n = 15

@@ -171,7 +171,9 @@ class SecAggClient:
                 f"{self.name}: setup asks for clip_range={setup.clip_range}, fractional_bits={setup.fractional_bits}; "
                 f"this client is configured for {cfg.clip_range}, {cfg.fractional_bits}; use the same secagg config"
             )
-        if setup.ring_bits not in RING_DTYPES or setup.ring_bits < required_ring_bits(n, setup.clip_range, setup.fractional_bits):
+        if setup.ring_bits not in RING_DTYPES or setup.ring_bits < required_ring_bits(
+            n, setup.clip_range, setup.fractional_bits, setup.vector_len
+        ):
             raise ProtocolError(f"{self.name}: a {setup.ring_bits}-bit ring can overflow for {n} clients; refusing")
         if len(setup.graph_seed) < 16:
             raise ProtocolError(f"{self.name}: the graph seed is too short")
@@ -281,7 +283,7 @@ class SecAggClient:
             k = keys.pair_mask_key(self._mask_key, self.adverts[peer].mask_public_key, self.digest, self.name, peer)
             # Each pair's mask enters once with + and once with -, so it cancels in the sum.
             streams.append(MaskStream(k, dtype, +1 if self.name < peer else -1))
-        out = np.empty(x.size, dtype=dtype)
+        out = np.empty(x.size + 1, dtype=dtype)  # + the clipped count, summed under the masks too
         quant = ChunkQuantiser(
             x, c, self.setup.fractional_bits, bits, self.name, refuse=self.config.on_out_of_range == "refuse"
         )
@@ -292,7 +294,9 @@ class SecAggClient:
         self.mask_seconds = time.perf_counter() - t0
         self.mask_cpu_seconds = time.thread_time() - c0
         self._vector = None
-        return MaskedInput(round_id=self.round_id, sender=self.name, vector=out, values_clipped=self.values_clipped)
+        # The secrets behind this round's masks now live only as shares held by the neighbours.
+        self._seed = b""
+        return MaskedInput(round_id=self.round_id, sender=self.name, vector=out)
 
     def _consistency(self, msg: ConsistencyRequest) -> ConsistencySignature:
         survivors = list(msg.survivors)

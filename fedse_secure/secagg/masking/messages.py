@@ -287,13 +287,12 @@ class MaskedInputRequest(ProtocolMessage):
 
 @dataclass
 class MaskedInput(ProtocolMessage):
-    """C -> S: the masked, quantised update (uint32 or uint64 ring elements), plus how many values were
-    clipped (a count only, so the server can report it)."""
+    """C -> S: the masked, quantised update (uint32 or uint64 ring elements); its last element is the masked
+    count of clipped values, so ``vector.size == setup.vector_len + 1``."""
 
     STAGE: ClassVar[str] = Stage.MASKED_INPUT
     sender: str = ""
     vector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    values_clipped: int = 0
 
 
 # ---- stage 3: consistency check --------------------------------------------------------------------------

@@ -4,6 +4,10 @@ A value x is clipped to ``[-c, c]`` and mapped to ``round(x * 2^f)`` (round half
 complement in ``uint32`` or ``uint64`` so that numpy's wrap-around *is* arithmetic mod 2^k. The ring is the
 smallest of 2^32 and 2^64 in which the sum of n clients cannot overflow:
 ``n * round(c * 2^f) <= 2^(k-1) - 1``, so the signed reading of the ring sum is the exact integer sum.
+
+The masked vector carries one extra element after the update: the number of values the client clipped.
+It is masked and summed like the rest, so the server learns only the total clipped count, never a single
+client's (that count could otherwise leak how far an update strays).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ def max_quantised(clip_range: float, fractional_bits: int) -> int:
     return int(round(clip_range * 2.0**fractional_bits))
 
 
-def required_ring_bits(n_clients: int, clip_range: float, fractional_bits: int) -> int:
-    """Smallest supported ring (32 or 64 bits) whose signed range holds the sum of ``n_clients`` inputs."""
-    bound = n_clients * max_quantised(clip_range, fractional_bits)
+def required_ring_bits(n_clients: int, clip_range: float, fractional_bits: int, vector_len: int = 0) -> int:
+    """Smallest supported ring (32 or 64 bits) whose signed range holds the sum of ``n_clients`` inputs (and
+    of their clipped-value counts, each at most ``vector_len``)."""
+    bound = n_clients * max(max_quantised(clip_range, fractional_bits), vector_len)
     for bits in (32, 64):
         if bound <= 2 ** (bits - 1) - 1:
             return bits
@@ -88,6 +93,12 @@ class ChunkQuantiser:
         self.values_clipped = 0
 
     def __call__(self, start: int, stop: int, out: np.ndarray) -> None:
+        n = self.x.size
+        if stop > n:  # the last chunk also holds the trailing clipped-count element
+            if n > start:
+                self(start, n, out[: n - start])
+            out[n - start :].view(self.signed)[...] = self.values_clipped
+            return
         xs = self.x[start:stop]
         if self.buf.size < stop - start:
             self.buf = np.empty(stop - start, dtype=self.x.dtype)

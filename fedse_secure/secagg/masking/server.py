@@ -60,7 +60,7 @@ from fedse_secure.secagg.masking.messages import (
     survivors_payload,
 )
 from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream, RandomSource
-from fedse_secure.secagg.masking.quantize import RING_DTYPES, dequantise, required_ring_bits
+from fedse_secure.secagg.masking.quantize import RING_DTYPES, SIGNED_DTYPES, dequantise, required_ring_bits
 
 
 class SecAggServer:
@@ -111,7 +111,7 @@ class SecAggServer:
             participants=sorted(names),
             threshold=t,
             degree=degree,
-            ring_bits=required_ring_bits(n, self.config.clip_range, self.config.fractional_bits),
+            ring_bits=required_ring_bits(n, self.config.clip_range, self.config.fractional_bits, int(vector_len)),
             fractional_bits=self.config.fractional_bits,
             clip_range=float(self.config.clip_range),
             vector_len=int(vector_len),
@@ -215,16 +215,16 @@ class SecAggServer:
 
     def _check_masked_input(self, m: MaskedInput) -> None:
         v = m.vector
-        if v.dtype != self.dtype or v.ndim != 1 or v.size != self.setup.vector_len:
+        want = self.setup.vector_len + 1
+        if v.dtype != self.dtype or v.ndim != 1 or v.size != want:
             raise ProtocolError(
                 f"round {self.round_id}: masked vector of {m.sender!r} is {v.dtype}[{v.size}], expected "
-                f"{self.dtype}[{self.setup.vector_len}]; rejected"
+                f"{self.dtype}[{want}]; rejected"
             )
         if self._sum is None:
-            self._sum = np.zeros(self.setup.vector_len, dtype=self.dtype)
+            self._sum = np.zeros(want, dtype=self.dtype)
         # Summed on arrival, so the server never stores individual masked vectors.
         np.add(self._sum, v, out=self._sum)
-        self.values_clipped += int(m.values_clipped)
 
     def _check_consistency(self, m: ConsistencySignature) -> None:
         self.registry.verify(m.sender, m.signature, self._survivors_payload, f"round {self.round_id}: survivor-list signature")
@@ -347,8 +347,9 @@ class SecAggServer:
         applier.apply(total, streams)
         self.keystream_bytes = applier.keystream_bytes
         survivors = sorted(u3)
+        self.values_clipped = int(total[-1:].view(SIGNED_DTYPES[self.setup.ring_bits])[0])
         self.result = AggregateResult(
-            total=dequantise(total, self.setup.fractional_bits),
+            total=dequantise(total[:-1], self.setup.fractional_bits),
             survivors=survivors,
             dropped=sorted(set(self.setup.participants) - u3),
             measurements={
