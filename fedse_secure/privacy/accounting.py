@@ -54,8 +54,13 @@ def _check(delta: float, accountant: str) -> None:
         raise ValueError(f"delta={delta} must lie in (0, 1); a typical value is 1e-5 or below 1/records")
 
 
-def epsilon(events: Iterable[DpEvent], delta: float, accountant: Accountant = "rdp") -> float:
-    """ε of the composition of ``events`` at ``delta`` (0 for no events; ``inf`` if any step had no noise)."""
+def epsilon(
+    events: Iterable[DpEvent], delta: float, accountant: Accountant = "rdp", *, orders: Sequence[float] | None = None
+) -> float:
+    """ε of the composition of ``events`` at ``delta`` (0 for no events; ``inf`` if any step had no noise).
+
+    ``orders`` overrides the RDP orders (default ``RDP_ORDERS``); it is ignored by the PRV accountant.
+    """
     _check(delta, accountant)
     history = _history(events)
     if not history:
@@ -72,7 +77,7 @@ def epsilon(events: Iterable[DpEvent], delta: float, accountant: Accountant = "r
 
             acc = RDPAccountant()
             acc.history = history
-            eps = acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS))
+            eps = acc.get_epsilon(delta=delta, alphas=list(orders if orders is not None else RDP_ORDERS))
         else:
             from opacus.accountants import PRVAccountant
 
@@ -102,6 +107,19 @@ def cumulative_epsilon(
         so_far.extend(round_events)
         out.append(epsilon(so_far, delta, accountant))
     return out
+
+
+def rdp_curve(events: Iterable[DpEvent], orders: Sequence[float] = RDP_ORDERS) -> list[float]:
+    """Composed RDP ε(α) of ``events`` at each order (Opacus's computation), for cross-checks and audits."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    total = [0.0] * len(orders)
+    for sigma, q, steps in _history(events):
+        if sigma == 0.0:
+            return [math.inf] * len(orders)
+        values = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
+        total = [a + float(b) for a, b in zip(total, values)]
+    return total
 
 
 def epsilon_dp_accounting(
@@ -164,26 +182,35 @@ def noise_multiplier_for_target(
         )
     mechanism = "gaussian" if sample_rate == 1.0 else "subsampled_gaussian"
 
+    cache: dict[float, float] = {}
+
     def eps_at(sigma: float) -> float:
-        planned = [
-            DpEvent(mechanism, level, sigma, sample_rate, steps_per_round, 1.0) for _ in range(rounds)
-        ]
-        return epsilon([*spent_events, *planned], delta, accountant)
+        if sigma not in cache:
+            planned = [DpEvent(mechanism, level, sigma, sample_rate, steps_per_round, 1.0) for _ in range(rounds)]
+            cache[sigma] = epsilon([*spent_events, *planned], delta, accountant)
+        return cache[sigma]
 
     lo, hi = 0.0, 1.0
+    if accountant == "prv":
+        # PRV is never looser than RDP, so the (cheap) RDP answer is a valid upper end of the bracket.
+        hi = noise_multiplier_for_target(
+            target_epsilon, delta, sample_rate, steps_per_round, rounds, "rdp", spent_events=spent_events,
+            level=level, tolerance=tolerance / 4,
+        )
+        lo = hi / 2
+        while eps_at(lo) <= target_epsilon:
+            lo, hi = lo / 2, lo
     while eps_at(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
             raise AccountingError(
                 f"even noise_multiplier={hi:g} exceeds epsilon={target_epsilon:g}; plan fewer rounds or steps"
             )
-    # Bisection on sigma; eps is decreasing in sigma. Stop when eps(hi) is within tolerance of the target.
-    for _ in range(100):
+    # Bisection (ε decreases as σ grows): keep eps(hi) <= target, stop once it is within tolerance of it.
+    while target_epsilon - eps_at(hi) > tolerance * target_epsilon and hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
         if eps_at(mid) > target_epsilon:
             lo = mid
         else:
             hi = mid
-        if target_epsilon - eps_at(hi) <= tolerance * target_epsilon or hi - lo < 1e-4:
-            break
     return hi
