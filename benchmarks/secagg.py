@@ -186,6 +186,7 @@ def server_scaling(n: int, size: int, seed: int = 0) -> dict[str, float]:
     wall = time.perf_counter() - t0
     return {
         "server_s": res.measurements["server_s"],
+        "server_cpu_s": res.measurements["server_cpu_s"],
         "wall_s": wall,
         "degree": res.measurements["graph_degree"],
         "threshold": res.measurements["threshold"],
@@ -272,12 +273,14 @@ def main() -> None:
     stages = ", ".join(f"{s} {m[f'stage_{s}_s']:.3f}s" for s in Stage.ALL)
     print(f"stage wall times (last run): {stages}")
 
-    server_by_n = {}
+    server_by_n, server_cpu_by_n = {}, {}
     for ns in scaling_ns:
         r = server_scaling(ns, scaling_size)
         server_by_n[str(ns)] = round(r["server_s"], 4)
+        server_cpu_by_n[str(ns)] = round(r["server_cpu_s"], 4)
         print(f"server time, n={ns:5d}, {scaling_size:,} params, degree {r['degree']}, t={r['threshold']}, "
-              f"{r['dropped']} dropped: {r['server_s']:.3f} s (whole round incl. all clients: {r['wall_s']:.2f} s)")
+              f"{r['dropped']} dropped: {r['server_s']:.3f} s wall, {r['server_cpu_s']:.3f} s CPU "
+              f"(whole simulated round incl. all {ns} clients: {r['wall_s']:.2f} s wall)")
 
     summary = {
         "clients": n,
@@ -300,6 +303,7 @@ def main() -> None:
         "mask_input_gb_per_s_per_core": round(input_gbps, 3),
         "bytes_sent_per_client": m["bytes_sent_per_client"],
         "server_s_by_n": server_by_n,
+        "server_cpu_s_by_n": server_cpu_by_n,
         "server_scaling_params": scaling_size,
     }
     if args.json:

@@ -77,7 +77,8 @@ def run_round(
         stage_client_max[stage] = slowest
         stage_client_max_cpu[stage] = slowest_cpu
     result = server.result
-    assert result is not None
+    if result is None:  # cannot happen: the server either finishes or raises RoundAbortedError
+        raise SecureAggregationError(f"round {server.round_id}: the protocol stopped before the unmask stage")
     m = result.measurements
     live = [n for n in clients if n not in dropouts]
     m["bytes_sent_per_client"] = int(max(sent[n] for n in live)) if live else 0

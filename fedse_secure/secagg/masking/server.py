@@ -240,6 +240,12 @@ class SecAggServer:
 
     def _require(self, owners: frozenset[str], alive: frozenset[str], stage: str) -> None:
         """Abort unless every owner still has ``t`` live share holders."""
+        if len(alive) < self.threshold:
+            raise RoundAbortedError(
+                f"round {self.round_id}: only {len(alive)} of {len(self.setup.participants)} institutions answered the "
+                f"{stage} stage, fewer than the threshold t={self.threshold}; the round is abandoned and nothing is "
+                "released"
+            )
         short = sorted(o for o in owners if len(self.holders(o) & alive) < self.threshold)
         if short:
             raise RoundAbortedError(
