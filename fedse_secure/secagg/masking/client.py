@@ -49,6 +49,7 @@ from fedse_secure.secagg.masking.errors import (
 from fedse_secure.secagg.masking.graph import neighbour_sets
 from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
 from fedse_secure.secagg.masking.messages import (
+    REQUESTS,
     ConsistencyRequest,
     ConsistencySignature,
     EncryptedShares,
@@ -122,7 +123,7 @@ class SecAggClient:
                 f"{self.name}: round {getattr(self, 'round_id', '?')} is {self.expecting}; a {type(msg).__name__} "
                 "is refused (a client unmasks once per round)"
             )
-        if msg.STAGE != self.expecting:
+        if not isinstance(msg, REQUESTS[self.expecting]):
             raise ProtocolError(
                 f"{self.name}: got a {type(msg).__name__} ({msg.STAGE}) while expecting the {self.expecting} "
                 "request; stages must come in order"

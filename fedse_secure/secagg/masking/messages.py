@@ -95,6 +95,8 @@ class ProtocolMessage:
     @classmethod
     def _typed(cls, **kw: Any) -> ProtocolMessage:
         m = cls(**kw)
+        if not (_is_int(m.round_id) and 0 <= m.round_id < 2**63):
+            raise ValueError(f"round_id {m.round_id!r} is not an integer in [0, 2^63)")
         for f in fields(m):
             want = _FIELD_TYPES.get(str(f.type))
             if want is not None and not want(getattr(m, f.name)):
