@@ -216,3 +216,42 @@ def test_a_masked_vector_is_indistinguishable_from_uniform(kind):
     # Adjacent elements are independent (a weak PRG would show structure here).
     pairs = ((y[:-1:2] >> 28) * 16 + (y[1::2] >> 28)).astype(np.int64)
     assert _chi2_uniform(pairs) < 400
+
+
+def test_duplicate_or_replayed_key_advertisements_are_refused():
+    def duplicate(stage, direction, name, msg):
+        if stage == Stage.SHARE_KEYS and direction == "to_client" and name == "p0":
+            msg = decode(msg.to_bytes())
+            msg.adverts = msg.adverts + [msg.adverts[1]]
+            return msg
+        return None
+
+    with pytest.raises(ProtocolError, match="duplicate key advertisement from 'p1'"):
+        MaskingAggregator(SecAggConfig(), rng_seed=6).aggregate(1, _inputs(), interceptor=duplicate)
+
+    captured = {}
+
+    def capture(stage, direction, name, msg):
+        if stage == Stage.SHARE_KEYS and direction == "to_client" and name == "p0":
+            captured["adverts"] = msg.adverts
+        return None
+
+    agg = MaskingAggregator(SecAggConfig(), rng_seed=7)
+    agg.aggregate(1, _inputs(), interceptor=capture)
+
+    def replay(stage, direction, name, msg):  # round 2: p1's round-1 keys (whose secrets the server may know)
+        if stage == Stage.SHARE_KEYS and direction == "to_client" and name == "p0":
+            msg = decode(msg.to_bytes())
+            msg.adverts = [captured["adverts"][1] if a.sender == "p1" else a for a in msg.adverts]
+            return msg
+        return None
+
+    with pytest.raises(ProtocolError, match="key advertisement of 'p1' is for round 1; replay rejected"):
+        agg.aggregate(2, _inputs(), interceptor=replay)
+
+
+def test_unregistered_institution_cannot_join():
+    ids = {p: IdentityKey.generate() for p in NAMES[:4]}
+    reg = PublicKeyRegistry.from_identities(ids)
+    with pytest.raises(AuthenticationError, match="no identity key in the registry"):
+        SecAggServer(1, NAMES, 8, SecAggConfig(), reg)
