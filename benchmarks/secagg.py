@@ -11,15 +11,17 @@ through its wire form:
 * ``flower_secaggplus``: Flower's own ``SecAggPlusWorkflow.__call__`` (server, all four stages) against
   Flower's own ``secaggplus_mod`` on each client, driven in-process by a small Grid that passes each Flower
   ``Message`` through its protobuf wire form (``message_to_proto``/``SerializeToString``/``message_from_proto``).
-  num_shares = n (full graph, as ours), the same threshold, Flower's default quantisation (clip 8, 2^22 levels, mod 2^32), max_weight 1. The strategy's
-  ``aggregate_fit`` is a pass-through (it returns the unmasked result; FedAvg's re-averaging of n copies
-  is not secure-aggregation work), and the global model sent with FitIns is empty (model download is not
-  part of aggregation in either protocol).
+  num_shares = n (full graph, as ours), the same threshold, Flower's default quantisation (clip 8, 2^22
+  levels, mod 2^32), max_weight 1. The strategy's ``aggregate_fit`` is a pass-through (it returns the
+  unmasked result; FedAvg's re-averaging of n copies is not secure-aggregation work), and the global model
+  sent with FitIns is empty (model download is not part of aggregation in either protocol).
 
-Also printed: the critical path of our protocol if clients ran concurrently (slowest client per stage +
-server), per-client masking throughput on one core, and server time for n = 10, 100, 1000 on the SecAgg+
-neighbour graph (degree 2*ceil(log2 n), 5% of clients (at least one) dropping before sending their masked
-input, so the server also recovers pairwise masks).
+Times are reported as wall clock and as process CPU time (robust to other jobs on a shared machine).
+Also printed: the critical path if clients ran concurrently (CPU of the slowest client per stage + the
+server, against the slowest plaintext serialisation + the plaintext server sum), per-client masking
+throughput on one core, and server time for n = 10, 100, 1000 on the SecAgg+ neighbour graph (degree
+2*ceil(log2 n), 5% of clients (at least one) dropping before sending their masked input, so the server
+also recovers pairwise masks).
 
     python benchmarks/secagg.py            # 10 clients x 8M parameters
     python benchmarks/secagg.py --quick    # 10 clients x 1M; server scaling n = 10, 100, 300 (< 1 minute)

@@ -15,8 +15,9 @@ How a transport drives it::
 
 The server keeps no clock: the transport owns the timeout (``config.stage_timeout_s`` per stage) and the
 network. Timeouts and dropouts are signalled to the server *only* by calling :meth:`advance` before every
-addressee has replied (``server.expected - server.replies.keys()`` are the ones still awaited); the server then treats the silent ones as dropped, checks that every secret it will need can
-still be reconstructed (at least ``t`` live holders per neighbourhood) and otherwise raises
+addressee has replied (``server.expected - server.replies.keys()`` are the ones still awaited); the
+server then treats the silent ones as dropped, checks that every secret it will need can still be
+reconstructed (at least ``t`` live holders per neighbourhood) and otherwise raises
 :class:`RoundAbortedError` without releasing anything. A reply that arrives after its stage closed is
 rejected with :class:`ProtocolError` (a late masked vector must never enter the sum).
 
