@@ -27,6 +27,9 @@ class StageTransport(Protocol):
     def send_stage(self, requests: dict[str, StageRequest], timeout_s: float) -> dict[str, StageReply]:
         """Deliver each request to its institution; return the replies received within ``timeout_s``."""
 
+    def reconnected_since(self, name: str, since: float) -> bool:
+        """Has this institution's node (re)connected after time ``since`` (epoch seconds)?"""
+
 
 class DeploymentError(RuntimeError):
     pass
@@ -53,6 +56,10 @@ class CoordinatorRun:
         self.log = log
         self.events = events or (lambda _e: None)
         self.store = CheckpointStore(cfg.state_dir / "checkpoint")
+        # Institutions that stopped answering (no reply at all, not a refusal) -> when. Flower keeps a killed
+        # node "online" for up to two heartbeats (60 s), so without this every following round would wait the
+        # full training timeout for it; it is invited again once its SuperNode has reconnected.
+        self.unresponsive: dict[str, float] = {}
 
     def _event(self, kind: str, **kw: Any) -> None:
         self.events({"event": kind, "time": time.time(), **kw})
@@ -119,7 +126,7 @@ class CoordinatorRun:
     def _participants(self, round_id: int) -> list[str]:
         admitted = {i.name for i in self.cfg.institutions}
         want = self.cfg.min_institutions or 3
-        wait = self.cfg.timeouts.join_s if round_id == 1 or self.cfg.min_institutions else 0.0
+        wait = self.cfg.timeouts.join_s if round_id == 1 else 0.0
         deadline = time.monotonic() + wait
         while True:
             online = self.transport.online() & admitted
@@ -134,6 +141,23 @@ class CoordinatorRun:
                 )
             time.sleep(1.0)
 
+    def _still_silent(self, participants: list[str], round_id: int) -> set[str]:
+        """Participants that stopped answering earlier and whose node has not reconnected since. They stay in
+        the round's setup (secure aggregation needs at least 3 listed) but get no request: they count as
+        dropped at once instead of after the training timeout."""
+        silent = set()
+        for name in participants:
+            if name not in self.unresponsive:
+                continue
+            if self.transport.reconnected_since(name, self.unresponsive[name]):
+                self.log(f"round {round_id}: {name} has reconnected; it rejoins")
+                del self.unresponsive[name]
+            else:
+                self.log(f"round {round_id}: {name} stopped answering earlier and has not reconnected; it is listed "
+                         "but not asked (it rejoins once its SuperNode reconnects)")
+                silent.add(name)
+        return silent
+
     def _one_round(self, coordinator, registry, experiment_json, exp_hash, history, run_folder, peft_config,
                    summary) -> None:
         from fedse_secure.federation.flower.worker import state_to_bytes
@@ -146,6 +170,7 @@ class CoordinatorRun:
         t_round = time.perf_counter()
         round_id = coordinator.completed_rounds + 1
         participants = self._participants(round_id)
+        skip = self._still_silent(participants, round_id)
         start = coordinator.begin_round()
         gs, gs_keys = state_to_bytes(start.global_state)
         self.log(f"round {round_id}: participants {participants}")
@@ -161,6 +186,8 @@ class CoordinatorRun:
                 first = stage == Stage.ADVERTISE_KEYS
                 reqs = {}
                 for name, msg in requests.items():
+                    if name in skip:
+                        continue
                     blobs = {"request": msg.to_bytes()}
                     if first:
                         blobs.update(global_state=gs, global_state_keys=gs_keys)
@@ -169,8 +196,12 @@ class CoordinatorRun:
                                               blobs=blobs)
                 timeout = exp.federation.secagg.stage_timeout_s + (self.cfg.timeouts.train_s if first else 0.0)
                 self._event("stage_opened", round=round_id, stage=stage, addressees=sorted(reqs))
-                t0 = time.perf_counter()
+                t0, sent_at = time.perf_counter(), time.time()
                 replies = self.transport.send_stage(reqs, timeout)
+                for name in set(reqs) - set(replies):
+                    self.unresponsive.setdefault(name, sent_at)
+                for name in replies:
+                    self.unresponsive.pop(name, None)
                 for name, rep in sorted(replies.items()):
                     if rep.error:
                         self.log(f"round {round_id} {stage}: {name} refused: {rep.error}")
@@ -186,7 +217,7 @@ class CoordinatorRun:
                         continue
                     if rep.metrics:
                         client_metrics.setdefault(name, {}).update(rep.metrics)
-                silent = sorted(set(reqs) - set(server.replies))
+                silent = sorted(set(requests) - set(server.replies))
                 stage_s[stage] = time.perf_counter() - t0
                 self._event("stage_closed", round=round_id, stage=stage, replied=sorted(server.replies),
                             silent=silent, seconds=stage_s[stage])

@@ -221,6 +221,25 @@ def _json_tail(text: str) -> dict | list | None:
         return None
 
 
+def node_online_since(home: Path, node_id: int) -> float | None:
+    """When the SuperLink last activated this node (epoch seconds), from ``flwr supernode list``."""
+    import datetime as dt
+
+    res = subprocess.run([flower_bin("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+                         env=flower_env(home), capture_output=True, text=True, timeout=60)
+    data = _json_tail(res.stdout)
+    if res.returncode != 0 or not isinstance(data, dict):
+        return None
+    for node in data.get("nodes", []):
+        if str(node.get("node-id")) == str(node_id) and node.get("status") == "online":
+            try:
+                stamp = dt.datetime.strptime(str(node.get("online-at")), "%Y-%m-%d %H:%M:%SZ")
+            except ValueError:
+                return None
+            return stamp.replace(tzinfo=dt.timezone.utc).timestamp()
+    return None
+
+
 def register_institutions(cfg: CoordinatorDeployConfig) -> dict[str, int]:
     """Register each admitted institution's node-auth key and write ``state_dir/nodes.json`` (name -> node id).
 

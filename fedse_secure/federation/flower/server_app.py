@@ -25,8 +25,9 @@ log = logging.getLogger("fedse.serverapp")
 
 
 class FlowerTransport:
-    def __init__(self, grid: Grid, nodes_file: Path, say):
+    def __init__(self, grid: Grid, nodes_file: Path, flwr_home: Path, say):
         self.grid = grid
+        self.flwr_home = flwr_home
         self.nodes_file = nodes_file
         self.say = say
 
@@ -38,6 +39,12 @@ class FlowerTransport:
     def online(self) -> set[str]:
         by_id = {v: k for k, v in self._node_map().items()}
         return {by_id[n] for n in self.grid.get_node_ids() if n in by_id}
+
+    def reconnected_since(self, name: str, since: float) -> bool:
+        from fedse_secure.federation.flower.processes import node_online_since
+
+        node = self._node_map().get(name)
+        return node is not None and (node_online_since(self.flwr_home, node) or 0.0) > since
 
     def send_stage(self, requests: dict[str, StageRequest], timeout_s: float) -> dict[str, StageReply]:
         node_of = self._node_map()
@@ -83,5 +90,5 @@ def main(grid: Grid, context: Context) -> None:
         append_jsonl(events_file, [e])
 
     event({"event": "serverapp_started", "time": time.time(), "resume": resume})
-    CoordinatorRun(cfg, FlowerTransport(grid, cfg.state_dir / "nodes.json", say), resume=resume, log=say,
+    CoordinatorRun(cfg, FlowerTransport(grid, cfg.state_dir / "nodes.json", cfg.state_dir / "flwr-home", say), resume=resume, log=say,
                    events=event).run()

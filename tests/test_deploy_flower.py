@@ -1,0 +1,251 @@
+"""A real deployment on 127.0.0.1: `fedse server start` (Flower SuperLink, TLS, SuperNode authentication),
+three `fedse node start` (SuperNode + institution worker), `fedse federation run`, all as separate processes.
+
+Every process is started through the real CLI and stopped (with its whole process tree) at the end of each
+test, pass or fail. Ports are picked free at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ["maze-clinic", "wordle-lab", "craft-works"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fedse(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedse_cli.main", *args]
+
+
+class Deployment:
+    def __init__(self, root: Path, *, rounds: int = 2, stage_timeout_s: float = 60.0, train_s: float = 300.0):
+        self.root = root
+        self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.pki = root / "pki"
+        for cmd in (["certs", "init"], ["keys", "init"]):
+            subprocess.run(_fedse(*cmd, "--out", str(self.pki), *sum((["-i", n] for n in NAMES), [])),
+                           check=True, capture_output=True)
+        data = yaml.safe_load((REPO / "configs/deploy/coordinator.yaml").read_text())
+        exp = data["experiment"]
+        exp["federation"]["rounds"] = rounds
+        exp["federation"]["secagg"]["stage_timeout_s"] = stage_timeout_s
+        exp["evaluation"].update(test_tasks=1, every_round=False)
+        self.experiment = exp
+        self.port = _free_port()
+        data["superlink"] = {"host": "127.0.0.1", "port": self.port}
+        data["tls"] = {"ca_cert": str(self.pki / "ca/ca.pem"), "cert": str(self.pki / "coordinator/superlink.pem"),
+                       "key": str(self.pki / "coordinator/superlink.key")}
+        data["institutions"] = [{"name": n,
+                                 "node_auth_public_key": str(self.pki / f"institutions/{n}/node_auth.pub"),
+                                 "identity_public_key": str(self.pki / f"institutions/{n}/identity_ed25519.pub")}
+                                for n in NAMES]
+        data["state_dir"] = str(root / "coordinator")
+        data["timeouts"] = {"join_s": 120, "train_s": train_s, "evaluate_s": 120}
+        self.coordinator = root / "coordinator.yaml"
+        self.coordinator.write_text(yaml.safe_dump(data))
+        self.state = root / "coordinator"
+        self.institutions = {n: self._institution_config(n, self.pki, self.pki / "registry.json") for n in NAMES}
+
+    def _institution_config(self, name: str, pki_dir: Path, registry: Path) -> Path:
+        base = yaml.safe_load((REPO / f"configs/deploy/institution-{NAMES[0]}.yaml").read_text())
+        client = next((c for c in self.experiment["clients"] if c["name"] == name), {"env": "maze", "seed_demos": 4})
+        d = pki_dir / "institutions" / name
+        base.update(
+            name=name, env=client["env"], seed_demos=client["seed_demos"], data_dir=str(self.root / name),
+            ledger_path=str(self.root / name / "privacy_ledger.jsonl"),
+            superlink={"address": f"127.0.0.1:{self.port}", "ca_cert": str(self.pki / "ca/ca.pem")},
+            runtime_api={"port": _free_port(), "cert": str(d / "supernode.pem"), "key": str(d / "supernode.key")},
+            identity_key=str(d / "identity_ed25519.pem"), node_auth_key=str(d / "node_auth"), registry=str(registry),
+        )
+        path = self.root / f"institution-{name}.yaml"
+        path.write_text(yaml.safe_dump(base))
+        return path
+
+    def intruder_config(self) -> Path:
+        """An institution with a valid certificate chain and its own keys, whose node key nobody admitted."""
+        other = self.root / "intruder-pki"
+        subprocess.run(_fedse("keys", "init", "--out", str(other), "-i", "intruder"), check=True, capture_output=True)
+        subprocess.run(_fedse("certs", "init", "--out", str(self.pki), "-i", "intruder"), check=True,
+                       capture_output=True)
+        for f in ("supernode.pem", "supernode.key"):
+            os.replace(self.pki / "institutions/intruder" / f, other / "institutions/intruder" / f)
+        return self._institution_config("intruder", other, other / "registry.json")
+
+    # -- processes ---------------------------------------------------------------------------------------------
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(exist_ok=True)
+        fh = open(log, "ab")
+        proc = subprocess.Popen(_fedse(*args), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        fh.close()
+        self.procs[name] = (proc, log)
+        return proc
+
+    def log(self, name: str) -> str:
+        return self.procs[name][1].read_text(errors="replace")
+
+    def start_server(self, resume: bool = False) -> None:
+        self.start("server", ["server", "start", "--config", str(self.coordinator), *(["--resume"] if resume else [])])
+        self.wait_for(lambda: (self.state / "coordinator.ready").is_file(), 180, "the coordinator to be ready",
+                      "server")
+
+    def start_nodes(self) -> None:
+        for n in NAMES:
+            self.start(n, ["node", "start", "--config", str(self.institutions[n])])
+
+    def wait_for(self, cond, timeout_s: float, what: str, watch: str | None = None):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = cond()
+            if value:
+                return value
+            if watch and self.procs[watch][0].poll() is not None:
+                pytest.fail(f"{watch} exited ({self.procs[watch][0].returncode}) waiting for {what}:\n"
+                            f"{self.log(watch)[-3000:]}")
+            time.sleep(0.25)
+        pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; logs in {self.root / 'logs'}")
+
+    def events(self) -> list[dict]:
+        path = self.state / "events.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def crash(self, name: str) -> None:
+        """SIGKILL the whole process tree at once: no goodbye to the SuperLink, as in a power cut."""
+        import psutil
+
+        proc = self.procs[name][0]
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=10)
+
+    def stop_all(self) -> None:
+        from fedse_secure.federation.flower.processes import stop_tree
+
+        for proc, _log in reversed(list(self.procs.values())):
+            stop_tree(proc.pid, grace_s=8)
+
+
+@pytest.fixture
+def deployment_factory(tmp_path):
+    made: list[Deployment] = []
+
+    def make(**kw) -> Deployment:
+        d = Deployment(tmp_path, **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop_all()
+
+
+def _adapter(path: Path):
+    from fedse_secure.aggregation.adapter_state import load_adapter_state
+
+    return load_adapter_state(str(path))
+
+
+def _history(d: Deployment) -> list[dict]:
+    latest = (d.state / "checkpoint" / "LATEST").read_text().strip()
+    return json.loads((d.state / "checkpoint" / latest / "meta.json").read_text())["history"]
+
+
+def test_two_rounds_over_flower_with_tls_and_node_auth_equal_the_in_process_simulation(deployment_factory, tmp_path):
+    from fedse_secure.federation.flower.processes import DeployError, wait_tls
+
+    d = deployment_factory(rounds=2)
+    # The in-process reference runs meanwhile (same experiment, same seed); the deployment mostly waits on I/O.
+    exp_file = tmp_path / "experiment.yaml"
+    exp_file.write_text(yaml.safe_dump(d.experiment))
+    sim = d.start("simulate", ["simulate", str(exp_file), "--out", str(tmp_path / "sim"), "-q"])
+
+    d.start_server()
+    # TLS: the SuperLink verifies against our CA and is refused under any other CA.
+    wait_tls("127.0.0.1", d.port, d.pki / "ca/ca.pem", 10)
+    from fedse_secure.federation.flower import pki
+
+    foreign = pki.init_certs(tmp_path / "foreign-ca", ["x"])
+    with pytest.raises(DeployError, match="does not verify"):
+        wait_tls("127.0.0.1", d.port, foreign.ca_cert, 10)
+
+    d.start_nodes()
+    intruder = d.start("intruder", ["node", "start", "--config", str(d.intruder_config()), "--rejoin-timeout", "0"])
+
+    t0 = time.monotonic()
+    run = subprocess.run(_fedse("federation", "run", "--config", str(d.coordinator)), capture_output=True, text=True,
+                         timeout=900)
+    flower_s = time.monotonic() - t0
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    summary = json.loads((d.state / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    history = _history(d)
+    assert [h["survivors"] for h in history] == [sorted(NAMES)] * 2
+
+    # An unknown node is refused by the SuperLink and gives up with a message naming both possible causes.
+    assert intruder.wait(timeout=120) == 2, d.log("intruder")[-3000:]
+    assert "refuses this node" in d.log("intruder")
+    assert "No SuperNode found with the given public key" in (d.state / "logs/superlink.log").read_text()
+    # Every Flower endpoint served TLS: the SuperLink and each SuperNode's Runtime API.
+    assert "running on https://127.0.0.1" in (d.state / "logs/superlink.log").read_text()
+    for n in NAMES:
+        assert "running on https://127.0.0.1" in (tmp_path / n / ".fedse-node/supernode.log").read_text()
+
+    assert sim.wait(timeout=600) == 0, d.log("simulate")[-3000:]
+    ours, ref = _adapter(d.state / "run/adapters/final"), _adapter(tmp_path / "sim/adapters/final")
+    assert list(ours) == list(ref)
+    diff = max(float((ours[k] - ref[k]).abs().max()) for k in ref)
+    print(f"\nFlower deployment: 2 rounds in {flower_s:.1f} s ({summary['round_s']}); max |diff| vs simulation {diff}")
+    assert diff == 0.0
+
+
+def test_an_institution_killed_mid_round_drops_out_and_the_run_continues(deployment_factory):
+    d = deployment_factory(rounds=2, stage_timeout_s=30.0, train_s=300.0)
+    victim = "wordle-lab"
+    d.start_server()
+    d.start_nodes()
+    run = d.start("run", ["federation", "run", "--config", str(d.coordinator)])
+
+    # Kill the victim as soon as round 1 has moved past key advertisement: its keys are in, its shares are not.
+    d.wait_for(lambda: any(e["event"] == "stage_opened" and e["round"] == 1 and e["stage"] == "share_keys"
+                           for e in d.events()), 600, "round 1 to reach share_keys", "run")
+    d.crash(victim)
+
+    assert run.wait(timeout=600) == 0, d.log("run")[-4000:]
+    history = _history(d)
+    survivors = sorted(set(NAMES) - {victim})
+    assert history[0]["status"] == "completed"
+    assert history[0]["survivors"] == survivors and history[0]["dropped"] == [victim]
+    # The next round runs too, with the victim listed (Flower still counts it online) but not waited for.
+    assert history[1]["status"] == "completed" and history[1]["survivors"] == survivors
+    closed = [e for e in d.events() if e["event"] == "stage_closed"]
+    assert [e["silent"] for e in closed if e["round"] == 1 and e["stage"] == "share_keys"] == [[victim]]
+    assert all(e["seconds"] < 30 for e in closed if e["round"] == 2 and e["stage"] == "advertise_keys")
+    assert json.loads((d.state / "run/summary.json").read_text())["status"] == "completed"

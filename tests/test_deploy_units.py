@@ -1,0 +1,155 @@
+"""Fast checks of the deployment pieces that need no running processes: PKI, configs, wire format, checkpoint."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+from fedse_secure.config import ConfigError
+from fedse_secure.federation.flower import pki
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ["maze-clinic", "wordle-lab", "craft-works"]
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pki")
+    return out, pki.init_certs(out, NAMES), pki.init_keys(out, NAMES)
+
+
+def test_certs_verify_for_loopback_and_private_keys_are_private(material):
+    out, certs, keys = material
+    pki.check_server_cert(certs.ca_cert, certs.superlink_cert, certs.superlink_key, "127.0.0.1")
+    pki.check_server_cert(certs.ca_cert, certs.superlink_cert, certs.superlink_key, "localhost")
+    for name in NAMES:
+        cert, key = certs.supernode_certs[name]
+        pki.check_server_cert(certs.ca_cert, cert, key, "127.0.0.1")
+        pki.check_node_auth_private(keys.node_auth[name][0])
+        pki.check_node_auth_public(keys.node_auth[name][1])
+        pki.load_identity_private(keys.identity[name][0])
+    for path in [certs.ca_key, certs.superlink_key, *(k for _c, k in certs.supernode_certs.values()),
+                 *(p for p, _ in keys.node_auth.values()), *(p for p, _ in keys.identity.values())]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_cert_problems_are_named_with_a_fix(material, tmp_path):
+    out, certs, _keys = material
+    with pytest.raises(pki.PkiError, match="not valid for 10.9.9.9.*--host 10.9.9.9"):
+        pki.check_server_cert(certs.ca_cert, certs.superlink_cert, certs.superlink_key, "10.9.9.9")
+    other = pki.init_certs(tmp_path / "other", ["x"])
+    with pytest.raises(pki.PkiError, match="not signed by"):
+        pki.check_server_cert(certs.ca_cert, other.superlink_cert, other.superlink_key, "127.0.0.1")
+    with pytest.raises(pki.PkiError, match="does not belong to"):
+        pki.check_server_cert(certs.ca_cert, certs.superlink_cert, certs.supernode_certs["wordle-lab"][1], "127.0.0.1")
+    with pytest.raises(pki.PkiError, match="already exists; pass --force"):
+        pki.init_keys(out, ["maze-clinic"])
+
+
+def test_ca_is_reused_when_adding_an_institution(material):
+    out, certs, _keys = material
+    before = certs.ca_cert.read_bytes()
+    again = pki.init_certs(out, ["newcomer"])
+    assert again.ca_cert.read_bytes() == before
+    pki.check_server_cert(certs.ca_cert, *again.supernode_certs["newcomer"], "127.0.0.1")
+
+
+def test_example_configs_load_and_agree():
+    from fedse_secure.federation.deploy_config import load_coordinator_config, load_institution_config
+
+    coord = load_coordinator_config(REPO / "configs/deploy/coordinator.yaml")
+    assert [i.name for i in coord.institutions] == NAMES
+    assert coord.experiment.federation.secure_aggregation == "masking"
+    assert coord.tls.ca_cert.is_absolute()
+    ports = set()
+    for name in NAMES:
+        inst = load_institution_config(REPO / f"configs/deploy/institution-{name}.yaml")
+        client = next(c for c in coord.experiment.clients if c.name == name)
+        assert inst.client_config() == client
+        assert inst.superlink.address == coord.address
+        assert inst.superlink.ca_cert == coord.tls.ca_cert
+        ports.add(inst.runtime_api.port)
+    assert len(ports) == 3 and coord.superlink.port not in ports
+
+
+def test_coordinator_config_rejects_what_cannot_work_across_machines(tmp_path):
+    import yaml
+
+    from fedse_secure.federation.deploy_config import load_coordinator_config
+
+    data = yaml.safe_load((REPO / "configs/deploy/coordinator.yaml").read_text())
+    for patch, message in [
+        ({"secure_aggregation": "crypten"}, "not available across machines"),
+        ({"mode": "local"}, "never aggregates"),
+    ]:
+        bad = yaml.safe_load(yaml.safe_dump(data))
+        bad["experiment"]["federation"].update(patch)
+        p = tmp_path / "c.yaml"
+        p.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=message):
+            load_coordinator_config(p)
+    bad = yaml.safe_load(yaml.safe_dump(data))
+    bad["institutions"] = bad["institutions"][:2]
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="differ from experiment.clients"):
+        load_coordinator_config(p)
+    bad = yaml.safe_load(yaml.safe_dump(data))
+    bad["superlinq"] = {}
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="superlinq: unknown field"):
+        load_coordinator_config(p)
+
+
+def test_stage_messages_round_trip_through_flower_records():
+    from fedse_secure.federation.flower.codec import (
+        reply_from_record,
+        reply_to_record,
+        request_from_record,
+        request_to_record,
+    )
+    from fedse_secure.federation.flower.wire import StageReply, StageRequest, WireError
+
+    req = StageRequest("advertise_keys", 3, "abc", '{"x": 1}', True, {"request": b"\x00\x01FSA1", "global_state": b""})
+    back = request_from_record(request_to_record(req))
+    assert back == req
+    rep = StageReply("share_keys", 3, "wordle-lab", {"loss": 0.5}, {"reply": bytes(range(256)) * 100})
+    assert reply_from_record(reply_to_record(rep)) == rep
+    from flwr.app import ConfigRecord, RecordDict
+
+    with pytest.raises(WireError, match="not a fedse message"):
+        request_from_record(RecordDict({"other": ConfigRecord({"a": 1})}))
+
+
+def test_checkpoint_survives_and_latest_moves_only_after_a_complete_write(tmp_path):
+    import torch
+
+    from fedse_secure.federation.flower.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+
+    store = CheckpointStore(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        store.load()
+    # Order deliberately not sorted: the flat payload layout depends on it.
+    state = OrderedDict([("z.lora_A", torch.randn(2, 3)), ("a.lora_B", torch.randn(3, 2))])
+    store.save(Checkpoint(1, state, "h1", [{"round": 1}]))
+    state2 = OrderedDict((k, v + 1) for k, v in state.items())
+    store.save(Checkpoint(2, state2, "h1", [{"round": 1}, {"round": 2}]))
+    got = store.load()
+    assert got.completed_rounds == 2 and list(got.global_state) == ["z.lora_A", "a.lora_B"]
+    assert all(torch.equal(got.global_state[k], state2[k]) for k in state2)
+    assert (tmp_path / "ckpt" / "round-001" / "adapter.safetensors").is_file()  # earlier rounds are kept
+
+
+def test_cli_registers_deploy_commands():
+    from typer.testing import CliRunner
+
+    from fedse_cli.main import app
+
+    res = CliRunner().invoke(app, ["--help"])
+    for cmd in ("server", "node", "federation", "certs", "keys"):
+        assert cmd in res.output
+    res = CliRunner().invoke(app, ["federation", "run", "--config", "/nonexistent.yaml"])
+    assert res.exit_code == 2 and "no such config file" in res.output
