@@ -28,6 +28,15 @@ neighbours of an institution and seeing that institution's share of the sum lear
 coordinator alone (or with any coalition that lacks two such neighbours) learns only the sum. The
 coordinator sits between institutions n-1 and 0. The masking backend (pairwise masks with Shamir-shared
 seeds) resists larger coalitions; choose it when that matters.
+
+Two more limits of CrypTen 0.4.1 that this backend inherits, and why it is for local parties only:
+
+* the zero sharings are drawn from ``torch.Generator`` (Mersenne Twister) with 64-bit seeds from
+  ``os.urandom``: a statistical PRG, not a cryptographic one (the masking backend uses AES-CTR with
+  128-bit keys derived by HKDF);
+* gloo traffic, including CrypTen's seed exchange, is neither encrypted nor authenticated. On one host
+  (loopback, a 0700 rendezvous folder) that is acceptable; across machines it would need a private network,
+  which is why a Flower deployment refuses ``crypten`` (``federation/deploy_config.py``).
 """
 
 from __future__ import annotations
