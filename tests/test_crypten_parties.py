@@ -162,3 +162,31 @@ def test_crypten_import_failure_in_a_party_says_how_to_install(tmp_path):
     msg = str(err.value)
     assert "omegaconf" in msg and "pip install --no-deps crypten==0.4.1" in msg
     assert not _party_processes(str(tmp_path))
+
+
+def test_parties_die_with_a_killed_launcher(tmp_path):
+    # A launcher killed mid-round (SIGKILL: no finally blocks) must not leave parties waiting at the
+    # rendezvous. Here the launcher waits forever for a party that is never started, and is then killed.
+    import signal
+    import subprocess
+
+    code = (
+        "import numpy as np\n"
+        "from fedse_secure.config import SecAggConfig\n"
+        "from fedse_secure.secagg.crypten_backend import CryptenAggregator\n"
+        f"cfg = SecAggConfig(stage_timeout_s=300, simulate_dropouts={{'c': 'share_keys'}})\n"
+        f"CryptenAggregator(cfg, workdir_root={str(tmp_path)!r}).aggregate(0, {{n: np.zeros(8) for n in 'abc'}})\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_party_processes(str(tmp_path))) < 3:
+            time.sleep(0.2)
+        assert len(_party_processes(str(tmp_path))) == 3, "the parties did not start"
+    finally:
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _party_processes(str(tmp_path)):
+        time.sleep(0.1)
+    assert not _party_processes(str(tmp_path)), "parties outlived their launcher"

@@ -237,6 +237,7 @@ class _Round:
                 "--workdir", str(self.workdir), "--rank", str(rank), "--institutions", str(self.n),
                 "--size", str(self.size), "--clip-range", repr(cfg.clip_range),
                 "--fractional-bits", str(cfg.fractional_bits), "--timeout-s", repr(party_timeout),
+                "--launcher-pid", str(os.getpid()),
             ]
             with open(self.workdir / f"party.{rank}.log", "wb") as log:
                 self.procs[rank] = subprocess.Popen(

@@ -57,6 +57,24 @@ def _bound_timeouts(dist, timeout: timedelta) -> None:
         setattr(dist, name, bounded)
 
 
+def _die_with_launcher(launcher_pid: int) -> None:
+    """Linux: get SIGKILL when the launcher dies, so a killed simulation leaves no party behind waiting
+    for a rendezvous (the torch.distributed timeout would end it too, but only much later)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    # The launcher may already have died between our fork and the prctl call.
+    if os.getppid() != launcher_pid:
+        os._exit(EXIT_ERROR)
+
+
 def run_party(workdir: Path, rank: int, institutions: int, size: int, clip_range: float,
               fractional_bits: int, timeout_s: float) -> None:
     t_start = time.perf_counter()
@@ -160,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-range", type=float, required=True)
     p.add_argument("--fractional-bits", type=int, required=True)
     p.add_argument("--timeout-s", type=float, required=True)
+    p.add_argument("--launcher-pid", type=int, default=None)
     a = p.parse_args(argv)
+    if a.launcher_pid is not None:
+        _die_with_launcher(a.launcher_pid)
     try:
         run_party(a.workdir, a.rank, a.institutions, a.size, a.clip_range, a.fractional_bits, a.timeout_s)
     except Exception as err:  # noqa: BLE001 - every failure must reach the launcher as text
