@@ -144,9 +144,19 @@ def epsilon_dp_accounting(
         return 0.0
     if any(e.noise_multiplier == 0.0 for e in real):
         return math.inf
-    acc = RdpAccountant(orders=list(orders) if orders is not None else None)
-    acc.compose(dp_accounting.ComposedDpEvent([e.to_dp_accounting() for e in real]))
-    return float(acc.get_epsilon(delta))
+    import logging
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    # dp-accounting logs a warning for every fractional order whose series it gives up on (the order is then
+    # excluded, which only loosens its bound); the comparison is ours to report, not a log flood.
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        acc = RdpAccountant(orders=list(orders) if orders is not None else None)
+        acc.compose(dp_accounting.ComposedDpEvent([e.to_dp_accounting() for e in real]))
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl_logger.setLevel(level)
 
 
 def noise_multiplier_for_target(

@@ -70,6 +70,12 @@ class DPTrainResult:
     reproducible_noise: bool
     learning_rates: list[float] = field(default_factory=list)
 
+    @property
+    def mean_loss(self) -> float | None:
+        """Mean loss over the steps that saw data (noise-only steps have no loss); None if there were none."""
+        seen = [x for x in self.losses if not math.isnan(x)]
+        return sum(seen) / len(seen) if seen else None
+
 
 def sample_rate(num_records: int, privacy: PrivacyConfig) -> float:
     """Poisson sample rate q = expected_batch_size / num_records, capped at 1 (every record in every step)."""
@@ -309,6 +315,5 @@ def describe_result(result: DPTrainResult) -> dict[str, Any]:
         "empty_batches": result.empty_batches, "event": result.event.to_dict(),
         "round_epsilon": result.round_epsilon, "delta": result.delta, "accountant": result.accountant,
         "reproducible_noise": result.reproducible_noise,
-        "mean_loss": (sum(x for x in result.losses if not math.isnan(x)) /
-                      max(1, sum(1 for x in result.losses if not math.isnan(x)))),
+        "mean_loss": result.mean_loss,
     }

@@ -1,0 +1,232 @@
+"""`fedse privacy report|verify|plan`: a thin shell over fedse_secure.privacy (heavy imports inside commands)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+
+privacy_app = typer.Typer(
+    help="Audit and plan differential privacy: per-institution ledgers, ε under RDP and PRV, noise planning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_DEFAULT_DELTA = 1e-5
+
+
+def _fail(message: str, code: int = 2):
+    from fedse_cli.progress import fail
+
+    fail(message, code)
+
+
+def _out():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
+
+
+def _privacy_from(config: Path | None, overrides: list[str] | None = None):
+    from fedse_secure.config import ConfigError, load_config
+
+    if config is None:
+        return None, None
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    return cfg.privacy, cfg.training
+
+
+def _ledger(path: Path):
+    from fedse_secure.privacy import PrivacyLedger
+
+    if not path.exists():
+        _fail(f"{path}: no such ledger; institutions write theirs to <run>/institutions/<name>/privacy_ledger.jsonl")
+    if path.is_dir():
+        _fail(f"{path} is a folder; pass the ledger file (…/privacy_ledger.jsonl)")
+    return PrivacyLedger(path)
+
+
+@privacy_app.command("report")
+def report(
+    ledger: Path = typer.Argument(..., help="An institution's ledger (privacy_ledger.jsonl)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML: takes δ and the ε budget."),
+    delta: float | None = typer.Option(None, "--delta", help=f"δ (default: the config's, else {_DEFAULT_DELTA:g})."),
+    budget: float | None = typer.Option(None, "--budget", help="ε budget (default: the config's epsilon_budget)."),
+    png: Path | None = typer.Option(None, "--png", help="Where to write the plot (default: LEDGER.epsilon.png)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (one object)."),
+) -> None:
+    """ε spent per round and in total (RDP and PRV), the remaining budget, and a PNG of ε over rounds."""
+    from fedse_secure.privacy import LedgerCorruptedError
+    from fedse_secure.privacy.report import build_report, plot_report
+
+    privacy, _ = _privacy_from(config)
+    d = delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA)
+    b = budget if budget is not None else (privacy.epsilon_budget if privacy else None)
+    led = _ledger(ledger)
+    try:
+        rep = build_report(led, d, b)
+    except LedgerCorruptedError as err:
+        _fail(f"{err}\nthe ledger failed verification, so no ε is reported; run `fedse privacy verify {ledger}`", 1)
+    png_path = plot_report(rep, png or ledger.with_name(ledger.name + ".epsilon.png"))
+    if as_json:
+        data = rep.to_dict()
+        data["png"] = str(png_path)
+        typer.echo(json.dumps(data))
+        return
+    from rich.table import Table
+
+    out = _out()
+    out.print(f"[bold]{ledger}[/] — institution {rep.institution or '(empty ledger)'}, δ={d:g}, head {rep.head_hash[:16]}…")
+    table = Table("round", "events", "steps", "level", "ε RDP (round)", "ε PRV (round)", "ε RDP (total)",
+                  "ε PRV (total)")
+    for r in rep.rows:
+        table.add_row(str(r.round), str(r.events), str(r.steps), ",".join(r.levels), _fmt(r.epsilon_rdp),
+                      _fmt(r.epsilon_prv), _fmt(r.cumulative_rdp), _fmt(r.cumulative_prv))
+    out.print(table)
+    out.print(f"total ε: RDP {_fmt(rep.total_rdp)}, PRV {_fmt(rep.total_prv)} (rounds compose; ε does not add up)")
+    if rep.prv_error:
+        out.print(f"[yellow]PRV unavailable[/]: {rep.prv_error}")
+    if b is None:
+        out.print("budget: none configured (pass --budget or --config)")
+    else:
+        out.print(f"budget ε={b:g}: remaining RDP {_fmt(rep.remaining('rdp'))}, PRV {_fmt(rep.remaining('prv'))}")
+    out.print(f"plot: {png_path}")
+
+
+@privacy_app.command("verify")
+def verify(
+    ledger: Path = typer.Argument(..., help="An institution's ledger (privacy_ledger.jsonl)."),
+    expect_head: str | None = typer.Option(
+        None, "--expect-head", help="Head hash recorded outside the institution; detects a consistent rewrite."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML: takes δ."),
+    delta: float | None = typer.Option(None, "--delta", help=f"δ (default: the config's, else {_DEFAULT_DELTA:g})."),
+    cross_check: bool = typer.Option(True, "--cross-check/--no-cross-check",
+                                     help="Also recompute ε with Google's dp-accounting (needs the audit extra)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (one object)."),
+) -> None:
+    """Check the hash chain and the sealed head, then recompute ε from the events. Exit 1 if anything fails."""
+    from fedse_secure.privacy.report import audit_ledger
+
+    privacy, _ = _privacy_from(config)
+    d = delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA)
+    audit = audit_ledger(_ledger(ledger), d, expected_head=expect_head, cross_check=cross_check)
+    if as_json:
+        typer.echo(json.dumps(audit.to_dict()))
+        raise typer.Exit(0 if audit.ok else 1)
+    out = _out()
+    v = audit.verification
+    if not v.ok:
+        out.print(f"[bold red]FAILED[/] {v.summary()}")
+        raise typer.Exit(1)
+    out.print(f"[bold green]OK[/] {v.summary()}")
+    out.print(f"ε recomputed from {v.entries} events at δ={d:g}: RDP {_fmt(audit.epsilon_rdp)}, "
+              f"PRV {_fmt(audit.epsilon_prv)}")
+    if audit.epsilon_google_rdp is not None:
+        verdict = "agrees" if audit.cross_check_ok else "DISAGREES"
+        out.print(f"Google dp-accounting RDP: {_fmt(audit.epsilon_google_rdp)} ({verdict})")
+    if audit.cross_check_error:
+        out.print(f"[yellow]note[/]: {audit.cross_check_error}")
+    if not audit.ok:
+        raise typer.Exit(1)
+
+
+@privacy_app.command("plan")
+def plan(
+    target_epsilon: float = typer.Option(..., "--target-epsilon", "-e", help="ε budget for all planned rounds."),
+    rounds: int | None = typer.Option(None, "--rounds", "-r", help="Planned rounds (default: federation.rounds)."),
+    records: int | None = typer.Option(
+        None, "--records", "-n", help="Trajectories per institution per round (dp-sgd; sets the sample rate)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML: mode, δ, batch, epochs."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set privacy.delta=1e-6."),
+    mode: str | None = typer.Option(None, "--mode", help="dp-sgd or client-dp (default: the config's, else dp-sgd)."),
+    delta: float | None = typer.Option(None, "--delta", help=f"δ (default: the config's, else {_DEFAULT_DELTA:g})."),
+    expected_batch_size: int | None = typer.Option(None, "--expected-batch-size", help="DP-SGD expected batch."),
+    epochs: int | None = typer.Option(None, "--epochs", help="training.epochs_per_round."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="training.max_steps_per_round."),
+    ledger: Path | None = typer.Option(None, "--ledger", help="Subtract what this ledger already spent."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (one object)."),
+) -> None:
+    """The noise multiplier needed for a target ε over the planned rounds, under RDP and PRV."""
+    from fedse_secure.config import PrivacyConfig, TrainingConfig
+    from fedse_secure.privacy import AccountingError, epsilon, noise_multiplier_for_target, project_event
+
+    cfg_privacy, cfg_training = None, None
+    rounds_from_cfg = None
+    if config is not None:
+        from fedse_secure.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(config, overrides)
+        except ConfigError as err:
+            _fail(str(err))
+        cfg_privacy, cfg_training, rounds_from_cfg = cfg.privacy, cfg.training, cfg.federation.rounds
+    privacy = (cfg_privacy or PrivacyConfig()).model_copy()
+    training = (cfg_training or TrainingConfig()).model_copy()
+    try:
+        if mode is not None:
+            privacy.mode = mode
+        elif privacy.mode == "none":
+            privacy.mode = "dp-sgd"
+        if delta is not None:
+            privacy.delta = delta
+        if expected_batch_size is not None:
+            privacy.expected_batch_size = expected_batch_size
+        if epochs is not None:
+            training.epochs_per_round = epochs
+        if max_steps is not None:
+            training.max_steps_per_round = max_steps
+    except Exception as err:  # pydantic ValidationError: one line per problem
+        _fail(f"invalid option: {err}".splitlines()[0] + "; check the value's range")
+    n_rounds = rounds or rounds_from_cfg
+    if not n_rounds:
+        _fail("--rounds is required without --config (how many rounds must fit in the budget?)")
+    if privacy.mode == "dp-sgd" and not records:
+        _fail("--records is required for dp-sgd: the sample rate is expected_batch_size / records")
+    event = project_event(records or 1, training, privacy)
+    if event.steps == 0:
+        _fail("the planned rounds run no training steps (epochs_per_round is 0); nothing to plan")
+    spent = []
+    if ledger is not None:
+        from fedse_secure.privacy import LedgerCorruptedError
+
+        try:
+            spent = _ledger(ledger).events()
+        except LedgerCorruptedError as err:
+            _fail(str(err), 1)
+    result = {"mode": privacy.mode, "target_epsilon": target_epsilon, "delta": privacy.delta, "rounds": n_rounds,
+              "sample_rate": event.sample_rate, "steps_per_round": event.steps, "already_spent_events": len(spent)}
+    for acc in ("rdp", "prv"):
+        try:
+            sigma = noise_multiplier_for_target(
+                target_epsilon, privacy.delta, event.sample_rate, event.steps, n_rounds, acc,
+                spent_events=spent, level=event.level,
+            )
+            planned = [event.__class__(**{**event.to_dict(), "noise_multiplier": sigma})] * n_rounds
+            result[acc] = {"noise_multiplier": sigma, "epsilon": epsilon([*spent, *planned], privacy.delta, acc)}
+        except AccountingError as err:
+            result[acc] = {"error": str(err)}
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    out = _out()
+    out.print(f"{privacy.mode}: {n_rounds} rounds × {event.steps} steps at sample rate {event.sample_rate:.4g}, "
+              f"target ε={target_epsilon:g}, δ={privacy.delta:g}"
+              + (f", after {len(spent)} recorded events" if spent else ""))
+    for acc in ("rdp", "prv"):
+        r = result[acc]
+        if "error" in r:
+            out.print(f"  {acc.upper()}: [red]{r['error']}[/]")
+        else:
+            out.print(f"  {acc.upper()}: noise_multiplier ≥ {r['noise_multiplier']:.4f} (ε = {r['epsilon']:.4f})")
+    out.print(f"set privacy.noise_multiplier to the value for your accountant (privacy.accountant: {privacy.accountant})")
