@@ -200,6 +200,9 @@ class SecAggServer:
         if sender in self.replies:
             raise ProtocolError(f"round {self.round_id}: duplicate {stage} reply from {sender!r}; rejected")
         getattr(self, f"_check_{stage}")(msg)
+        if isinstance(msg, MaskedInput):
+            # Already in the running sum; keeping the vector would make server memory O(n * size).
+            msg = MaskedInput(round_id=msg.round_id, sender=sender, vector=np.zeros(0, dtype=self.dtype))
         self.replies[sender] = msg
 
     def _check_advertise_keys(self, a: KeyAdvertisement) -> None:
