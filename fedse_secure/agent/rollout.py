@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from fedse_secure.agent.trajectory import Trajectory
 from fedse_secure.envs.base import TextEnv
@@ -65,23 +66,19 @@ class _TokenCounter:
 def fit_history(messages: list[dict[str, str]], budget: int, count: Callable[[str], int]) -> list[dict[str, str]]:
     """Keep the system prompt, the task (first observation) and as many of the latest turns as fit ``budget``.
 
-    Older (assistant, observation) pairs are dropped first: the agent always sees its instructions, its task
-    and its most recent context.
+    Older (assistant, observation) pairs are dropped first; the latest pair (the agent's last action and the
+    observation it must answer) is always kept, even over budget. Dropping whole pairs keeps the roles
+    alternating, as in training: a dangling observation would put two user messages in a row.
     """
     head = messages[:2]
     tail = messages[2:]
     used = sum(count(m["content"]) for m in head)
     kept: list[dict[str, str]] = []
-    # Walk back over the tail in (assistant, user) pairs; the final user message is always kept.
     i = len(tail)
-    if i and tail[-1]["role"] == "user":
-        used += count(tail[-1]["content"])
-        kept.append(tail[-1])
-        i -= 1
     while i >= 2:
         pair = tail[i - 2 : i]
         cost = sum(count(m["content"]) for m in pair)
-        if used + cost > budget:
+        if kept and used + cost > budget:
             break
         kept = list(pair) + kept
         used += cost
@@ -93,27 +90,179 @@ def _prompt_texts(tokenizer, chats: Sequence[list[dict[str, str]]]) -> list[str]
     return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
 
 
-@torch.no_grad()
-def _generate(model, tokenizer, prompts: list[str], settings: RolloutSettings, stats: RolloutStats) -> list[str]:
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    kwargs = dict(
-        max_new_tokens=settings.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+# ---------------------------------------------------------------------------------------------------------------
+# Generation engine: per-slot prefix KV caching and one hand-written batched decode loop.
+#
+# Why not ``model.generate``: every turn of an episode re-sends the whole conversation, and ``generate`` would
+# re-encode all of it (the prefill) on every turn; on a CPU that prefill, not decoding, dominates and does not get
+# cheaper with batching. Each slot therefore keeps the KV cache of the tokens it has already seen; a new turn
+# reuses the longest common token prefix (the system prompt, the task, earlier turns) and encodes only the rest.
+# The cached tokens are the tokenised prompt itself, never the model's raw output ids, so what the model
+# conditions on is exactly what one-at-a-time generation conditions on.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _BufferLayer(DynamicLayer):
+    """A layer cache in a preallocated buffer: decoding writes in place instead of re-concatenating the whole
+    cache for every new token (which made each decode step cost O(context) in memory traffic)."""
+
+    def __init__(self, capacity: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                 length: int = 0):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.kbuf = self.vbuf = None
+        if keys is not None:
+            self.kbuf, self.vbuf, self.length = keys, values, length
+            self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.kbuf[:, :, : self.length]
+        self.values = self.vbuf[:, :, : self.length]
+        self.device = self.kbuf.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, _, d = key_states.shape
+        self.kbuf = key_states.new_zeros((b, h, self.capacity, d))
+        self.vbuf = value_states.new_zeros((b, h, self.capacity, d))
+        self._expose()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.kbuf is None:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV buffer overflow ({end} > {self.capacity} positions); this is a bug in rollout.py")
+        self.kbuf[:, :, self.length : end] = key_states
+        self.vbuf[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+
+@dataclass
+class _SlotCache:
+    """The token ids a slot has already encoded and their per-layer (keys, values), each ``(heads, len, dim)``."""
+
+    ids: list[int] = field(default_factory=list)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return {i for i in ids if i is not None}
+
+
+def _pick(logits: torch.Tensor, settings: RolloutSettings, generator: torch.Generator) -> torch.Tensor:
     if settings.greedy:
-        kwargs.update(do_sample=False)
+        return logits.argmax(-1)
+    # Plain temperature sampling over the full vocabulary (no top-k/top-p), as the paper's exploration.
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _num_layers(model) -> int:
+    cfg = model.config
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.num_hidden_layers)
+
+
+@torch.no_grad()
+def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list[_SlotCache],
+                     settings: RolloutSettings, stats: RolloutStats, generator: torch.Generator,
+                     eos: set[int]) -> list[list[int]]:
+    """Generate for every prompt in one batch; update each slot's cache; return each row's new token ids.
+
+    Layout of row i: ``[pad | reused cache (p_i) | pad | new prompt tokens (d_i) | generated]``. The attention
+    mask hides the pads and explicit position ids count only real tokens, so each row computes what it would
+    compute alone (up to floating-point summation order).
+    """
+    n_rows = len(prompt_ids)
+    reuse = []
+    for ids, cache in zip(prompt_ids, caches):
+        p = _common_prefix(cache.ids, ids) if cache.kv is not None else 0
+        reuse.append(min(p, len(ids) - 1))  # at least one new token: its logits start generation
+    fresh = [ids[p:] for ids, p in zip(prompt_ids, reuse)]
+    C, D, T = max(reuse), max(len(f) for f in fresh), settings.max_new_tokens
+    capacity = C + D + T
+    pad = tokenizer.pad_token_id
+    if C > 0:
+        layers = []
+        ref = next(c.kv for c, p in zip(caches, reuse) if p > 0)
+        for layer, (k_ref, v_ref) in enumerate(ref):
+            heads, _, dim = k_ref.shape
+            kbuf = k_ref.new_zeros((n_rows, heads, capacity, dim))
+            vbuf = v_ref.new_zeros((n_rows, heads, capacity, dim))
+            for row, (cache, p) in enumerate(zip(caches, reuse)):
+                if p:
+                    kbuf[row, :, C - p : C] = cache.kv[layer][0][:, :p]
+                    vbuf[row, :, C - p : C] = cache.kv[layer][1][:, :p]
+            layers.append(_BufferLayer(capacity, kbuf, vbuf, length=C))
     else:
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0)
-    out = model.generate(**enc, **kwargs)
-    new = out[:, enc["input_ids"].shape[1] :]
+        layers = [_BufferLayer(capacity) for _ in range(_num_layers(model))]
+    kv_cache = Cache(layers=layers)
+    mask = torch.zeros((n_rows, capacity), dtype=torch.long)
+    input_ids = torch.full((n_rows, D), pad, dtype=torch.long)
+    positions = torch.zeros((n_rows, D), dtype=torch.long)
+    for row, (p, f) in enumerate(zip(reuse, fresh)):
+        d = len(f)
+        mask[row, C - p : C] = 1
+        mask[row, C + D - d : C + D] = 1
+        input_ids[row, D - d :] = torch.tensor(f, dtype=torch.long)
+        positions[row, D - d :] = torch.arange(p, p + d)
+    next_pos = torch.tensor([p + len(f) for p, f in zip(reuse, fresh)], dtype=torch.long)
+    logits = model(input_ids=input_ids, attention_mask=mask[:, : C + D], position_ids=positions,
+                   past_key_values=kv_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    generated: list[list[int]] = [[] for _ in range(n_rows)]
+    done = [False] * n_rows
+    for t in range(T):
+        token = _pick(logits, settings, generator)
+        for row in range(n_rows):
+            if not done[row]:
+                tok = int(token[row])
+                generated[row].append(tok)
+                done[row] = tok in eos
+        if all(done) or t == T - 1:
+            break
+        # Finished rows keep stepping (outputs discarded): dropping them would copy the whole cache each time.
+        feed = torch.where(torch.tensor(done), torch.full_like(token, pad), token)
+        mask[:, C + D + t] = 1
+        logits = model(input_ids=feed[:, None], attention_mask=mask[:, : C + D + t + 1],
+                       position_ids=(next_pos + t)[:, None], past_key_values=kv_cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
     stats.generate_calls += 1
-    texts = []
-    for row in new:
-        n = int((row != tokenizer.pad_token_id).sum())
-        stats.generated_tokens += n
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    # Keep, per row, the KV of its real tokens: the prompt and every generated token that was fed back.
+    for row, (cache, p, f, gen) in enumerate(zip(caches, reuse, fresh, generated)):
+        fed = len(gen) - 1
+        index = torch.cat([torch.arange(C - p, C), torch.arange(C + D - len(f), C + D + fed)])
+        cache.kv = [(layer.kbuf[row].index_select(1, index), layer.vbuf[row].index_select(1, index))
+                    for layer in layers]
+        cache.ids = list(prompt_ids[row]) + gen[:fed]
+        stats.generated_tokens += len(gen)
+    return generated
+
+
+def _decode_reply(tokenizer, ids: list[int], eos: set[int]) -> str:
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
@@ -175,6 +324,8 @@ def run_episodes(
     envs = [make_env() for _ in range(n_slots)]
     slots: list[dict | None] = [None] * n_slots
     results: dict[int, Trajectory] = {}
+    caches = [_SlotCache() for _ in range(n_slots)]
+    eos = _eos_ids(model, tokenizer)
 
     def start_slot(s: int) -> None:
         order, task_id = pending.popleft()
@@ -211,7 +362,10 @@ def run_episodes(
                                  "use exploration.action_mode: generate")
             replies = _score_actions(model, tokenizer, prompts, cands, settings, generator)
         else:
-            replies = _generate(model, tokenizer, prompts, settings, stats)
+            ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            new_ids = _generate_cached(model, tokenizer, ids, [caches[s] for s in active], settings, stats,
+                                       generator, eos)
+            replies = [_decode_reply(tokenizer, x, eos) for x in new_ids]
         for s, reply in zip(active, replies):
             st = slots[s]
             result = envs[s].step(reply)

@@ -54,7 +54,14 @@ def encode_messages(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: 
             head_ids = tokenizer(header[len(rendered) :], add_special_tokens=False)["input_ids"]
             body_ids = tokenizer(full[len(header) :], add_special_tokens=False)["input_ids"]
             seg_ids = head_ids + body_ids
-            seg_labels = [IGNORE_INDEX] * len(head_ids) + list(body_ids)
+            # Targets end at the end-of-turn token: what the template adds after it (a newline) is not the
+            # agent's output, and generation stops at that token anyway.
+            body_labels = list(body_ids)
+            eos = tokenizer.eos_token_id
+            if eos in body_ids:
+                last = len(body_ids) - 1 - body_ids[::-1].index(eos)
+                body_labels[last + 1 :] = [IGNORE_INDEX] * (len(body_ids) - last - 1)
+            seg_labels = [IGNORE_INDEX] * len(head_ids) + body_labels
             rendered = full
         else:
             full = _render(tokenizer, messages[: i + 1])

@@ -60,6 +60,11 @@ class AggregationRule(ABC):
         return self.client_payload(global_, global_, 1.0).size
 
 
+def _check_survivors(num_survivors: int) -> None:
+    if num_survivors < 1:
+        raise ValueError("cannot average over zero survivors; the round must be abandoned instead")
+
+
 class FedAvg(AggregationRule):
     name = "fedavg"
     exact = True
@@ -68,8 +73,7 @@ class FedAvg(AggregationRule):
         return flatten(state_delta(local, global_))[0]
 
     def finalize(self, total, num_survivors, global_):
-        if num_survivors < 1:
-            raise ValueError("cannot average over zero survivors")
+        _check_survivors(num_survivors)
         mean_delta = unflatten(total / num_survivors, FlatSpec.of(global_))
         return OrderedDict((k, global_[k] + mean_delta[k]) for k in global_)
 
@@ -110,6 +114,7 @@ class FfaLora(AggregationRule):
         return flatten(b_only)[0]
 
     def finalize(self, total, num_survivors, global_):
+        _check_survivors(num_survivors)
         b_keys = OrderedDict((k, v) for k, v in global_.items() if not _is_lora_a(k))
         mean_delta = unflatten(total / num_survivors, FlatSpec.of(b_keys))
         return OrderedDict((k, global_[k] + mean_delta[k]) if k in mean_delta else (k, global_[k]) for k in global_)
@@ -144,9 +149,15 @@ class SvdProduct(AggregationRule):
         return torch.cat(parts).numpy()
 
     def finalize(self, total, num_survivors, global_):
+        _check_survivors(num_survivors)
+        pairs = _lora_pairs(global_)
+        expected = sum(global_[b].shape[0] * global_[a].shape[1] for a, b in pairs)
+        if total.size != expected:
+            raise ValueError(f"svd payload has {total.size} values, expected {expected}; were all payloads made by "
+                             "the svd rule for this adapter?")
         out = OrderedDict(global_)
         offset = 0
-        for a, b in _lora_pairs(global_):
+        for a, b in pairs:
             rank, d_in = global_[a].shape
             d_out = global_[b].shape[0]
             n = d_out * d_in
@@ -157,8 +168,6 @@ class SvdProduct(AggregationRule):
             root = s[:rank].sqrt()
             out[b] = (u[:, :rank] * root).to(torch.float32)
             out[a] = (root[:, None] * vh[:rank]).to(torch.float32)
-        if offset != total.size:
-            raise ValueError(f"svd payload has {total.size} values, expected {offset}")
         return out
 
 

@@ -1,0 +1,205 @@
+"""The agent's pieces on the tiny random Llama: label masking, history fitting, buffer, LoRA-only training,
+and batched rollouts that match one-episode-at-a-time generation exactly (padding and KV-cache correctness)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedse_secure.agent.buffer import ExperienceBuffer
+from fedse_secure.agent.policy import AgentModel
+from fedse_secure.agent.rollout import RolloutSettings, fit_history, run_episodes
+from fedse_secure.agent.sft import IGNORE_INDEX, collate_examples, encode_messages, encode_trajectory, freeze_matching, train_lora
+from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.config import LoraSettings, ModelConfig, TrainingConfig
+from fedse_secure.envs import generate_demonstrations, make_env
+
+
+@pytest.fixture(scope="module")
+def threads():
+    # Oversubscribed OpenMP threads spin: on a busy 2-core box two threads ran ~30x slower than one.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def agent(threads):
+    return AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(), seed=0)
+
+
+@pytest.fixture
+def tok(agent):
+    return agent.tokenizer
+
+
+CHAT = [
+    {"role": "system", "content": "You move in a maze."},
+    {"role": "user", "content": "You are at 1, 1."},
+    {"role": "assistant", "content": "Thought: go down\nAction: move down"},
+    {"role": "user", "content": "You are at 2, 1."},
+    {"role": "assistant", "content": "Thought: again\nAction: move down"},
+]
+
+
+def test_labels_cover_exactly_the_assistant_turns(tok):
+    ex = encode_messages(tok, CHAT, max_seq_len=4096)
+    full = tok(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
+    # The encoding is the chat template's tokenisation (what the model sees when it acts) ...
+    assert ex.input_ids == full[: len(ex.input_ids)]
+    # ... and the targets decode to the two assistant turns, each followed by its end-of-turn token, nothing else.
+    spans, cur = [], []
+    for i, lab in zip(ex.input_ids, ex.labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    texts = [tok.decode(s) for s in spans]
+    assert texts == [m["content"] + tok.eos_token for m in CHAT if m["role"] == "assistant"]
+    assert ex.num_target_tokens == sum(len(s) for s in spans)
+    # Nothing of the system prompt or the observations is a target.
+    assert "maze" not in tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+
+
+def test_truncation_drops_whole_turns(tok):
+    full = encode_messages(tok, CHAT, max_seq_len=4096)
+    first_only = encode_messages(tok, CHAT[:3], max_seq_len=4096)
+    cut = encode_messages(tok, CHAT, max_seq_len=len(full.input_ids) - 1)
+    # The second action does not fit: the example ends after the first, never inside an action.
+    assert cut.input_ids == first_only.input_ids and cut.labels == first_only.labels
+    assert cut.labels[-1] != IGNORE_INDEX
+
+
+def test_collate_right_pads(tok):
+    a = encode_messages(tok, CHAT[:3], 4096)
+    b = encode_messages(tok, CHAT, 4096)
+    ids, att, labels = collate_examples([a, b], tok.pad_token_id)
+    assert ids.shape == att.shape == labels.shape == (2, len(b.input_ids))
+    assert int(att[0].sum()) == len(a.input_ids) and bool((labels[0, len(a.input_ids):] == IGNORE_INDEX).all())
+
+
+def test_fit_history_keeps_head_and_latest_turns():
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "TASK"}]
+    for i in range(10):
+        msgs += [{"role": "assistant", "content": f"A{i}"}, {"role": "user", "content": f"O{i}"}]
+    count = lambda text: 10  # noqa: E731
+    kept = fit_history(msgs, budget=10 * 7, count=count)
+    # head (2 messages) + two (assistant, user) pairs = 60 tokens; a third pair would need 80.
+    assert [m["content"] for m in kept] == ["S", "TASK", "A8", "O8", "A9", "O9"]
+    roles = [m["role"] for m in kept]
+    assert all(a != b for a, b in zip(roles[1:], roles[2:]))  # user/assistant still alternate
+    assert fit_history(msgs, budget=10**6, count=count) == msgs
+    # Even a tiny budget keeps the instructions, the task and the latest action and observation.
+    assert [m["content"] for m in fit_history(msgs, budget=1, count=count)] == ["S", "TASK", "A9", "O9"]
+    assert fit_history(msgs[:2], budget=1, count=count) == msgs[:2]
+
+
+def _traj(task_id, action="move up", source="explore", round_id=1):
+    return Trajectory(env="maze", task_id=task_id, reward=1.0, success=True, source=source, round=round_id,
+                      messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "o"},
+                                {"role": "assistant", "content": f"Action: {action}"}])
+
+
+def test_buffer_dedup_and_persistence(tmp_path):
+    path = tmp_path / "inst" / "buffer.jsonl"
+    buf = ExperienceBuffer(path)
+    assert buf.add([_traj(1, source="expert", round_id=-1), _traj(2)]) == 2
+    # Identical content is not added twice, even with another round/source; a different action is new.
+    assert buf.add([_traj(1, round_id=3), _traj(2), _traj(2, action="move down", round_id=2)]) == 1
+    assert len(buf) == 3 and buf.counts() == {"expert": 1, "explore": 2}
+    reopened = ExperienceBuffer(path)
+    assert [t.content_key() for t in reopened] == [t.content_key() for t in buf]
+    assert [(t.round, t.source) for t in reopened] == [(-1, "expert"), (1, "explore"), (2, "explore")]
+    assert [t.task_id for t in reopened.items(round_id=2)] == [2]
+    assert reopened.add([_traj(1)]) == 0
+    assert len(path.read_text().splitlines()) == 3
+    assert all(json.loads(line)["source"] for line in path.read_text().splitlines())
+
+
+def test_train_lora_changes_only_lora(agent):
+    demos = generate_demonstrations("maze", [30, 31, 32, 33])
+    examples = [encode_trajectory(agent.tokenizer, t, 512) for t in demos]
+    initial_adapter = agent.adapter_state()
+    before = {n: p.detach().clone() for n, p in agent.model.named_parameters()}
+    trainable = {n for n, p in agent.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    cfg = TrainingConfig(learning_rate=1e-2, epochs_per_round=1, batch_size=2)
+    stats = train_lora(agent.model, examples, cfg, agent.tokenizer.pad_token_id, seed=0)
+    assert stats.steps == 2 and all(torch.isfinite(torch.tensor(stats.losses)))
+    changed = {n for n, p in agent.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert any("lora_B" in n for n in changed)
+    assert not agent.model.training  # left in eval mode for rollouts
+    # FFA-LoRA: with A frozen, only B moves.
+    frozen = freeze_matching(agent.model, r"lora_A")
+    try:
+        snap = {n: p.detach().clone() for n, p in agent.model.named_parameters()}
+        train_lora(agent.model, examples, cfg, agent.tokenizer.pad_token_id, seed=1)
+        moved = {n for n, p in agent.model.named_parameters() if not torch.equal(p, snap[n])}
+        assert moved and all("lora_B" in n for n in moved)
+    finally:
+        for n, p in agent.model.named_parameters():
+            if n in frozen:
+                p.requires_grad_(True)
+    agent.load_adapter_state(initial_adapter)
+
+
+def _perturbed(agent, scale=0.3, seed=0):
+    """A non-zero adapter, so the LoRA path is exercised in every forward."""
+    gen = torch.Generator().manual_seed(seed)
+    state = agent.adapter_state()
+    return {k: (torch.randn(v.shape, generator=gen) * scale if "lora_B" in k else v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("env_name", ["maze", "wordle", "textcraft"])
+def test_batched_greedy_equals_one_at_a_time(agent, env_name):
+    agent.load_adapter_state(_perturbed(agent))
+    tasks = [0, 3, 1, 4, 2]  # more tasks than slots: slots are refilled mid-run (continuous batching)
+    runs = {}
+    for bs in (3, 1):
+        settings = RolloutSettings(max_turns=3, max_new_tokens=12, greedy=True, batch_size=bs, max_context_tokens=512)
+        trajs, stats = run_episodes(agent.model, agent.tokenizer, lambda: make_env(env_name), tasks, settings)
+        runs[bs] = trajs
+        assert stats.episodes == len(tasks) and stats.agent_steps == sum(t.num_turns for t in trajs)
+        assert 0 < stats.generated_tokens <= stats.agent_steps * 12
+    assert [t.task_id for t in runs[3]] == tasks
+    assert [t.messages for t in runs[3]] == [t.messages for t in runs[1]]
+
+
+def test_first_reply_matches_hf_generate(agent):
+    agent.load_adapter_state(_perturbed(agent, seed=1))
+    env = make_env("maze")
+    settings = RolloutSettings(max_turns=1, max_new_tokens=10, greedy=True, batch_size=1)
+    trajs, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0], settings)
+    chat = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": env.reset(0)}]
+    enc = agent.tokenizer(agent.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                          return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = agent.model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=agent.tokenizer.pad_token_id)
+    expected = agent.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert trajs[0].messages[2]["content"] == expected
+
+
+def test_sampling_is_seeded_and_score_mode_picks_valid_actions(agent):
+    agent.load_adapter_state(_perturbed(agent, seed=2))
+    s = RolloutSettings(max_turns=2, max_new_tokens=8, temperature=1.0, batch_size=2)
+    a, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], s, seed=5)
+    b, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], s, seed=5)
+    c, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], s, seed=6)
+    assert [t.messages for t in a] == [t.messages for t in b]
+    assert [t.messages for t in a] != [t.messages for t in c]
+    score = RolloutSettings(max_turns=3, max_new_tokens=8, greedy=True, batch_size=2, action_mode="score")
+    trajs, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], score)
+    for t in trajs:
+        for m in t.messages:
+            if m["role"] == "assistant":
+                assert m["content"].split("Action: ")[1] in ("move up", "move down", "move left", "move right")
+    with pytest.raises(ValueError, match="action_mode 'score' needs valid actions"):
+        run_episodes(agent.model, agent.tokenizer, lambda: make_env("wordle"), [0], score)
