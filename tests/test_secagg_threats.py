@@ -176,15 +176,28 @@ def test_server_swapping_keys_is_caught():
         MaskingAggregator(SecAggConfig(), rng_seed=3).aggregate(1, _inputs(), interceptor=swap)
 
 
-def test_tampered_unmask_share_is_detected_by_the_commitment():
+@pytest.mark.parametrize("bad", [("p0",), ("p0", "p3")])
+def test_tampered_unmask_shares_are_caught_by_the_commitments(bad):
+    """Corrupted shares never yield a wrong sum: the server checks every reconstruction against the owner's
+    signed commitment (seed) or public key (mask key). With one bad holder out of 5 (t = 4) another subset
+    of shares still reconstructs; with two, no 4 good shares remain and the round is abandoned."""
+
     def tamper(stage, direction, name, msg):
-        if stage == Stage.UNMASK and direction == "to_server" and name == "p0":
+        if stage == Stage.UNMASK and direction == "to_server" and name in bad:
             seed = {k: v[:-1] + bytes([v[-1] ^ 1]) for k, v in msg.seed_shares.items()}
-            return UnmaskShares(round_id=msg.round_id, sender="p0", seed_shares=seed, key_shares=msg.key_shares)
+            return UnmaskShares(round_id=msg.round_id, sender=name, seed_shares=seed, key_shares=msg.key_shares)
         return None
 
-    with pytest.raises(AuthenticationError, match="does not match its signed commitment"):
-        MaskingAggregator(SecAggConfig(), rng_seed=4).aggregate(1, _inputs(), interceptor=tamper)
+    xs = _inputs()
+    agg = MaskingAggregator(SecAggConfig(), rng_seed=4)
+    if len(bad) == 1:
+        res = agg.aggregate(1, xs, interceptor=tamper)
+        want = sum(quantise(xs[p], 8.0, 24, 32).view(np.int32).astype(np.int64) for p in NAMES) / 2.0**24
+        assert np.array_equal(res.total, want)
+    else:
+        with pytest.raises(AuthenticationError, match="matches its signed commitment"):
+            agg.aggregate(1, xs, interceptor=tamper)
+        assert agg.last_result is None
 
 
 def _chi2_uniform(values: np.ndarray, bins: int = 256) -> float:

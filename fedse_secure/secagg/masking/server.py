@@ -28,6 +28,7 @@ signatures whose Ed25519 signature does not verify against the registry.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -320,6 +321,22 @@ class SecAggServer:
             return {}
         raise ProtocolError(f"round {self.round_id}: unknown stage {stage!r}")
 
+    #: How many t-subsets of the shares to try when the first one reconstructs a wrong secret. The signed
+    #: commitment tells a good reconstruction from a bad one, so a few corrupted shares need not abort the round.
+    MAX_RECONSTRUCTION_TRIES = 64
+
+    def _reconstruct(self, shares: list[bytes], valid) -> bytes | None:
+        for tries, subset in enumerate(itertools.combinations(shares, self.threshold)):
+            if tries >= self.MAX_RECONSTRUCTION_TRIES:
+                break
+            try:
+                secret = shamir.combine(list(subset), self.threshold)
+            except SecureAggregationError:
+                continue
+            if valid(secret):
+                return secret
+        return None
+
     def _unmask(self) -> None:
         u2, u3 = self.alive["U2"], self.alive["U3"]
         seed_shares: dict[str, list[bytes]] = {u: [] for u in u3}
@@ -331,24 +348,24 @@ class SecAggServer:
                 key_shares[owner].append(s)
         streams: list[MaskStream] = []
         for u in sorted(u3):
-            seed = shamir.combine(seed_shares[u], self.threshold)
-            if keys.seed_commitment(seed, self.digest, u) != self.adverts[u].seed_commitment:
+            commitment = self.adverts[u].seed_commitment
+            seed = self._reconstruct(
+                seed_shares[u], lambda s, u=u, c=commitment: keys.seed_commitment(s, self.digest, u) == c
+            )
+            if seed is None:
                 raise AuthenticationError(
-                    f"round {self.round_id}: the self-mask seed of {u!r} reconstructed from shares does not match its "
-                    "signed commitment (a share was corrupted); the round is abandoned"
+                    f"round {self.round_id}: no {self.threshold} of the shares of {u!r}'s self-mask seed reconstruct a "
+                    "seed that matches its signed commitment (shares were corrupted); the round is abandoned"
                 )
             streams.append(MaskStream(keys.self_mask_key(seed, self.digest), self.dtype, -1))
         for w in sorted(u2 - u3):
-            raw = shamir.combine(key_shares[w], self.threshold)
-            try:
-                sk = X25519PrivateKey.from_private_bytes(raw)
-            except ValueError:
-                sk = None
-            if sk is None or keys.x25519_public_bytes(sk) != self.adverts[w].mask_public_key:
+            raw = self._reconstruct(key_shares[w], lambda s, w=w: _mask_public(s) == self.adverts[w].mask_public_key)
+            if raw is None:
                 raise AuthenticationError(
-                    f"round {self.round_id}: the mask key of dropped {w!r} reconstructed from shares does not match its "
-                    "signed public key (a share was corrupted); the round is abandoned"
+                    f"round {self.round_id}: no {self.threshold} of the shares of dropped {w!r}'s mask key reconstruct "
+                    "the key behind its signed public key (shares were corrupted); the round is abandoned"
                 )
+            sk = X25519PrivateKey.from_private_bytes(raw)
             for v in sorted(self.neighbours[w] & u3):
                 k = keys.pair_mask_key(sk, self.adverts[v].mask_public_key, self.digest, w, v)
                 # v added this mask with + when v < w; remove it with the opposite sign.
@@ -375,3 +392,10 @@ class SecAggServer:
             },
         )
         self._sum = None
+
+
+def _mask_public(raw: bytes) -> bytes | None:
+    try:
+        return keys.x25519_public_bytes(X25519PrivateKey.from_private_bytes(raw))
+    except ValueError:
+        return None
