@@ -265,6 +265,7 @@ def describe(env) -> tuple[str, dict[str, list[int]], dict[str, str]]:
 
     actions: dict[str, list[int]] = {"turn left": [LEFT], "turn right": [RIGHT]}
     errors: dict[str, str] = {}
+    paths = _Paths(env.grid, cells, pos, d)
     front_pos = _add(pos, _DIRS[d])
     front = env.grid.get(*front_pos)
     if front is None or front.can_overlap():
@@ -274,7 +275,7 @@ def describe(env) -> tuple[str, dict[str, list[int]], dict[str, str]]:
     for ident, s in named:
         if s.kind in ("goal", "lava"):
             continue
-        path = _path(env.grid, cells, pos, d, s.pos, arrive=False)
+        path = paths.to(s.pos, arrive=False)
         if path is None:
             errors[f"go to {ident}"] = f"You cannot go to {ident}, as there is no path leading to it."
             continue
@@ -287,7 +288,7 @@ def describe(env) -> tuple[str, dict[str, list[int]], dict[str, str]]:
         if s.kind == "door":
             door = env.grid.get(*s.pos)
             if door.is_open:
-                through = _path(env.grid, cells, pos, d, s.pos, arrive=True)
+                through = paths.to(s.pos, arrive=True)
                 if through is not None:
                     actions[f"go through {ident}"] = through
             elif door.is_locked and (carrying is None or carrying.type != "key" or carrying.color != door.color):
@@ -310,39 +311,50 @@ def describe(env) -> tuple[str, dict[str, list[int]], dict[str, str]]:
     return text, actions, errors
 
 
-def _path(grid, cells, pos, d, target, arrive: bool) -> list[int] | None:
-    """Fewest primitive moves over visible free cells to stand on (arrive) or face (not arrive) ``target``."""
+class _Paths:
+    """One breadth-first search over (cell, direction) within the visible free cells, shared by every target.
 
-    def free(cell):
-        if cell not in cells:
-            return False
-        obj = grid.get(*cell)
-        return obj is None or (obj.can_overlap() and obj.type != "lava")
+    States are visited in order of path length, so the first visited state that stands on (arrive) or faces
+    (not arrive) a target gives a fewest-primitives path to it.
+    """
 
-    start = (pos, d)
-    prev: dict = {start: None}
-    queue = deque([start])
-    while queue:
-        state = queue.popleft()
-        p, k = state
-        if (arrive and p == target) or (not arrive and _add(p, _DIRS[k]) == target):
-            path = []
-            while prev[state] is not None:
-                state, a = prev[state]
-                path.append(a)
-            return path[::-1]
-        for a in (FORWARD, LEFT, RIGHT):
-            if a == FORWARD:
-                nxt = _add(p, _DIRS[k])
-                if not free(nxt):
-                    continue
-                new = (nxt, k)
-            else:
-                new = (p, (k - 1) % 4 if a == LEFT else (k + 1) % 4)
-            if new not in prev:
-                prev[new] = (state, a)
-                queue.append(new)
-    return None
+    def __init__(self, grid, cells, pos, d):
+        def free(cell):
+            if cell not in cells:
+                return False
+            obj = grid.get(*cell)
+            return obj is None or (obj.can_overlap() and obj.type != "lava")
+
+        start = (pos, d)
+        self.prev: dict = {start: None}
+        self.order = [start]
+        queue = deque([start])
+        while queue:
+            state = queue.popleft()
+            p, k = state
+            for a in (FORWARD, LEFT, RIGHT):
+                if a == FORWARD:
+                    nxt = _add(p, _DIRS[k])
+                    if not free(nxt):
+                        continue
+                    new = (nxt, k)
+                else:
+                    new = (p, (k - 1) % 4 if a == LEFT else (k + 1) % 4)
+                if new not in self.prev:
+                    self.prev[new] = (state, a)
+                    self.order.append(new)
+                    queue.append(new)
+
+    def to(self, target, arrive: bool) -> list[int] | None:
+        for state in self.order:
+            p, k = state
+            if (arrive and p == target) or (not arrive and _add(p, _DIRS[k]) == target):
+                path = []
+                while self.prev[state] is not None:
+                    state, a = self.prev[state]
+                    path.append(a)
+                return path[::-1]
+        return None
 
 
 def normalise_action(action_text: str) -> str:

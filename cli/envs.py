@@ -1,0 +1,104 @@
+"""`fedse envs list|check|serve`: a thin shell over fedse_secure.envs (heavy imports inside commands)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+envs_app = typer.Typer(
+    help="The five local environments (BabyAI, WebShop, TextCraft, Maze, Wordle), their oracles, AgentGym serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2):
+    from fedse_cli.progress import fail
+
+    fail(message, code)
+
+
+def _validate(names: list[str] | None) -> list[str] | None:
+    from fedse_secure.envs import ENV_NAMES
+
+    if not names:
+        return None
+    bad = [n for n in names if n not in ENV_NAMES]
+    if bad:
+        _fail(f"unknown environment(s) {', '.join(bad)}; choose from {', '.join(ENV_NAMES)}")
+    return names
+
+
+@envs_app.command("list")
+def list_envs() -> None:
+    """Print each environment's turn limit and split sizes."""
+    from fedse_secure.envs import ENV_NAMES, make_env
+
+    for name in ENV_NAMES:
+        env = make_env(name)
+        typer.echo(
+            f"{name:10s} max_turns={env.max_turns:<3d} test={len(env.test_task_ids()):<4d} "
+            f"train={len(env.train_task_ids())}"
+        )
+
+
+@envs_app.command("check")
+def check(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (and nothing else) on stdout."),
+    env: list[str] = typer.Option(None, "--env", help="Check only this environment (repeatable)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Check only the first N test tasks of each environment."),
+) -> None:
+    """Run every oracle on every test task; exit 1 when an oracle falls below its threshold."""
+    from fedse_secure.envs.check import THRESHOLDS, check_oracles, failures
+
+    names = _validate(env)
+    if json_output:
+        report = check_oracles(names, limit=limit)
+        typer.echo(json.dumps(report))
+    else:
+        from fedse_cli.progress import console
+
+        with console.status("checking oracles") as status:
+
+            def on_task(name: str, done: int, total: int) -> None:
+                status.update(f"{name}: {done}/{total} test tasks")
+
+            report = check_oracles(names, limit=limit, on_task=on_task)
+        for name, row in report.items():
+            typer.echo(
+                f"{name:10s} tasks={row['tasks']:<4d} oracle_success={row['oracle_success']:.2%} "
+                f"(required {THRESHOLDS[name]:.0%})  steps/s={row['steps_per_s']}"
+            )
+    problems = failures(report)
+    if problems:
+        if not json_output:
+            from fedse_cli.progress import console
+
+            for line in problems:
+                console.print(f"[bold red]error[/]: {line}", highlight=False)
+        raise typer.Exit(1)
+
+
+@envs_app.command("serve")
+def serve(
+    port: int = typer.Option(36001, help="TCP port (0 picks a free one)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; keep it local unless you mean to expose it."),
+    env: list[str] = typer.Option(None, "--env", help="Environment to serve (repeatable; default: all five)."),
+) -> None:
+    """Serve local environments over AgentGym's HTTP protocol at http://HOST:PORT/<env>."""
+    from fedse_secure.envs import ENV_NAMES
+    from fedse_secure.envs.agentgym_server import make_server
+
+    names = _validate(env) or list(ENV_NAMES)
+    try:
+        server = make_server(host, port, names)
+    except OSError as err:
+        _fail(f"cannot bind {host}:{port} ({err}); pick another --port")
+    typer.echo(f"serving {', '.join(names)} on http://{host}:{server.server_address[1]}/<env> (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
