@@ -153,3 +153,41 @@ def test_cli_registers_deploy_commands():
         assert cmd in res.output
     res = CliRunner().invoke(app, ["federation", "run", "--config", "/nonexistent.yaml"])
     assert res.exit_code == 2 and "no such config file" in res.output
+
+
+def test_superlink_guard_keeps_control_and_runtime_apis_local():
+    from fedse_secure.federation.flower.superlink_guard import LOOPBACK, install, is_allowed
+
+    assert is_allowed("/v1/fleet/pull-messages", "203.0.113.7", LOOPBACK)
+    assert not is_allowed("/v1/control/register-node", "203.0.113.7", LOOPBACK)
+    assert not is_allowed("/v1/runtime/push-messages", "203.0.113.7", LOOPBACK)
+    assert not is_allowed("/v1/control/start-run", None, LOOPBACK)
+    assert is_allowed("/v1/control/register-node", "127.0.0.1", LOOPBACK)
+    assert is_allowed("/v1/control/register-node", "::ffff:127.0.0.1", LOOPBACK)
+    assert is_allowed("/v1/control/start-run", "10.0.0.5", ("10.0.0.0/24",))
+
+    # The guard really sits in front of Flower's SuperLink app: an outside client cannot register a node.
+    from starlette.testclient import TestClient
+
+    import flwr.superlink.main as superlink_main
+
+    original = superlink_main._get_middleware
+    try:
+        install(("10.9.9.9",))  # the test client's address ("testclient") is not allowed
+        from fastapi import FastAPI
+
+        app = FastAPI(middleware=superlink_main._get_middleware()[:1])
+
+        @app.post("/v1/control/register-node")
+        def _register():
+            return {"ok": True}
+
+        @app.post("/v1/fleet/activate-node")
+        def _activate():
+            return {"ok": True}
+
+        client = TestClient(app)
+        assert client.post("/v1/control/register-node").status_code == 403
+        assert client.post("/v1/fleet/activate-node").status_code == 200
+    finally:
+        superlink_main._get_middleware = original

@@ -54,6 +54,22 @@ class SuperLinkSettings(_Strict):
     # and the Runtime API (the ServerApp process) in Flower 1.42.
     host: str = "127.0.0.1"
     port: int = Field(9443, ge=1, le=65535)
+    # Addresses (or CIDR networks) allowed to use the Control and Runtime APIs on that port (register nodes,
+    # start runs, the ServerApp). Institutions only ever need the Fleet API, which stays open to node-authed
+    # SuperNodes. Flower 1.42 open source has no authentication on the Control API, hence this allowlist.
+    control_allow: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"], min_length=1)
+
+    @field_validator("control_allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network; write e.g. 127.0.0.1 or 10.0.0.0/24")
+        return v
 
 
 class AdmittedInstitution(_Strict):

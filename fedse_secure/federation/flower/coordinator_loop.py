@@ -123,38 +123,45 @@ class CoordinatorRun:
         return summary
 
     # ------------------------------------------------------------------------------------------------------
-    def _participants(self, round_id: int) -> list[str]:
+    def _needed(self) -> int:
+        """Institutions that must actually take part for a round to be able to finish (the Shamir threshold)."""
+        from fedse_secure.secagg.masking.graph import default_threshold, resolve_degree
+
+        sa = self.cfg.experiment.federation.secagg
+        n = len(self.cfg.institutions)
+        t = sa.threshold if sa.threshold is not None else default_threshold(resolve_degree(n, sa.neighbours) + 1)
+        return max(t, self.cfg.min_institutions or 0)
+
+    def _participants(self, round_id: int) -> tuple[list[str], set[str]]:
+        """(listed, asked). Every admitted institution is listed in the round's setup; only those connected
+        and answering are asked, the others count as dropped at once. Round 1 waits up to join_s for everybody;
+        a round with fewer than the threshold to ask waits up to join_s for more, then fails."""
         admitted = {i.name for i in self.cfg.institutions}
-        want = self.cfg.min_institutions or 3
-        wait = self.cfg.timeouts.join_s if round_id == 1 else 0.0
-        deadline = time.monotonic() + wait
+        need = self._needed()
+        t0 = time.monotonic()
         while True:
             online = self.transport.online() & admitted
-            # Round 1 waits for everybody (up to join_s); later rounds take whoever is connected.
-            if online == admitted or (time.monotonic() >= deadline and len(online) >= want):
-                return sorted(online)
-            if time.monotonic() >= deadline + self.cfg.timeouts.join_s:
+            asked = online - self._still_silent(online, round_id)
+            waited = time.monotonic() - t0
+            if asked == admitted or (len(asked) >= need and (round_id > 1 or waited >= self.cfg.timeouts.join_s)):
+                return sorted(admitted), asked
+            if waited >= self.cfg.timeouts.join_s and len(asked) < need:
                 raise DeploymentError(
-                    f"round {round_id}: only {sorted(online)} of {sorted(admitted)} are connected after "
-                    f"{wait + self.cfg.timeouts.join_s:.0f} s; secure aggregation needs at least {want}; start the "
+                    f"round {round_id}: only {sorted(asked)} of {sorted(admitted)} are connected and answering after "
+                    f"{waited:.0f} s; the round needs at least {need} (the secure-aggregation threshold); start the "
                     "missing institutions (`fedse node start`) and check their logs"
                 )
-            time.sleep(1.0)
+            time.sleep(2.0)
 
-    def _still_silent(self, participants: list[str], round_id: int) -> set[str]:
-        """Participants that stopped answering earlier and whose node has not reconnected since. They stay in
-        the round's setup (secure aggregation needs at least 3 listed) but get no request: they count as
-        dropped at once instead of after the training timeout."""
+    def _still_silent(self, online: set[str], round_id: int) -> set[str]:
+        """Institutions that stopped answering and whose node has not reconnected since: not asked (Flower keeps
+        a killed node "online" for up to two heartbeats, and waiting for it would cost the training timeout)."""
         silent = set()
-        for name in participants:
-            if name not in self.unresponsive:
-                continue
+        for name in sorted(online & set(self.unresponsive)):
             if self.transport.reconnected_since(name, self.unresponsive[name]):
                 self.log(f"round {round_id}: {name} has reconnected; it rejoins")
                 del self.unresponsive[name]
             else:
-                self.log(f"round {round_id}: {name} stopped answering earlier and has not reconnected; it is listed "
-                         "but not asked (it rejoins once its SuperNode reconnects)")
                 silent.add(name)
         return silent
 
@@ -169,12 +176,15 @@ class CoordinatorRun:
         exp = self.cfg.experiment
         t_round = time.perf_counter()
         round_id = coordinator.completed_rounds + 1
-        participants = self._participants(round_id)
-        skip = self._still_silent(participants, round_id)
+        participants, asked = self._participants(round_id)
+        skip = set(participants) - asked
+        if skip:
+            self.log(f"round {round_id}: {sorted(skip)} not connected or not answering since an earlier stage; "
+                     "listed but not asked (each rejoins once its SuperNode reconnects)")
         start = coordinator.begin_round()
         gs, gs_keys = state_to_bytes(start.global_state)
-        self.log(f"round {round_id}: participants {participants}")
-        self._event("round_started", round=round_id, participants=participants)
+        self.log(f"round {round_id}: participants {sorted(asked)}")
+        self._event("round_started", round=round_id, participants=participants, asked=sorted(asked))
         client_metrics: dict[str, dict[str, Any]] = {}
         stage_s: dict[str, float] = {}
         try:

@@ -1,6 +1,6 @@
 """Starting the Flower 1.42 processes for a deployment, with TLS and node authentication always on.
 
-* coordinator: ``flower-superlink`` with the SuperLink certificate, ``--enable-supernode-auth`` (only
+* coordinator: ``flower-superlink`` (behind :mod:`.superlink_guard`) with the SuperLink certificate, ``--enable-supernode-auth`` (only
   registered node keys may connect), ``--disable-runtime-dependency-installation`` (it would run ``uv sync``
   and bypass our pinned environment) and a SQLite database in ``state_dir`` (registrations survive a
   restart); then each admitted institution's node-auth public key is registered through the Control API
@@ -193,8 +193,10 @@ def write_flwr_connection(cfg: CoordinatorDeployConfig) -> Path:
 
 
 def superlink_command(cfg: CoordinatorDeployConfig) -> list[str]:
+    # Flower's own entry point behind a guard that keeps the Control/Runtime APIs local (see superlink_guard).
     return [
-        flower_bin("flower-superlink"),
+        sys.executable, "-m", "fedse_secure.federation.flower.superlink_guard",
+        "--control-allow", ",".join(cfg.superlink.control_allow), "--",
         "--ssl-ca-certfile", str(cfg.tls.ca_cert),
         "--ssl-certfile", str(cfg.tls.cert),
         "--ssl-keyfile", str(cfg.tls.key),
