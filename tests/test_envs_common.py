@@ -133,3 +133,36 @@ def test_batched_matches_single(name):
             break
     single = [run_oracle_episode(make_env(name), make_oracle(name), t).reward for t in ids]
     assert batched_rewards == single
+
+
+def test_make_env_option_errors():
+    with pytest.raises(ValueError, match="does not accept option.*colour"):
+        make_env("maze", colour="red")
+    with pytest.raises(ValueError, match="needs option.*server_url"):
+        make_env("agentgym")
+    assert make_env("maze", max_turns=5).max_turns == 5
+
+
+def test_observations_identical_across_processes():
+    """Task generation must not depend on hash randomisation or process state."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json\nfrom fedse_secure.envs import ENV_NAMES, make_env\n"
+        "out = {}\n"
+        "for n in ENV_NAMES:\n"
+        "    e = make_env(n)\n"
+        "    t = list(e.test_task_ids())[-1]\n"
+        "    out[n] = [e.reset(t), e.step('Action: look').observation]\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1])
+    for n in ENV_NAMES:
+        e = make_env(n)
+        t = list(e.test_task_ids())[-1]
+        assert other[n] == [e.reset(t), e.step("Action: look").observation], n

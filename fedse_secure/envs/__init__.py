@@ -12,6 +12,7 @@ Environment modules are imported lazily, so importing this package does not pull
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterable
 
 from fedse_secure.envs.base import BatchedEnv, Oracle, StepResult, TextEnv, extract_action
@@ -39,7 +40,26 @@ def _lookup(name: str) -> tuple[str, str, str | None]:
 def make_env(name: str, **options) -> TextEnv:
     """A fresh environment instance; ``options`` go to its constructor (e.g. ``max_turns``)."""
     module, cls, _ = _lookup(name)
-    return getattr(importlib.import_module(module), cls)(**options)
+    env_cls = getattr(importlib.import_module(module), cls)
+    params = inspect.signature(env_cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = [o for o in options if o not in accepted]
+    if unknown and not takes_any:
+        raise ValueError(
+            f"environment {name!r} does not accept option(s) {', '.join(sorted(unknown))}; "
+            f"accepted: {', '.join(accepted) or 'none'}"
+        )
+    missing = [
+        n
+        for n, p in params.items()
+        if n != "self" and p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+        and n not in options
+    ]
+    if missing:
+        raise ValueError(f"environment {name!r} needs option(s) {', '.join(missing)}, e.g. make_env({name!r}, "
+                         + ", ".join(f"{m}=..." for m in missing) + ")")
+    return env_cls(**options)
 
 
 def make_oracle(name: str) -> Oracle:
