@@ -2,17 +2,21 @@
 
 Kept from WebShop / AgentGym:
 - Pages and their text form with ``[SEP]`` separators: the search page ("WebShop [SEP] Instruction: [SEP] ... [SEP]
-  Search"), result pages (10 per page from the top 50 BM25 hits, "Page 1 (Total results: 50)", "Next >", "< Prev",
-  "Back to Search", ASIN, title, price), item pages (option groups and values, title, price, rating, Description,
+  Search"), result pages ("Page 1 (Total results: 50)", "Next >", "< Prev", "Back to Search", then ASIN, title and
+  price per hit, from the top 50 BM25 hits), item pages (option groups and values, title, price, rating, Description,
   Features, Reviews, "Buy Now") and the description/features/reviews sub-pages.
 - Actions ``search[keywords]`` (only on the search page) and ``click[value]`` (a clickable of the current page,
   case-insensitive). Anything else "performs nothing": the page is shown again after "Invalid action.".
 - The reward on "Buy Now" (WebShop's ``get_reward``): r_type * (attribute matches + option matches + price ok) /
   (attributes + options + 1), with r_type from WebShop's type rule (query match, category-path match with at
   least 2 levels in common, or title-noun overlap; 0.5 / 0.1 / 0 otherwise). Attributes match when the product has
-  the attribute or its title contains it; options match the values selected on the item page. Success (as
-  AgentGym counts it) = reward 1.
+  the attribute or its title contains it; options match the values selected on the item page. The item page
+  adds "Selected: ..." once options are clicked (WebShop's HTML shows the selection; its text mode drops it).
+  Success (as AgentGym counts it) = reward 1.
 - 10 turns (AgentGym's default for WebShop).
+
+Page size: WebShop shows 10 hits per page; the default here is 5 so that a results page stays near 250 tokens for
+a 1k-token model (``results_per_page=10`` restores WebShop's page; the oracle solves every task either way).
 
 Tasks: task id -> a goal generated from the catalogue with a per-task seed (a random target product, 1-2 of its
 attributes, one value per option group, a price ceiling above its price), so every task is solvable. Test = ids
@@ -83,7 +87,7 @@ class WebShopEnv(TextEnv):
     name = "webshop"
     max_turns = 10
 
-    def __init__(self, max_turns: int | None = None, results_per_page: int = 10):
+    def __init__(self, max_turns: int | None = None, results_per_page: int = 5):
         if max_turns is not None:
             if max_turns < 1:
                 raise ValueError(f"max_turns must be >= 1, got {max_turns}")
