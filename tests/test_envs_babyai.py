@@ -12,7 +12,8 @@ def test_task_mapping_follows_agentgym():
     assert env.level == LEVELS[1] and env.seed == 1
     assert obs.startswith(f"Your goal: {env.mission}\n")
     assert '\nAvailable actions: ["turn left", "turn right"' in obs
-    assert len(LEVELS) == 40 and LEVELS[0] == "BabyAI-GoToRedBallGrey-v0" and LEVELS[-1] == "BabyAI-BossLevelNoUnlock-v0"
+    assert len(LEVELS) == 40
+    assert LEVELS[0] == "BabyAI-GoToRedBallGrey-v0" and LEVELS[-1] == "BabyAI-BossLevelNoUnlock-v0"
 
 
 def test_split():

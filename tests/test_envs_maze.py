@@ -21,7 +21,10 @@ def test_split_sizes_and_disjoint():
 def test_observation_wording_and_success():
     env = make_env("maze")
     obs = env.reset(18)  # start (7, 6), one step above the goal
-    assert obs == "The goal is at position 8, 6. Your current position is at position 7, 6. There are walls to your right, to your left."
+    assert obs == (
+        "The goal is at position 8, 6. Your current position is at position 7, 6. "
+        "There are walls to your right, to your left."
+    )
     r = env.step("Thought: go down.\nAction: move down")
     assert (r.observation, r.reward, r.done, r.success) == ("Success", 1.0, True, True)
 

@@ -68,3 +68,8 @@ def test_oracle_solves_all_test_tasks():
     env = make_env("webshop")
     demos = generate_demonstrations("webshop", env.test_task_ids())
     assert len(demos) == 200 and all(d.reward == 1.0 for d in demos)
+
+
+def test_oracle_with_webshops_own_page_size():
+    demos = generate_demonstrations("webshop", range(200), results_per_page=10)
+    assert len(demos) == 200

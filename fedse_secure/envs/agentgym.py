@@ -156,7 +156,10 @@ class AgentGymHTTPEnv(TextEnv):
             created = self._request("POST", "create")
             if isinstance(created, dict) and "error" in created:
                 raise ConnectionError(f"AgentGym server {self.server_url} could not create an env: {created['error']}")
-            self.remote_id = created.get("id", created.get(self.protocol.id_key)) if isinstance(created, dict) else created
+            if isinstance(created, dict):
+                self.remote_id = created.get("id", created.get(self.protocol.id_key))
+            else:  # WebShop's server answers the bare id
+                self.remote_id = created
         response = self._request(
             "POST", "reset", {self.protocol.id_key: self.remote_id, self.protocol.reset_key: int(task_id)}
         )

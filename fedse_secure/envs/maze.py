@@ -9,8 +9,8 @@ Split. AgentGym evaluates on the start positions and its AgentTraj demonstration
 goal, so train and test overlap there. Here the test set is the 25 playable AgentGym starts (task ids 0..24, the
 paper's 25 test tasks) and the train pool is disjoint: the same maze with every *other* free cell as the goal and
 every remaining cell as the start, kept when the shortest path fits the 15-turn limit (task ids 25..609,
-585 tasks, shuffled deterministically so that any prefix is diverse). Goal and position are in every observation, so what is learnt on the train pool (read the goal, move
-towards it around walls) is exactly the skill the test needs, without leaking test episodes into training.
+585 tasks, shuffled deterministically so that any prefix is diverse). Goal and position are in every observation,
+so what is learnt on the train pool (read the goal, move towards it around walls) is exactly the skill the test needs, without leaking test episodes into training.
 """
 
 from __future__ import annotations

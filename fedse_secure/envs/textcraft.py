@@ -181,7 +181,9 @@ def feasible_ids() -> tuple[int, ...]:
     """Goals whose expert plan fits the 20-turn limit (531 of 544); the others are in neither split."""
     book = recipe_book()
     return tuple(
-        i for i in range(len(book.goals)) if len(plan(book, book.goals[i], make_task(i).commands)) <= TextCraftEnv.max_turns
+        i
+        for i in range(len(book.goals))
+        if len(plan(book, book.goals[i], make_task(i).commands)) <= TextCraftEnv.max_turns
     )
 
 

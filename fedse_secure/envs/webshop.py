@@ -164,7 +164,8 @@ class WebShopEnv(TextEnv):
             parts = ["Back to Search", "< Prev"]
             for group, values in p.options:
                 parts += [group, *values]
-            parts += [p.title, f"Price: ${p.price:.2f}", "Rating: N.A.", "Description", "Features", "Reviews", "Buy Now"]
+            parts += [p.title, f"Price: ${p.price:.2f}", "Rating: N.A."]
+            parts += ["Description", "Features", "Reviews", "Buy Now"]
             text = head + " [SEP] ".join(parts)
             if self.selected:
                 text += " [SEP] Selected: " + ", ".join(f"{g}: {v}" for g, v in self.selected.items())

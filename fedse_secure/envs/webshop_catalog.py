@@ -25,7 +25,10 @@ _SPEC: dict[str, dict[str, dict[str, tuple[tuple[str, ...], dict[str, tuple[str,
         "hair care": {
             "shampoo": (
                 ("sulfate free", "paraben free", "for dry hair", "natural ingredients", "color safe"),
-                {"size": ("8 fl oz", "12 fl oz", "16 fl oz", "32 fl oz"), "scent": ("lavender", "coconut", "tea tree", "unscented")},
+                {
+                    "size": ("8 fl oz", "12 fl oz", "16 fl oz", "32 fl oz"),
+                    "scent": ("lavender", "coconut", "tea tree", "unscented"),
+                },
                 (6, 38),
             ),
             "hair extension": (
@@ -134,7 +137,10 @@ _SPEC: dict[str, dict[str, dict[str, tuple[tuple[str, ...], dict[str, tuple[str,
         "snacks": {
             "protein bar": (
                 ("gluten free", "low sugar", "high protein", "keto friendly", "plant based"),
-                {"flavor": ("chocolate peanut butter", "cookie dough", "berry", "salted caramel"), "pack": ("12 count", "24 count")},
+                {
+                    "flavor": ("chocolate peanut butter", "cookie dough", "berry", "salted caramel"),
+                    "pack": ("12 count", "24 count"),
+                },
                 (12, 45),
             ),
             "trail mix": (
@@ -239,7 +245,8 @@ class Catalogue:
                         p_options = tuple(p_options)
                         price = round(rng.uniform(lo, hi), 2)
                         shown = rng.sample(p_attrs, min(2, len(p_attrs)))
-                        title = f"{brand} {rng.choice(_ADJECTIVES)} {ptype.title()}, {', '.join(a.title() for a in shown)}"
+                        shown_text = ", ".join(a.title() for a in shown)
+                        title = f"{brand} {rng.choice(_ADJECTIVES)} {ptype.title()}, {shown_text}"
                         description = (
                             f"This {ptype} from {brand} is {' and '.join(p_attrs)}. "
                             f"A {rng.choice(_ADJECTIVES).lower()} choice for everyday use."
