@@ -166,3 +166,17 @@ def test_observations_identical_across_processes():
         e = make_env(n)
         t = list(e.test_task_ids())[-1]
         assert other[n] == [e.reset(t), e.step("Action: look").observation], n
+
+
+@pytest.mark.parametrize("name", _AVAILABLE)
+def test_valid_actions_are_literal_and_accepted(name):
+    env = make_env(name)
+    env.reset(list(env.test_task_ids())[0])
+    actions = env.valid_actions()
+    if actions is None:
+        return
+    assert actions and all("<" not in a or "< prev" in a for a in actions)
+    for a in actions:
+        e = make_env(name)
+        e.reset(list(env.test_task_ids())[0])
+        assert not e.step(f"Action: {a}").info.get("invalid"), a

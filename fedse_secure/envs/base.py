@@ -62,7 +62,10 @@ class TextEnv(ABC):
         """Apply the model's raw output (parsed leniently). Never raises on malformed actions."""
 
     def valid_actions(self) -> list[str] | None:
-        """The currently valid actions where the environment can enumerate them, else None."""
+        """The currently valid actions where the environment can enumerate them, else None.
+
+        Each entry is a literal action that ``step`` accepts as is (callers may score them by likelihood).
+        """
         return None
 
     @abstractmethod

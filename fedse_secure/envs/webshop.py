@@ -136,8 +136,13 @@ class WebShopEnv(TextEnv):
         return ["back to search", "< prev"]  # sub-page
 
     def valid_actions(self) -> list[str]:
+        """Literal actions (for scoring them by likelihood). Search keywords are free text, so on the search page
+        the one offered search uses the instruction's own words without the price clause."""
         if self.page == "search":
-            return ["search[<keywords>]"]
+            assert self.goal is not None
+            words = self.goal.instruction.split(", and price lower than")[0]
+            words = re.sub(r"^(i am looking for|i need|i want to buy|find me)\s+(an?\s+)?", "", words)
+            return [f"search[{' '.join(words.replace(',', ' ').split())}]"]
         return [f"click[{c}]" for c in self.clickables()]
 
     def _page_items(self) -> list[Product]:
