@@ -105,7 +105,7 @@ class CoordinatorRun:
         summary: dict[str, Any] = {"name": exp.name, "status": "running", "transport": "flower",
                                    "rounds_planned": exp.federation.rounds, "rounds_completed": completed,
                                    "aborted_rounds": [h for h in history if h.get("status") == "aborted"],
-                                   "round_s": {}}
+                                   "round_s": {str(h["round"]): h["round_s"] for h in history if "round_s" in h}}
         run_folder.write_summary(summary)
         try:
             for _ in range(completed, exp.federation.rounds):
