@@ -120,7 +120,7 @@ def test_default_precision_with_float32_updates(tmp_path):
 
 def test_a_party_that_never_arrives_fails_the_round_cleanly(tmp_path):
     cfg = SecAggConfig(stage_timeout_s=6, simulate_dropouts={"b": "masked_input"})
-    agg = CryptenAggregator(cfg, workdir_root=tmp_path)
+    agg = CryptenAggregator(cfg, workdir_root=tmp_path, startup_allowance_s=60)
     contributions = {n: np.ones(100) for n in "abcd"}
     t0 = time.perf_counter()
     with pytest.raises(RoundAbortedError) as err:
@@ -130,7 +130,8 @@ def test_a_party_that_never_arrives_fails_the_round_cleanly(tmp_path):
     assert msg.startswith("round 9: party 1 (institution 'b') never arrived")
     assert "4 other parties were waiting" in msg and "stage_timeout_s=6" in msg and "masking" in msg
     assert "Nothing was revealed" in msg
-    assert 6 <= elapsed < 30
+    # At least the stage timeout; at most start-up (slow on a busy machine) + the stage timeout + clean-up.
+    assert 6 <= elapsed < 60 + 6 + 20
     assert not _party_processes(str(tmp_path)), "party processes were left running"
     assert list(tmp_path.iterdir()) == []
 
