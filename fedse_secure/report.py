@@ -27,12 +27,10 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
-
-
 def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval (0 half-width for a single value)."""
+    """Mean and half-width of the two-sided 95% Student-t interval (0 half-width for a single value)."""
+    from scipy.stats import t as student_t
+
     n = len(values)
     if n == 0:
         return math.nan, math.nan
@@ -40,9 +38,7 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     if n == 1:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    dof = n - 1
-    t = _T95.get(dof) or next((v for k, v in sorted(_T95.items()) if k >= dof), 1.96)
-    return mean, t * math.sqrt(var / n)
+    return mean, float(student_t.ppf(0.975, n - 1)) * math.sqrt(var / n)
 
 
 @dataclass
@@ -89,8 +85,8 @@ def final_table(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             key = env or "avg"
             if series:
                 last = max(series)
-                mean, ci, _ = series[last]
-                row[key] = {"round": last, "mean": mean, "ci95": ci}
+                mean, ci, n = series[last]
+                row[key] = {"round": last, "mean": mean, "ci95": ci, "n": n}
             else:
                 row[key] = None
         rows.append(row)

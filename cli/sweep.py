@@ -1,0 +1,95 @@
+"""`fedse sweep CONFIG --seeds 0,1,2`: one simulation per seed, then the report over all of them.
+
+The paper reports single runs; on small models the spread between seeds is as large as the differences
+between methods, so every comparison here is meant to be made over seeds (mean ± 95% CI in `fedse report`).
+Each seed writes its own run folder, ``OUT/<name>-seed<N>``; a seed whose folder already holds a completed run
+is skipped, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from fedse_cli.progress import RichProgress, console, fail
+
+
+def _parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
+                raise ValueError(f"bad seed range {part!r}; write e.g. 0-4")
+            seeds.extend(range(int(lo), int(hi) + 1))
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise ValueError(f"bad seed {part!r}; seeds are non-negative integers, e.g. --seeds 0,1,2 or 0-4")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} must list distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
+def _completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def sweep(
+    config: Path = typer.Argument(..., help="Experiment YAML, e.g. configs/fedse.yaml."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds to run: 0,1,2 or 0-4."),
+    out: Path = typer.Option(Path("runs/sweeps"), "--out", "-o", help="Parent folder of the per-seed run folders."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config field for every seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rerun seeds whose run folder already exists."),
+    plot_dir: Path | None = typer.Option(None, "--plots", help="Where to write the PNG (default: OUT)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run one experiment over several seeds and report mean ± 95% CI per environment and round."""
+    from fedse_secure.config import ConfigError, load_config
+
+    try:
+        seed_list = _parse_seeds(seeds)
+        configs = {s: load_config(config, [*overrides, f"seed={s}"]) for s in seed_list}
+    except (ValueError, ConfigError) as err:
+        fail(str(err))
+    from fedse_cli.run import _print_table, _quiet_libraries
+
+    _quiet_libraries()
+    from fedse_secure.federation.run_folder import RunFolderError
+    from fedse_secure.federation.simulation import simulate as run_simulation
+    from fedse_secure.models import ModelNotAvailableError
+    from fedse_secure.report import final_table, load_summary, plot_runs
+
+    run_dirs = []
+    for seed, cfg in configs.items():
+        run_dir = out / f"{cfg.name}-seed{seed}"
+        run_dirs.append(run_dir)
+        if _completed(run_dir) and not overwrite:
+            console.print(f"seed {seed}: {run_dir} already completed, skipped (use --overwrite to rerun)")
+            continue
+        console.print(f"seed {seed}: running into {run_dir}")
+        progress = RichProgress(enabled=not quiet)
+        try:
+            with progress:
+                run_simulation(cfg, run_dir, overwrite=True, progress=progress)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/] at seed {seed}; rerun the same command to resume")
+            raise typer.Exit(130)
+        except (RunFolderError, ModelNotAvailableError) as err:
+            fail(str(err))
+    summaries = [load_summary(d) for d in run_dirs]
+    _print_table(final_table(summaries))
+    for p in plot_runs(summaries, plot_dir or out):
+        console.print(f"plot: {p}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)
