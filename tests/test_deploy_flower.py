@@ -243,59 +243,49 @@ def test_two_rounds_over_flower_with_tls_and_node_auth_equal_the_in_process_simu
     assert diff == 0.0
 
 
-def test_an_institution_killed_mid_round_drops_out_and_the_run_continues(deployment_factory):
+def test_killed_institution_drops_out_and_a_crashed_coordinator_resumes(deployment_factory):
+    """Round 1: an institution is killed mid-round; the round finishes with the two survivors. Round 2: the
+    coordinator itself is killed mid-round; `fedse server start --resume` continues from the checkpoint."""
     d = deployment_factory(rounds=2, stage_timeout_s=30.0, train_s=300.0)
     victim = "wordle-lab"
+    survivors = sorted(set(NAMES) - {victim})
     d.start_server()
     d.start_nodes()
     run = d.start("run", ["federation", "run", "--config", str(d.coordinator)])
+
+    def seen(event: str, round_id: int, stage: str | None = None) -> bool:
+        return any(e["event"] == event and e.get("round") == round_id and (stage is None or e.get("stage") == stage)
+                   for e in d.events())
 
     # Kill the victim as soon as round 1 has moved past key advertisement: its keys are in, its shares are not.
-    d.wait_for(lambda: any(e["event"] == "stage_opened" and e["round"] == 1 and e["stage"] == "share_keys"
-                           for e in d.events()), 600, "round 1 to reach share_keys", "run")
+    d.wait_for(lambda: seen("stage_opened", 1, "share_keys"), 600, "round 1 to reach share_keys", "run")
     d.crash(victim)
-
-    assert run.wait(timeout=600) == 0, d.log("run")[-4000:]
+    d.wait_for(lambda: seen("round_completed", 1), 600, "round 1 to complete without the victim", "run")
     history = _history(d)
-    survivors = sorted(set(NAMES) - {victim})
     assert history[0]["status"] == "completed"
     assert history[0]["survivors"] == survivors and history[0]["dropped"] == [victim]
-    # The next round runs too: the victim is listed in the setup but not asked (its node has not reconnected).
-    assert history[1]["status"] == "completed" and history[1]["survivors"] == survivors
-    closed = [e for e in d.events() if e["event"] == "stage_closed"]
-    assert [e["silent"] for e in closed if e["round"] == 1 and e["stage"] == "share_keys"] == [[victim]]
-    # ... and round 2 did not wait the training timeout (300 s) for it.
-    assert all(e["seconds"] < 150 for e in closed if e["round"] == 2 and e["stage"] == "advertise_keys")
-    assert [e["asked"] for e in d.events() if e["event"] == "round_started"][1] == survivors
-    assert json.loads((d.state / "run/summary.json").read_text())["status"] == "completed"
-
-
-def test_coordinator_crash_resumes_after_the_last_complete_round(deployment_factory):
-    d = deployment_factory(rounds=2)
-    d.start_server()
-    d.start_nodes()
-    run = d.start("run", ["federation", "run", "--config", str(d.coordinator)])
-    d.wait_for(lambda: any(e["event"] == "round_completed" and e["round"] == 1 for e in d.events()), 600,
-               "round 1 to complete", "run")
+    closed = [e for e in d.events() if e["event"] == "stage_closed" and e["round"] == 1]
+    assert [e["silent"] for e in closed if e["stage"] == "share_keys"] == [[victim]]
     round1 = _adapter(d.state / "run/adapters/round-001")
-    # Power cut on the coordinator: SuperLink, its SuperExec and the ServerApp die mid round 2.
+
+    # Power cut on the coordinator in round 2: SuperLink, its SuperExec, the ServerApp and `flwr run` die.
+    d.wait_for(lambda: seen("round_started", 2), 300, "round 2 to start", "run")
     d.crash("server")
     d.crash("run")
-    run.wait(timeout=30)
-
     d.start_server(resume=True)
-    d.wait_for(lambda: json.loads((d.state / "run/summary.json").read_text()).get("status") == "completed"
-               and json.loads((d.state / "run/summary.json").read_text()).get("rounds_completed") == 2,
-               600, "the resumed run to complete", "server")
-    history = _history(d)
-    assert [h["round"] for h in history] == [1, 2] and all(h["status"] == "completed" for h in history)
-    assert any(e["event"] == "resumed" and e["completed_rounds"] == 1 for e in d.events())
-    # Round 1's aggregate is exactly what was checkpointed before the crash; nothing was redone or lost.
-    from fedse_secure.federation.flower.checkpoint import CheckpointStore
 
+    def finished() -> bool:
+        s = json.loads((d.state / "run/summary.json").read_text())
+        return s.get("status") == "completed" and s.get("rounds_completed") == 2
+
+    d.wait_for(finished, 600, "the resumed run to complete", "server")
+    history = _history(d)
+    assert [(h["round"], h["status"]) for h in history] == [(1, "completed"), (2, "completed")]
+    assert history[1]["survivors"] == survivors
+    assert any(e["event"] == "resumed" and e["completed_rounds"] == 1 for e in d.events())
+    assert [e["resume"] for e in d.events() if e["event"] == "serverapp_started"] == [False, True]
+    # The resumed round 2 lists the victim but does not ask it (its node never reconnected): no 300 s wait.
+    assert [e["asked"] for e in d.events() if e["event"] == "round_started"][-1] == survivors
+    # Round 1's aggregate is exactly what was checkpointed before the crash: nothing redone, nothing lost.
     again = _adapter(d.state / "run/adapters/round-001")
-    assert all((again[k] == round1[k]).all() for k in round1)
-    assert CheckpointStore(d.state / "checkpoint").load().completed_rounds == 2
-    # Round 2 was started once before the crash and once after: two serverapp starts, one resumed.
-    starts = [e for e in d.events() if e["event"] == "serverapp_started"]
-    assert [s["resume"] for s in starts] == [False, True]
+    assert all(bool((again[k] == round1[k]).all()) for k in round1)

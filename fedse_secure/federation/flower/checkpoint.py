@@ -12,6 +12,8 @@ at any point leaves the previous complete round readable. Older round folders ar
 ever lost). What must survive a crash is only this: an unfinished secure-aggregation round is abandoned, not
 resumed, because its secrets live in the institutions' memory; the resumed run repeats that round from the
 checkpointed adapter with fresh keys and a fresh setup digest, so no message of the broken attempt is accepted.
+Also kept: which institutions had stopped answering (so a resumed run does not wait out the training timeout
+for a node Flower still lists as online).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Checkpoint:
     global_state: Any  # OrderedDict[str, torch.Tensor]
     experiment_hash: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Institutions that stopped answering -> since when (epoch s); they are not asked again until they reconnect.
+    unresponsive: dict[str, float] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -64,7 +68,7 @@ class CheckpointStore:
         (tmp / "adapter_keys.json").write_bytes(order)
         (tmp / "meta.json").write_text(json.dumps({
             "format": FORMAT, "completed_rounds": ckpt.completed_rounds,
-            "experiment_hash": ckpt.experiment_hash, "history": ckpt.history,
+            "experiment_hash": ckpt.experiment_hash, "history": ckpt.history, "unresponsive": ckpt.unresponsive,
         }, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -90,4 +94,5 @@ class CheckpointStore:
             raise CheckpointError(f"{folder}: unreadable checkpoint ({err}); restore it from backup or start fresh") from None
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{folder}: checkpoint format {meta.get('format')} is not {FORMAT}")
-        return Checkpoint(int(meta["completed_rounds"]), state, str(meta["experiment_hash"]), list(meta["history"]))
+        return Checkpoint(int(meta["completed_rounds"]), state, str(meta["experiment_hash"]), list(meta["history"]),
+                          {str(k): float(v) for k, v in meta.get("unresponsive", {}).items()})

@@ -93,6 +93,7 @@ class CoordinatorRun:
                     f"{exp_hash}); resume with the same coordinator config or start a new state_dir"
                 )
             state, completed, history = ckpt.global_state, ckpt.completed_rounds, ckpt.history
+            self.unresponsive.update(ckpt.unresponsive)
             self.log(f"resuming after round {completed} from {self.store.root}")
             self._event("resumed", completed_rounds=completed)
         elif self.resume:
@@ -249,7 +250,7 @@ class CoordinatorRun:
                  "dropped": outcome.dropped, "round_s": round_s, "stage_s": stage_s}
         history.append(entry)
         # Checkpoint first: once it is on disk, this round can never be lost.
-        self.store.save(Checkpoint(round_id, outcome.global_state, exp_hash, history))
+        self.store.save(Checkpoint(round_id, outcome.global_state, exp_hash, history, dict(self.unresponsive)))
         run_folder.save_adapter(round_label(round_id), outcome.global_state, peft_config)
         run_folder.save_adapter("final", outcome.global_state, peft_config)
         self._record_previous_eval(client_metrics, run_folder)

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedse_secure.federation.flower.codec import reply_from_record, request_to_record
 from fedse_secure.federation.flower.wire import FLOWER_MESSAGE_TYPE, StageReply, StageRequest, WireError
 
+POLL_S = 0.5
 app = ServerApp()
 log = logging.getLogger("fedse.serverapp")
 
@@ -40,6 +41,21 @@ class FlowerTransport:
         by_id = {v: k for k, v in self._node_map().items()}
         return {by_id[n] for n in self.grid.get_node_ids() if n in by_id}
 
+    def _send_and_receive(self, msgs: list[Message], timeout_s: float) -> list[Message]:
+        # Grid.send_and_receive polls every 3 s; a round has five stages, so poll faster (loopback-cheap, and
+        # a few requests per second are nothing for a SuperLink).
+        pending = set(self.grid.push_messages(msgs))
+        deadline = time.monotonic() + timeout_s
+        replies: list[Message] = []
+        while pending and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(pending))
+            for m in got:
+                pending.discard(m.metadata.reply_to_message_id)
+            replies.extend(got)
+            if pending:
+                time.sleep(POLL_S)
+        return replies
+
     def reconnected_since(self, name: str, since: float) -> bool:
         from fedse_secure.federation.flower.processes import node_online_since
 
@@ -56,7 +72,7 @@ class FlowerTransport:
                 continue
             msgs.append(Message(request_to_record(req), dst_node_id=node_of[name], message_type=FLOWER_MESSAGE_TYPE))
         out: dict[str, StageReply] = {}
-        for rep in self.grid.send_and_receive(msgs, timeout=timeout_s):
+        for rep in self._send_and_receive(msgs, timeout_s):
             name = name_of.get(rep.metadata.src_node_id)
             if name is None:
                 continue
