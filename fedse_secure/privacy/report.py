@@ -103,6 +103,10 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
         ax.plot(rounds, [r.cumulative_prv for r in report.rows], marker="s", label="PRV (Opacus)")
     if report.budget is not None:
         ax.axhline(report.budget, color="red", linestyle="--", label=f"budget ε={report.budget:g}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
     ax.set_ylabel(f"cumulative ε (δ={report.delta:g})")
     who = f" — {report.institution}" if report.institution else ""
