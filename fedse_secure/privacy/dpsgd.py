@@ -157,10 +157,10 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def _generator(seed: int | None):
+def _generator(seed: int | None, device=None):
     import torch
 
-    g = torch.Generator()
+    g = torch.Generator(device=device) if device is not None else torch.Generator()
     g.manual_seed(seed if seed is not None else secrets.randbits(63))
     return g
 
@@ -227,7 +227,8 @@ def train_dp_sgd(
         warnings.warn("DP-SGD noise derived from the seed: anyone who knows the seed can remove it; "
                       "use only for tests", stacklevel=2)
     sample_gen = _generator(seed * 2 + 1 if reproducible_noise else None)
-    noise_gen = _generator(seed * 2 + 2 if reproducible_noise else None)
+    # The noise is drawn on the parameters' device (Opacus samples it like the gradient it is added to).
+    noise_gen = _generator(seed * 2 + 2 if reproducible_noise else None, device=params[0].device)
 
     was_training = model.training
     hooks_before = _hook_count(model)
