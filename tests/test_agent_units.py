@@ -203,3 +203,22 @@ def test_sampling_is_seeded_and_score_mode_picks_valid_actions(agent):
                 assert m["content"].split("Action: ")[1] in ("move up", "move down", "move left", "move right")
     with pytest.raises(ValueError, match="action_mode 'score' needs valid actions"):
         run_episodes(agent.model, agent.tokenizer, lambda: make_env("wordle"), [0], score)
+
+
+def test_candidate_scores_equal_unpadded_log_likelihood(agent):
+    from fedse_secure.agent.rollout import SCORE_TEMPLATE, candidate_log_likelihoods
+
+    agent.load_adapter_state(_perturbed(agent, seed=3))
+    tok = agent.tokenizer
+    prompts = ["<|im_start|>user\nshort<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\na much longer prompt with many more words in it<|im_end|>\n<|im_start|>assistant\n"]
+    cands = [["move up", "move down"], ["move left", "move right", "inventory"]]
+    got = candidate_log_likelihoods(agent.model, tok, prompts, cands)
+    for prompt, cs, scores in zip(prompts, cands, got):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        for a, score in zip(cs, scores):
+            c = tok(SCORE_TEMPLATE.format(action=a), add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(agent.model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+            direct = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(c))
+            assert float(score) == pytest.approx(direct, abs=1e-3)

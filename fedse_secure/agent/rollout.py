@@ -265,37 +265,53 @@ def _decode_reply(tokenizer, ids: list[int], eos: set[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+SCORE_TEMPLATE = "Thought: \nAction: {action}"
+
+
 @torch.no_grad()
+def candidate_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list[list[str]]) -> list[torch.Tensor]:
+    """Per prompt, the log-likelihood of ``SCORE_TEMPLATE`` filled with each candidate action, after the prompt.
+
+    Rows are left-padded so every candidate's tokens sit at the end of its row; only those last positions go
+    through the LM head (``logits_to_keep``), which over a 49k vocabulary is most of the cost otherwise.
+    """
+    prompt_ids, cand_ids, owners = [], [], []
+    for k, (prompt, cands) in enumerate(zip(prompts, candidates)):
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for a in cands:
+            prompt_ids.append(p_ids)
+            cand_ids.append(tokenizer(SCORE_TEMPLATE.format(action=a), add_special_tokens=False)["input_ids"])
+            owners.append(k)
+    full = [p + c for p, c in zip(prompt_ids, cand_ids)]
+    width = max(len(x) for x in full)
+    keep = max(len(c) for c in cand_ids) + 1
+    ids = torch.full((len(full), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(full):
+        ids[r, width - len(x) :] = torch.tensor(x)
+        mask[r, width - len(x) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)  # position j predicts token at width - keep + j + 1
+    scores = torch.empty(len(full))
+    for r, c in enumerate(cand_ids):
+        # The candidate's tokens are the last len(c) tokens; their predictions are the len(c) positions before.
+        preds = logp[r, keep - 1 - len(c) : keep - 1]
+        scores[r] = preds.gather(1, torch.tensor(c)[:, None]).sum()
+    owners_t = torch.tensor(owners)
+    return [scores[owners_t == k] for k in range(len(candidates))]
+
+
 def _score_actions(model, tokenizer, prompts: list[str], candidates: list[list[str]], settings: RolloutSettings,
                    generator: torch.Generator) -> list[str]:
-    """Pick one valid action per prompt by the model's log-likelihood of the assistant turn that states it."""
-    rows, owners = [], []
-    for k, (prompt, cands) in enumerate(zip(prompts, candidates)):
-        for a in cands:
-            rows.append((prompt, f"Thought: \nAction: {a}"))
-            owners.append(k)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in rows]
-    full_ids = [pi + tokenizer(c, add_special_tokens=False)["input_ids"] for pi, (_, c) in zip(prompt_ids, rows)]
-    width = max(len(x) for x in full_ids)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, x in enumerate(full_ids):  # right padding keeps positions simple for scoring
-        ids[r, : len(x)] = torch.tensor(x)
-        mask[r, : len(x)] = 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    scores = []
-    for r, (pi, x) in enumerate(zip(prompt_ids, full_ids)):
-        targets = torch.tensor(x[len(pi) :])
-        lp = logp[r, len(pi) - 1 : len(x) - 1].gather(1, targets[:, None]).sum()
-        scores.append(float(lp))
+    """Pick one valid action per prompt: argmax of the log-likelihoods (greedy) or a softmax sample."""
     chosen = []
-    for k, cands in enumerate(candidates):
-        s = torch.tensor([scores[r] for r in range(len(rows)) if owners[r] == k])
+    for cands, s in zip(candidates, candidate_log_likelihoods(model, tokenizer, prompts, candidates)):
         if settings.greedy:
             idx = int(s.argmax())
         else:
             idx = int(torch.multinomial(torch.softmax(s / settings.temperature, 0), 1, generator=generator))
-        chosen.append(f"Thought: \nAction: {cands[idx]}")
+        chosen.append(SCORE_TEMPLATE.format(action=cands[idx]))
     return chosen
 
 
