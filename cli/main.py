@@ -46,8 +46,10 @@ def _register_subcommands() -> None:
     # Each area registers its own commands; modules keep heavy imports (torch) inside functions so
     # `fedse --help` stays fast.
     from fedse_cli import run as run_commands
+    from fedse_cli import sweep as sweep_commands
 
     run_commands.register(app)
+    sweep_commands.register(app)
     for module_name, attr, name in (
         ("fedse_cli.envs", "envs_app", "envs"),
         ("fedse_cli.privacy", "privacy_app", "privacy"),
