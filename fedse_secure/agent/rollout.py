@@ -268,6 +268,23 @@ def _decode_reply(tokenizer, ids: list[int], eos: set[int]) -> str:
 SCORE_TEMPLATE = "Thought: \nAction: {action}"
 
 
+def as_score_format(trajectory: Trajectory) -> Trajectory:
+    """The trajectory with every assistant turn rewritten to ``SCORE_TEMPLATE`` (the thought dropped).
+
+    Score mode ranks exactly these strings, so a model meant to act in score mode should be trained on them:
+    trained on full thoughts, it would be scored on a context (an empty thought) it never saw.
+    """
+    from dataclasses import replace
+
+    from fedse_secure.envs.base import extract_action
+
+    messages = [
+        {**m, "content": SCORE_TEMPLATE.format(action=extract_action(m["content"]))} if m["role"] == "assistant" else m
+        for m in trajectory.messages
+    ]
+    return replace(trajectory, messages=messages)
+
+
 @torch.no_grad()
 def candidate_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list[list[str]]) -> list[torch.Tensor]:
     """Per prompt, the log-likelihood of ``SCORE_TEMPLATE`` filled with each candidate action, after the prompt.

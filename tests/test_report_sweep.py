@@ -1,0 +1,60 @@
+"""`fedse sweep`: seed parsing and resume detection (the runs themselves are `fedse simulate`'s, tested there)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedse_cli.sweep import _completed, _parse_seeds
+
+
+def test_parse_seeds():
+    assert _parse_seeds("0,1,2") == [0, 1, 2]
+    assert _parse_seeds("3-5, 9") == [3, 4, 5, 9]
+    for bad in ("", "a", "1,1", "5-3", "-1"):
+        with pytest.raises(ValueError, match="seed"):
+            _parse_seeds(bad)
+
+
+def test_completed_runs_are_skipped(tmp_path):
+    assert not _completed(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert not _completed(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert _completed(tmp_path)
+    (tmp_path / "summary.json").write_text("{not json")
+    assert not _completed(tmp_path)
+
+
+def test_experiment_configs_differ_from_fedse_only_where_intended(repo_root):
+    from fedse_secure.config import load_config
+
+    base = load_config(repo_root / "configs" / "fedse.yaml").model_dump()
+    expected = {
+        "fedit.yaml": {"federation.mode": "fedit"},
+        "experiments/pretrained.yaml": {"federation.mode": "pretrained"},
+        "experiments/local.yaml": {"federation.mode": "local"},
+        "experiments/centralized.yaml": {"federation.mode": "centralized"},
+        "experiments/ablation-no-filter.yaml": {"exploration.filter_success": False},
+        "experiments/ablation-no-history.yaml": {"exploration.keep_history": False},
+        "experiments/ablation-weighted.yaml": {"federation.aggregation": "weighted"},
+    }
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    fb = flat(base)
+    assert [c["env"] for c in base["clients"]] == ["babyai", "webshop", "textcraft", "maze", "wordle"]
+    assert base["federation"]["aggregation"] == "fedavg" and base["lora"]["r"] == 8 and base["lora"]["alpha"] == 16
+    for rel, changes in expected.items():
+        cfg = flat(load_config(repo_root / "configs" / rel).model_dump())
+        diff = {k: cfg[k] for k in fb if cfg[k] != fb[k] and k != "name"}
+        assert diff == changes, rel
+    load_config(repo_root / "configs" / "experiments" / "multiseed-smoke.yaml")
