@@ -148,11 +148,11 @@ def federation_run(
     import json
 
     from fedse_secure.federation.deploy_config import load_coordinator_config
-    from fedse_secure.federation.flower.processes import submit_run
+    from fedse_secure.federation.flower.processes import coordinator_running, submit_run
 
     try:
         cfg = load_coordinator_config(config)
-        if not (cfg.state_dir / "coordinator.ready").is_file():
+        if not coordinator_running(cfg):
             _fail(RuntimeError(f"no coordinator is running for {config}; start it with `fedse server start --config "
                                f"{config}`"))
         code = submit_run(cfg, config, resume=resume, stream=stream)

@@ -104,9 +104,11 @@ class Deployment:
         return self.procs[name][1].read_text(errors="replace")
 
     def start_server(self, resume: bool = False) -> None:
-        self.start("server", ["server", "start", "--config", str(self.coordinator), *(["--resume"] if resume else [])])
-        self.wait_for(lambda: (self.state / "coordinator.ready").is_file(), 180, "the coordinator to be ready",
-                      "server")
+        proc = self.start("server", ["server", "start", "--config", str(self.coordinator),
+                                     *(["--resume"] if resume else [])])
+        ready = self.state / "coordinator.ready"
+        self.wait_for(lambda: ready.is_file() and ready.read_text().strip() == str(proc.pid), 180,
+                      "the coordinator to be ready", "server")
 
     def start_nodes(self) -> None:
         for n in NAMES:

@@ -168,6 +168,17 @@ def wait_tls(host: str, port: int, ca_cert: Path, timeout_s: float, child: Child
 
 
 # -- coordinator -----------------------------------------------------------------------------------------------
+def coordinator_running(cfg: CoordinatorDeployConfig) -> bool:
+    """Is a `fedse server start` for this state_dir up (its ready file names a live process)?"""
+    import psutil
+
+    ready = cfg.state_dir / "coordinator.ready"
+    try:
+        return psutil.pid_exists(int(ready.read_text().strip()))
+    except (OSError, ValueError):
+        return False
+
+
 def check_coordinator_files(cfg: CoordinatorDeployConfig) -> None:
     from fedse_secure.federation.flower import pki
 
@@ -426,11 +437,13 @@ def serve_coordinator(cfg: CoordinatorDeployConfig, config_path: Path, resume: b
     _install_stop_handlers()
     link = None
     run_child = None
+    ready = cfg.state_dir / "coordinator.ready"
+    ready.unlink(missing_ok=True)  # a crashed predecessor leaves it behind
     try:
         link = start_superlink(cfg)
         say(f"SuperLink ready on https://{cfg.address} (TLS, SuperNode authentication on); "
             f"{len(cfg.institutions)} institution keys registered; logs in {cfg.state_dir / 'logs'}")
-        (cfg.state_dir / "coordinator.ready").write_text(str(os.getpid()))
+        ready.write_text(str(os.getpid()))
         if resume:
             run_child = spawn("flwr run", run_command(cfg, config_path, resume=True), cfg.state_dir / "logs" /
                               "run.log", flower_env(flwr_home(cfg)), cwd=cfg.state_dir)
@@ -443,7 +456,8 @@ def serve_coordinator(cfg: CoordinatorDeployConfig, config_path: Path, resume: b
         say(f"stopping the coordinator ({sig})")
         return 0
     finally:
-        (cfg.state_dir / "coordinator.ready").unlink(missing_ok=True)
+        if ready.is_file() and ready.read_text() == str(os.getpid()):
+            ready.unlink()
         for c in (run_child, link):
             if c is not None:
                 c.stop()
