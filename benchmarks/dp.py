@@ -103,14 +103,19 @@ def main(argv: list[str] | None = None) -> int:
             gsm.to_standard_module()
         return times if timed else []
 
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"loaded {args.model} in {load_s:.1f} s; {trainable} trainable LoRA params; warming up")
     for _ in range(args.warmup):
         nondp_step()
     dp_block(args.warmup, timed=False)
     nondp_times: list[float] = []
     dp_times: list[float] = []
-    for _ in range(args.blocks):
+    for block in range(args.blocks):
         nondp_times += [nondp_step() for _ in range(args.steps_per_block)]
         dp_times += dp_block(args.steps_per_block, timed=True)
+        log(f"block {block + 1}/{args.blocks}: non-DP {nondp_times[-1]:.3f} s, DP-SGD {dp_times[-1]:.3f} s")
 
     nondp_s = statistics.median(nondp_times)
     dp_s = statistics.median(dp_times)
