@@ -512,7 +512,9 @@ def key_substitution(settings: ProtectionSettings) -> CheckResult:
         shares_msg = clients[victim].handle(KeysBroadcast(round_id=1, adverts=forged))
     except AuthenticationError as err:
         evidence.update(forgery_refused=True, refusal=str(err)[:160], shares_leaked=0)
-        return CheckResult(True, "victim refused the substituted keys: " + str(err).split(";")[0][:110], evidence)
+        who = str(err).split("the signature of ")[-1].split(" does not")[0]
+        return CheckResult(True, f"victim refused the substituted keys before sending anything (signature of {who} "
+                                 "does not verify against the registry)", evidence)
     # The victim accepted: decrypt its shares, reconstruct its secrets, then have it mask its update.
     victim_adv = adverts[victim]
     seed_shares, key_shares = [], []
