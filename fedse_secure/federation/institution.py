@@ -51,6 +51,7 @@ class Institution:
         agent: AgentModel,
         rule: AggregationRule,
         num_clients: int,
+        ledger_path: str | Path | None = None,
     ):
         from fedse_secure.envs import make_env
 
@@ -70,7 +71,9 @@ class Institution:
         self.train_ids = list(probe.train_task_ids())
         self.test_ids = list(probe.test_task_ids())
         self.buffer = ExperienceBuffer(self.workdir / "buffer.jsonl")
-        self.ledger_path = self.workdir / "privacy_ledger.jsonl"
+        # A deployment may keep the ledger where its compliance office reads it, outside the data folder.
+        self.ledger_path = Path(ledger_path) if ledger_path else self.workdir / "privacy_ledger.jsonl"
+        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
 
     # -- seed data ---------------------------------------------------------------------------------------------
     def seed_buffer(self) -> int:

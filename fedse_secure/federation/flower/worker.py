@@ -128,9 +128,7 @@ class InstitutionSession:
             self._agent_key = agent_key
         client = next(c for c in exp.clients if c.name == self.cfg.name)
         inst = Institution(exp, client, self.cfg.data_dir, self._agent, get_rule(exp.federation.aggregation),
-                           len(exp.clients))
-        inst.ledger_path = self.cfg.resolved_ledger_path
-        inst.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+                           len(exp.clients), ledger_path=self.cfg.resolved_ledger_path)
         inst.seed_buffer()
         self._institution, self._exp_key, self.experiment = inst, key, exp
 
