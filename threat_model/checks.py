@@ -31,7 +31,6 @@ import stat
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,7 +468,6 @@ def key_substitution(settings: ProtectionSettings) -> CheckResult:
     from fedse_secure.secagg.masking import (
         AuthenticationError,
         IdentityKey,
-        KeyAdvertisement,
         KeysBroadcast,
         MaskedInputRequest,
         SecAggClient,
