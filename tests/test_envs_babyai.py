@@ -70,3 +70,10 @@ def test_oracle_solves_test_tasks():
 @pytest.mark.slow
 def test_test_ids_reproducible():
     assert tuple(scan_feasible(0, 114)) == TEST_IDS
+
+
+def test_bot_that_never_returns_is_cut_off():
+    # On this seed minigrid's BabyAIBot loops forever inside one replan; the oracle must give up, not hang.
+    env = make_env("babyai")
+    demos = generate_demonstrations("babyai", [708])
+    assert demos == [] and env.reset(708).startswith("Your goal:")

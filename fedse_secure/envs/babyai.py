@@ -383,10 +383,40 @@ def _move(grid, state, a):
 
 
 _MOVES = (LEFT, RIGHT, FORWARD)
+_REACH = 9  # the farthest visible cell of a 7x7 egocentric view: 6 ahead + 3 aside
 
 
 def _front(state) -> tuple[int, int]:
     return _add(state[0], _DIRS[state[1]])
+
+
+class _BotStuck(Exception):
+    pass
+
+
+def _guarded_bot(env):
+    """A BabyAIBot that gives up instead of looping forever.
+
+    On some seeds (e.g. UnlockToUnlock) the bot's subgoals keep replacing each other inside a single ``replan``
+    call and it never returns. Every such cycle runs a breadth-first search, so a cap on searches per call turns
+    the hang into a deterministic failure (normal calls run a handful).
+    """
+    from minigrid.utils.baby_ai_bot import BabyAIBot
+
+    class GuardedBot(BabyAIBot):
+        MAX_SEARCHES_PER_REPLAN = 200
+
+        def replan(self, action_taken=None):
+            self._searches = 0
+            return super().replan(action_taken)
+
+        def _breadth_first_search(self, *args, **kwargs):
+            self._searches = getattr(self, "_searches", 0) + 1
+            if self._searches > self.MAX_SEARCHES_PER_REPLAN:
+                raise _BotStuck("BabyAIBot replanning does not terminate")
+            return super()._breadth_first_search(*args, **kwargs)
+
+    return GuardedBot(env)
 
 
 class BabyAIOracle(Oracle):
@@ -403,28 +433,30 @@ class BabyAIOracle(Oracle):
     """
 
     MAX_PRIMITIVES = 2000
-    MAX_EXPANSIONS = 20000
+    #: Search budget per episode. The test tasks need at most about 1,900 expansions; infeasible tasks are cut
+    #: off by the turn-limit bound long before this, so it only caps pathological cases.
+    MAX_EXPANSIONS = 5000
 
     def __init__(self):
         self.script: list[str] = []
+        self.expansions = 0
 
     def reset(self, env: TextEnv, task_id: int) -> None:
         if not isinstance(env, BabyAIEnv) or env.env is None:
             raise TypeError(f"BabyAIOracle plays a reset BabyAIEnv, got {type(env).__name__}")
         self.script = []
+        self.expansions = 0
         bot_run = self._bot_events(env.env)
         if bot_run is not None:
             self.script = self._search(env.env, *bot_run, max_depth=env.max_turns) or []
 
     def _bot_events(self, start_env):
-        from minigrid.utils.baby_ai_bot import BabyAIBot
-
         sim = copy.deepcopy(start_env)
         worlds = [copy.deepcopy(sim)]
         events: list[tuple[int, tuple[int, int]]] = []
         last = None
         try:
-            bot = BabyAIBot(sim)
+            bot = _guarded_bot(sim)
             for _ in range(self.MAX_PRIMITIVES):
                 a = int(bot.replan())
                 if a == DONE:
@@ -454,14 +486,28 @@ class BabyAIOracle(Oracle):
 
         if is_goal(start):
             return []
+        # A high-level action ends on a cell that was visible when it was chosen (7x7 view: at most 6 ahead and 3
+        # aside), so one turn moves the agent at most _REACH cells (Manhattan). With one event per turn at most,
+        # this bounds the turns still needed from below; nodes that cannot finish in time are never expanded.
+        targets = [cell for _, cell in events] + ([final] if final is not None else [])
+
+        def turns_needed(node) -> int:
+            pos, _, k = node
+            if k >= len(targets):
+                return 0
+            distance = abs(pos[0] - targets[k][0]) + abs(pos[1] - targets[k][1]) - 1
+            return max(len(events) - k, -(-max(distance, 0) // _REACH))
+
         prev: dict = {start: None}
         queue = deque([(start, 0)])
-        expansions = 0
-        while queue and expansions < self.MAX_EXPANSIONS:
+        self.expansions = 0
+        while queue and self.expansions < self.MAX_EXPANSIONS:
             node, depth = queue.popleft()
             if depth >= max_depth:  # BFS: every later node is at least this deep, so nothing fits the turn limit
                 break
-            expansions += 1
+            if depth + turns_needed(node) > max_depth:
+                continue
+            self.expansions += 1
             pos, d, k = node
             world = worlds[k]
             world.agent_pos, world.agent_dir = pos, d
