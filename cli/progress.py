@@ -40,6 +40,40 @@ class _Task:
         self.owner.bars.remove_task(self.task_id)
 
 
+class _LineTask:
+    """Progress for a log file or pipe (no live bars there): one line when a step starts and when it ends."""
+
+    def __init__(self, owner: RichProgress, description: str, total: int | None):
+        import time
+
+        self.owner = owner
+        self.description = description
+        self.total = total
+        self.done = 0
+        self.info = ""
+        self.started = time.perf_counter()
+        owner.console.print(f"[dim]…[/] {description}", highlight=False)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+
+    def update(self, *, completed=None, total=None, info=None) -> None:
+        if completed is not None:
+            self.done = completed
+        if total is not None:
+            self.total = total
+        if info is not None:
+            self.info = info
+
+    def close(self) -> None:
+        import time
+
+        count = f" {self.done}/{self.total}" if self.total else (f" {self.done}" if self.done else "")
+        extra = f" {self.info}" if self.info else ""
+        self.owner.console.print(f"[green]✓[/] {self.description}{count}{extra} "
+                                 f"({time.perf_counter() - self.started:.1f}s)", highlight=False)
+
+
 class _Silent:
     def advance(self, n: int = 1) -> None:
         pass
@@ -69,11 +103,17 @@ class RichProgress:
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
 
+    @property
+    def console(self) -> Console:
+        return self.bars.console
+
     def task(self, description: str, total: int | None):
         if not self.enabled:
             return _Silent()
+        if not self.console.is_terminal:
+            return _LineTask(self, description, total)
         return _Task(self, self.bars.add_task(description, total=total, info=""))
 
     def log(self, message: str) -> None:
         if self.enabled:
-            self.bars.console.log(message)
+            self.console.log(message)

@@ -236,13 +236,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. federation.rounds=2")
         key, raw = item.split("=", 1)
-        node = data
+        node: Any = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # clients.0.seed_demos addresses a list entry by position
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key}: {part} is not an index of that list (0..{len(node) - 1})")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
                 raise ConfigError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {key}: {last} is not an index of that list (0..{len(node) - 1})")
+            node[int(last)] = yaml.safe_load(raw)
+        elif isinstance(node, dict):
+            node[last] = yaml.safe_load(raw)
+        else:
+            raise ConfigError(f"override {key}: {parts[-2] if len(parts) > 1 else key} is not a section")
     return data
 
 

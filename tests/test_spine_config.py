@@ -71,6 +71,10 @@ def test_overrides_parse_yaml_values():
     assert cfg.federation.rounds == 5 and cfg.privacy.mode == "dp-sgd" and cfg.exploration.temperature == 0.7
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["rounds"])
+    data = apply_overrides(_base(), ["clients.1.seed_demos=0"])
+    assert ExperimentConfig.model_validate(data).clients[1].seed_demos == 0
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(_base(), ["clients.9.seed_demos=0"])
 
 
 @pytest.mark.parametrize(

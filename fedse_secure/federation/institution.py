@@ -198,6 +198,10 @@ class Institution:
         from fedse_secure.privacy import project_event, train_dp_sgd
 
         exp = self.experiment
+        if not examples:
+            # Nothing to train on: no release of private data, so no privacy is spent and nothing is recorded.
+            return {"train_examples": 0, "train_steps": 0, "train_loss": None, "dp_mechanism": "dp-sgd",
+                    "dp_epsilon_spent": self.epsilon_spent()}
         self._ensure_affordable(project_event(len(examples), exp.training, exp.privacy))
         bar = progress.task(f"{self.name}: DP-SGD train", total=None)
         self.agent.model.train()
@@ -209,8 +213,7 @@ class Institution:
         bar.close()
         self._ledger().append(result.event, round=round_id, institution=self.name)
         return {
-            "train_examples": len(examples), "train_steps": result.steps,
-            "train_loss": (sum(result.losses) / len(result.losses)) if result.losses else None,
+            "train_examples": len(examples), "train_steps": result.steps, "train_loss": result.mean_loss,
             "dp_mechanism": "dp-sgd", "dp_sample_rate": result.sample_rate,
             "dp_noise_multiplier": exp.privacy.noise_multiplier, "dp_epsilon_spent": self.epsilon_spent(),
         }
@@ -221,11 +224,34 @@ class Institution:
         exp = self.experiment
         # The noise share must be unpredictable to everyone else (whoever can regenerate it can subtract it from
         # the sum), so it comes from OS entropy, never from the experiment seed.
-        noisy, info = privatize_update(payload, exp.privacy, self.num_clients, np.random.default_rng())
+        noisy, info = privatize_update(payload, exp.privacy, self.guaranteed_contributors(), np.random.default_rng())
+        clip = exp.federation.secagg.clip_range
+        if exp.federation.secure_aggregation != "none" and info.max_abs_value > clip:
+            raise ValueError(
+                f"{self.name}: the noised update reaches {info.max_abs_value:.3g}, outside the secure-aggregation "
+                f"clip range {clip:g}, so clipping it would change the noise the ledger records; raise "
+                f"federation.secagg.clip_range or lower privacy.max_grad_norm"
+            )
         self._ledger().append(info.event, round=round_id, institution=self.name)
         return noisy, {"dp_mechanism": "client-dp", "dp_clip_norm": exp.privacy.max_grad_norm,
                        "dp_update_norm": info.original_norm, "dp_clipped": info.clipped,
                        "dp_noise_std": info.noise_std, "dp_epsilon_spent": self.epsilon_spent()}
+
+    def guaranteed_contributors(self) -> int:
+        """How many institutions' noise shares are sure to be in a released sum.
+
+        Client-level noise is split into shares; if dropouts thinned the shares, the sum would carry less noise
+        than the ledger records. A masking round is released only when at least t survive, CrypTen and the
+        plaintext path need everyone, so the shares are sized for that minimum.
+        """
+        fed = self.experiment.federation
+        n = self.num_clients
+        if fed.secure_aggregation != "masking":
+            return n
+        from fedse_secure.secagg.masking.graph import default_threshold, resolve_degree
+
+        t = fed.secagg.threshold or default_threshold(resolve_degree(n, fed.secagg.neighbours) + 1)
+        return min(n, t)
 
     def epsilon_spent(self) -> float | None:
         """ε spent so far by this institution (the configured accountant over its ledger's events)."""

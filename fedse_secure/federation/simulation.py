@@ -190,6 +190,12 @@ class Simulation:
         if self.config.privacy.mode == "none":
             return
         self.summary["epsilon_spent"] = {inst.name: inst.epsilon_spent() for inst in self.institutions}
+        # Sealed ledger heads recorded outside each institution's folder, so `fedse privacy verify --expect-head`
+        # can catch a ledger rewritten together with its head file.
+        from fedse_secure.privacy import PrivacyLedger
+
+        self.summary["ledger_heads"] = {inst.name: PrivacyLedger(inst.ledger_path).head_hash()
+                                        for inst in self.institutions if inst.ledger_path.exists()}
 
     def _run_local(self) -> None:
         """Each institution trains its own adapter on its static demonstrations; nothing is aggregated."""
