@@ -199,3 +199,24 @@ def test_flatten_unflatten_round_trip(shapes, seed):
         assert torch.equal(back[k], state[k])
     with pytest.raises(ValueError, match="values, the adapter needs"):
         unflatten(np.zeros(vec.size + 1), spec)
+
+
+def test_weighted_payload_stays_inside_the_secure_aggregation_clip_range(clients):
+    """Raw counts (e.g. 40 successful trajectories) must not be clipped by secagg's ±8 range."""
+    from fedse_secure.config import SecAggConfig
+    from fedse_secure.secagg.masking import MaskingAggregator
+
+    global_, locals_ = clients
+    locals_ = locals_[:3]
+    weights = [40.0, 3.0, 17.0]
+    rule = get_rule("weighted")
+    payloads = {f"c{i}": rule.client_payload(l, global_, w) for i, (l, w) in enumerate(zip(locals_, weights))}
+    assert max(float(np.abs(p).max()) for p in payloads.values()) < 8.0
+    agg = MaskingAggregator(SecAggConfig(on_out_of_range="refuse"), rng_seed=0).aggregate(1, payloads)
+    out = rule.finalize(agg.total, len(agg.survivors), global_)
+    expected = {k: global_[k] + sum(w * (l[k] - global_[k]) for l, w in zip(locals_, weights)) / sum(weights)
+                for k in global_}
+    for k in global_:
+        assert torch.allclose(out[k], expected[k], atol=1e-5), k
+    with pytest.raises(ValueError, match="max_weight"):
+        rule.client_payload(locals_[0], global_, 5000.0)

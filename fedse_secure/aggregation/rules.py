@@ -81,13 +81,20 @@ class FedAvg(AggregationRule):
 class WeightedAvg(AggregationRule):
     name = "weighted"
     exact = True
+    #: Weights are divided by this before they enter the payload: secure aggregation clips every value to its
+    #: clip range (8 by default), and a raw count such as 20 trajectories would be clipped, corrupting the mean.
+    #: The mean is invariant to a common scale, so nothing else changes.
+    max_weight: float = 1024.0
 
     def client_payload(self, local, global_, weight=1.0):
         if not (weight > 0 and np.isfinite(weight)):
             raise ValueError(f"aggregation weight must be a positive finite number, got {weight}")
+        if weight > self.max_weight:
+            raise ValueError(f"aggregation weight {weight} exceeds max_weight {self.max_weight}; raise max_weight")
+        scaled = weight / self.max_weight
         delta = flatten(state_delta(local, global_))[0]
         # The weight rides along as the last element so its sum is recovered from the same secure sum.
-        return np.concatenate([weight * delta, [weight]])
+        return np.concatenate([scaled * delta, [scaled]])
 
     def finalize(self, total, num_survivors, global_):
         total_weight = float(total[-1])

@@ -92,6 +92,12 @@ class Institution:
             if need <= 0:
                 break
             demos.extend(generate_demonstrations(self.client.env, pool[start : start + need], **self._env_options))
+        if self.experiment.exploration.action_mode == "score":
+            from fedse_secure.agent.rollout import as_score_format
+
+            # Score mode ranks "Thought: \nAction: <a>"; training on full thoughts would score the model on a
+            # context it never saw.
+            demos = [as_score_format(d) for d in demos]
         return self.buffer.add(demos[: self.client.seed_demos])
 
     # -- the local round ---------------------------------------------------------------------------------------
@@ -150,7 +156,8 @@ class Institution:
 
         # 4. the payload for secure aggregation
         local_state = self.agent.adapter_state()
-        weight = float(max(1, len(train_set)))
+        # The paper's weighted ablation weights by the number of successful trajectories trained on.
+        weight = float(max(1, sum(1 for t in train_set if t.success)))
         payload = self.rule.client_payload(local_state, global_state, weight)
         if exp.privacy.mode == "client-dp":
             payload, dp_metrics = self._client_level_dp(round_id, payload)
