@@ -14,6 +14,9 @@ STAMP  := $(VENV)/.fedse-installed
 DEMO_CONFIG ?= configs/demo.yaml
 DEMO_OUT    ?= runs/demo
 PYTEST_ARGS ?=
+# torch's OpenMP threads spin-wait by default; with institutions, parties and nodes sharing 2 cores that made
+# forward passes ~100x slower. Passive waiting costs nothing measurable on free cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test venv model clean-venv
 
