@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=None, help="parameters per client (default 8M, quick 1M)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--no-crypten", action="store_true", help="skip the CrypTen MPC row")
     args = ap.parse_args()
     n = args.clients
     size = args.params or (1_000_000 if args.quick else 8_000_000)
@@ -241,6 +242,15 @@ def main() -> None:
         flower, flower_total = run_flower(inputs, threshold)
         flower_err = float(np.max(np.abs(flower_total - exact)))
 
+    crypten_row = None
+    if not args.no_crypten:
+        # Same inputs, same run: CrypTen parties are fresh processes, so its wall time includes their start-up;
+        # protocol_s is the share + add + reveal part alone.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from secagg_crypten import time_crypten_sum
+
+        crypten_row = time_crypten_sum(list(inputs.values()))
+
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -255,6 +265,10 @@ def main() -> None:
     if flower is not None:
         print(f"flower    (SecAggPlusWorkflow + secaggplus_mod, in-process, protobuf wire):   {flower.wall:8.3f} s wall "
               f"{flower.cpu:8.3f} s CPU   max |error| vs float sum {flower_err:.2e}")
+    if crypten_row is not None:
+        print(f"crypten   ({n} institution parties + coordinator party, gloo, exact decode):       "
+              f"{crypten_row['wall_s']:8.3f} s wall (protocol alone {crypten_row['protocol_s']:.3f} s)   "
+              f"max |error| vs clipped float sum {crypten_row['max_abs_error']:.2e}")
     ratio_plain = masking_s / plaintext_s
     ratio_plain_cpu = masking_cpu / plaintext_cpu
     print(f"ratio masking / plaintext: {ratio_plain:.2f}x wall, {ratio_plain_cpu:.2f}x CPU  (target <= 1.3x: "
@@ -307,6 +321,10 @@ def main() -> None:
         "server_s_by_n": server_by_n,
         "server_cpu_s_by_n": server_cpu_by_n,
         "server_scaling_params": scaling_size,
+        "crypten_s": round(crypten_row["wall_s"], 4) if crypten_row else None,
+        "crypten_protocol_s": round(crypten_row["protocol_s"], 4) if crypten_row else None,
+        "crypten_max_abs_error": crypten_row["max_abs_error"] if crypten_row else None,
+        "ratio_crypten_vs_masking": round(crypten_row["wall_s"] / masking_s, 3) if crypten_row else None,
     }
     if args.json:
         print(json.dumps(summary))
