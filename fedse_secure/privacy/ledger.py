@@ -32,12 +32,12 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedse_secure.io_utils import atomic_write_bytes
 from fedse_secure.privacy.events import DpEvent, EventError
 
 FORMAT_VERSION = 1
@@ -109,29 +109,6 @@ def _canonical(obj: Any) -> bytes:
 
 def _entry_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 class PrivacyLedger:
@@ -352,8 +329,8 @@ class PrivacyLedger:
             }
             record["hash"] = _entry_hash(record)
             old = self.path.read_bytes() if self.path.exists() else b""
-            _atomic_write(self.path, old + _canonical(record) + b"\n")
+            atomic_write_bytes(self.path, old + _canonical(record) + b"\n")
             head = {"v": FORMAT_VERSION, "entries": seq, "head_hash": record["hash"], "updated": record["time"]}
-            _atomic_write(self.head_path, _canonical(head) + b"\n")
+            atomic_write_bytes(self.head_path, _canonical(head) + b"\n")
             entry = LedgerEntry(seq, round, institution, record["time"], event, record["prev_hash"], record["hash"])
             return entry
