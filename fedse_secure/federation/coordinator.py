@@ -59,7 +59,3 @@ class Coordinator:
     def abandon_round(self) -> None:
         """The round produced no sum (too few survivors): keep the previous global adapter."""
         self._open_round = None
-
-    # Checkpointing: everything needed to continue after a crash is the round counter and the global adapter.
-    def checkpoint(self) -> dict[str, Any]:
-        return {"completed_rounds": self.completed_rounds, "rule": self.rule.name}
