@@ -34,6 +34,11 @@ class ModelConfig(_Strict):
     name_or_path: str = "smollm2-135m-instruct"
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_context_tokens: int = Field(1024, ge=128, le=32768)
+    # Past (action, observation) pairs the agent keeps in its prompt; None = as many as max_context_tokens
+    # allows (AgentGym's full history). 0 = memoryless: the system prompt and the current observation only,
+    # enough where an observation is the whole state (Maze). With a window, SFT trains one example per turn
+    # on exactly that window (what the agent sees when it acts).
+    history_turns: int | None = Field(None, ge=0)
     # Threads for torch on this process; None keeps torch's default.
     num_threads: int | None = Field(None, ge=1)
 
@@ -184,6 +189,12 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"privacy.mode client-dp clips each institution's update as one vector; with "
                 f"federation.aggregation {fed.aggregation} the payload is not that update. Use fedavg or ffa"
+            )
+        if self.privacy.mode == "dp-sgd" and self.model.history_turns is not None:
+            raise ValueError(
+                "model.history_turns trains one example per turn, so a trajectory would be several DP-SGD records "
+                "and the privacy unit (one trajectory) would not hold; unset model.history_turns or use "
+                "privacy.mode client-dp"
             )
         return self
 

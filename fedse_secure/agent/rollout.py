@@ -35,6 +35,8 @@ class RolloutSettings:
     batch_size: int = 8
     max_context_tokens: int = 1024
     action_mode: str = "generate"
+    # Past (action, observation) pairs the prompt may keep after the task; None = as many as the budget allows.
+    history_turns: int | None = None
 
 
 @dataclass
@@ -63,13 +65,22 @@ class _TokenCounter:
         return n
 
 
-def fit_history(messages: list[dict[str, str]], budget: int, count: Callable[[str], int]) -> list[dict[str, str]]:
+def fit_history(
+    messages: list[dict[str, str]], budget: int, count: Callable[[str], int], max_pairs: int | None = None
+) -> list[dict[str, str]]:
     """Keep the system prompt, the task (first observation) and as many of the latest turns as fit ``budget``.
 
     Older (assistant, observation) pairs are dropped first; the latest pair (the agent's last action and the
     observation it must answer) is always kept, even over budget. Dropping whole pairs keeps the roles
-    alternating, as in training: a dangling observation would put two user messages in a row.
+    alternating, as in training: a dangling observation would put two user messages in a row. ``max_pairs``
+    caps the kept pairs (at least the latest is kept) for agents that act on a short window; ``max_pairs=0``
+    is a memoryless agent, which sees the system prompt and the current observation only (enough where the
+    observation is the whole state, as in Maze).
     """
+    if max_pairs == 0:
+        if messages[-1]["role"] != "user":
+            raise ValueError("a memoryless prompt needs the current observation as the last message")
+        return [messages[0], messages[-1]]
     head = messages[:2]
     tail = messages[2:]
     used = sum(count(m["content"]) for m in head)
@@ -78,7 +89,7 @@ def fit_history(messages: list[dict[str, str]], budget: int, count: Callable[[st
     while i >= 2:
         pair = tail[i - 2 : i]
         cost = sum(count(m["content"]) for m in pair)
-        if kept and used + cost > budget:
+        if kept and (used + cost > budget or (max_pairs is not None and len(kept) // 2 >= max_pairs)):
             break
         kept = list(pair) + kept
         used += cost
@@ -386,7 +397,7 @@ def run_episodes(
             if slots[s] is None and pending:
                 start_slot(s)
         active = [s for s in range(n_slots) if slots[s] is not None]
-        chats = [fit_history(slots[s]["messages"], budget, count) for s in active]
+        chats = [fit_history(slots[s]["messages"], budget, count, settings.history_turns) for s in active]
         prompts = _prompt_texts(tokenizer, chats)
         if settings.action_mode == "score":
             cands = [envs[s].valid_actions() for s in active]

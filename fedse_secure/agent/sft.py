@@ -34,12 +34,16 @@ def _render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def encode_messages(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int) -> EncodedExample:
+def encode_messages(
+    tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int, last_turn_only: bool = False
+) -> EncodedExample:
     """Tokenise a chat; assistant content (and its end-of-turn marker) is the only target.
 
     If the conversation is longer than ``max_seq_len``, whole later turns are dropped (the system prompt, the
-    task and the earliest turns are kept), so no example ends in the middle of an action.
+    task and the earliest turns are kept), so no example ends in the middle of an action. With
+    ``last_turn_only`` earlier assistant turns are context, not targets (one example per turn).
     """
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     ids: list[int] = []
     labels: list[int] = []
     rendered = ""
@@ -61,6 +65,8 @@ def encode_messages(tokenizer, messages: Sequence[dict[str, str]], max_seq_len: 
             if eos in body_ids:
                 last = len(body_ids) - 1 - body_ids[::-1].index(eos)
                 body_labels[last + 1 :] = [IGNORE_INDEX] * (len(body_ids) - last - 1)
+            if last_turn_only and i != last_assistant:
+                body_labels = [IGNORE_INDEX] * len(body_ids)
             seg_labels = [IGNORE_INDEX] * len(head_ids) + body_labels
             rendered = full
         else:
@@ -90,6 +96,52 @@ def labels_has_target(labels: Sequence[int]) -> bool:
 
 def encode_trajectory(tokenizer, trajectory: Trajectory, max_seq_len: int) -> EncodedExample:
     return encode_messages(tokenizer, trajectory.messages, max_seq_len)
+
+
+def encode_for_training(
+    tokenizer, trajectories, max_seq_len: int, history_turns: int | None = None, context_budget: int | None = None
+) -> list[EncodedExample]:
+    """The SFT examples for a buffer: whole conversations, or one example per turn under a history window.
+
+    Per turn, identical examples are kept once, as the buffer keeps identical trajectories once: under a short
+    window every path through a state yields the same (prompt, action) pair, and the copies would only tilt
+    training towards the states all paths share (near the goal) and away from the rare ones that decide
+    success. Measured on the Maze learning test: 7/12 held-out starts solved with this, 5/12 without.
+    """
+    if history_turns is None:
+        examples = [encode_trajectory(tokenizer, t, max_seq_len) for t in trajectories]
+    else:
+        distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], EncodedExample] = {}
+        for t in trajectories:
+            for e in encode_turns(tokenizer, t, max_seq_len, history_turns, context_budget):
+                distinct.setdefault((tuple(e.input_ids), tuple(e.labels)), e)
+        examples = list(distinct.values())
+    return [e for e in examples if e.num_target_tokens > 0]
+
+
+def encode_turns(
+    tokenizer, trajectory: Trajectory, max_seq_len: int, history_turns: int, context_budget: int | None = None
+) -> list[EncodedExample]:
+    """One example per agent turn, each with exactly the prompt the agent acts on under a history window.
+
+    An agent that keeps only the last ``history_turns`` (action, observation) pairs (``RolloutSettings.
+    history_turns``) never sees the whole conversation, so training on the whole conversation would teach it
+    in a context it never meets. Each turn here is rebuilt by the rollout's own ``fit_history``.
+    """
+    from fedse_secure.agent.rollout import _TokenCounter, fit_history
+
+    count = _TokenCounter(tokenizer)
+    budget = context_budget if context_budget is not None else max_seq_len
+    messages = trajectory.messages
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        window = fit_history(list(messages[:i]), budget, count, history_turns) + [m]
+        example = encode_messages(tokenizer, window, max_seq_len, last_turn_only=True)
+        if example.num_target_tokens:
+            out.append(example)
+    return out
 
 
 def collate_examples(examples: Sequence[EncodedExample], pad_token_id: int):
@@ -157,6 +209,27 @@ def planned_steps(num_examples: int, cfg: TrainingConfig) -> int:
     return steps
 
 
+def target_token_loss(model, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens, with the LM head applied to those positions only.
+
+    The agent's tokens are a small share of a multi-turn example (the observations are context), and over a
+    49k vocabulary the LM head on every position is most of a step's time and memory. Equal to the model's own
+    ``labels=`` loss (tested). Falls back to it for models without the usual decoder/lm_head split.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, "model", None)
+    head = getattr(base, "lm_head", None)
+    config = getattr(base, "config", None)
+    rescales_logits = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    if decoder is None or head is None or rescales_logits:
+        return model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+    hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    targets = labels[:, 1:]
+    picked = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][picked]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[picked])
+
+
 def train_lora(
     model,
     examples: Sequence[EncodedExample],
@@ -192,7 +265,7 @@ def train_lora(
                 break
             batch = [examples[j] for j in order[i : i + cfg.batch_size]]
             input_ids, attention, labels = collate_examples(batch, pad_token_id)
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            loss = target_token_loss(model, input_ids, attention, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip_norm is not None:

@@ -20,7 +20,7 @@ import numpy as np
 from fedse_secure.agent.buffer import ExperienceBuffer
 from fedse_secure.agent.policy import AgentModel
 from fedse_secure.agent.rollout import RolloutSettings, run_episodes
-from fedse_secure.agent.sft import encode_trajectory, freeze_matching, train_lora
+from fedse_secure.agent.sft import encode_for_training, freeze_matching, train_lora
 from fedse_secure.aggregation.rules import AggregationRule
 from fedse_secure.config import ClientConfig, ExperimentConfig
 from fedse_secure.federation.progress import NULL_PROGRESS, Progress
@@ -127,6 +127,7 @@ class Institution:
                     max_turns=self.max_turns, max_new_tokens=exp.exploration.max_new_tokens,
                     temperature=exp.exploration.temperature, greedy=False, batch_size=exp.exploration.batch_size,
                     max_context_tokens=exp.model.max_context_tokens, action_mode=exp.exploration.action_mode,
+                    history_turns=exp.model.history_turns,
                 ),
                 round_id=round_id, seed=derive_seed(exp.seed, self.name, "sample", round_id),
                 on_episode=lambda _t: bar.advance(1),
@@ -169,8 +170,10 @@ class Institution:
     def _train(self, round_id: int, train_set, progress: Progress) -> dict[str, Any]:
         exp = self.experiment
         tok = self.agent.tokenizer
-        examples = [encode_trajectory(tok, t, exp.training.max_seq_len) for t in train_set]
-        examples = [e for e in examples if e.num_target_tokens > 0]
+        examples = encode_for_training(
+            tok, train_set, exp.training.max_seq_len, exp.model.history_turns,
+            exp.model.max_context_tokens - exp.exploration.max_new_tokens,
+        )
         model = self.agent.model
         frozen = freeze_matching(model, self.rule.frozen_pattern)
         seed = derive_seed(exp.seed, self.name, "train", round_id)
@@ -282,7 +285,7 @@ class Institution:
             RolloutSettings(
                 max_turns=self.max_turns, max_new_tokens=exp.evaluation.max_new_tokens, greedy=True,
                 batch_size=exp.evaluation.batch_size, max_context_tokens=exp.model.max_context_tokens,
-                action_mode=exp.exploration.action_mode,
+                action_mode=exp.exploration.action_mode, history_turns=exp.model.history_turns,
             ),
             seed=derive_seed(exp.seed, self.name, "eval"), on_episode=lambda _t: bar.advance(1),
         )
