@@ -23,6 +23,7 @@ from fedse_secure.secagg.masking import (
     decode,
 )
 from fedse_secure.secagg.masking import keys, shamir
+from fedse_secure.secagg.masking.driver import run_stages
 from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream, RandomSource
 from fedse_secure.secagg.masking.quantize import quantise
 
@@ -43,17 +44,33 @@ def _to_masked_inputs(seed=0, size=64):
     xs = _inputs(size, seed)
     clients = {p: SecAggClient(p, ids[p], reg, cfg, vector=xs[p], rng=root.child("c" + p)) for p in NAMES}
     server = SecAggServer(1, NAMES, size, cfg, reg, rng=root.child("server"))
-    reqs = server.start()
     masked = {}
-    for _ in range(3):
-        for p, r in reqs.items():
-            reply = clients[p].handle(decode(r.to_bytes()))
-            if server.stage == Stage.MASKED_INPUT:
-                masked[p] = reply.vector.copy()
-            server.receive(decode(reply.to_bytes()))
-        reqs = server.advance()
+
+    def keep_masked(stage, name, reply):
+        if stage == Stage.MASKED_INPUT:
+            masked[name] = reply.vector.copy()
+
+    run_stages(server, clients, until=Stage.CONSISTENCY, on_reply=keep_masked)
     assert server.stage == Stage.CONSISTENCY
     return server, clients, xs, masked, ids
+
+
+def test_run_stages_hands_over_at_the_named_stage():
+    from fedse_secure.secagg.base import SecureAggregationError
+
+    cfg = SecAggConfig()
+    root = RandomSource.seeded(7)
+    ids = {p: IdentityKey.generate(root.child(p)) for p in NAMES}
+    reg = PublicKeyRegistry.from_identities(ids)
+    xs = _inputs(16, 7)
+    clients = {p: SecAggClient(p, ids[p], reg, cfg, vector=xs[p], rng=root.child("c" + p)) for p in NAMES}
+    server = SecAggServer(1, NAMES, 16, cfg, reg, rng=root.child("server"))
+    seen = []
+    reqs = run_stages(server, clients, until=Stage.MASKED_INPUT, on_reply=lambda st, n, r: seen.append(st))
+    assert server.stage == Stage.MASKED_INPUT and sorted(reqs) == NAMES
+    assert seen == [Stage.ALL[0]] * 5 + [Stage.ALL[1]] * 5  # two honest stages, every reply observed
+    with pytest.raises(SecureAggregationError, match="not one of"):
+        run_stages(server, clients, until="nonsense")
 
 
 def test_an_alive_client_refuses_to_be_listed_as_dropped():

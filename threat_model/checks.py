@@ -329,7 +329,8 @@ def _no_consistency_client_class():
 def _round_to_consistency(settings: ProtectionSettings, size: int, seed: int, client_cls=None):
     """An honest run of the first three stages; returns what the coordinator and every client hold."""
     from fedse_secure.config import SecAggConfig
-    from fedse_secure.secagg.masking import IdentityKey, SecAggClient, SecAggServer, Stage, decode
+    from fedse_secure.secagg.masking import IdentityKey, SecAggClient, SecAggServer, Stage
+    from fedse_secure.secagg.masking.driver import run_stages
     from fedse_secure.secagg.masking.prg import RandomSource
 
     client_cls = client_cls or SecAggClient
@@ -340,15 +341,13 @@ def _round_to_consistency(settings: ProtectionSettings, size: int, seed: int, cl
     xs = _updates(NAMES, size, seed)
     clients = {p: client_cls(p, ids[p], reg, cfg, vector=xs[p], rng=root.child("client/" + p)) for p in NAMES}
     server = SecAggServer(1, NAMES, size, cfg, reg, rng=root.child("server"))
-    reqs = server.start()
     masked = {}
-    for _ in range(3):
-        for p, r in reqs.items():
-            reply = clients[p].handle(decode(r.to_bytes()))
-            if server.stage == Stage.MASKED_INPUT:
-                masked[p] = reply.vector.copy()
-            server.receive(decode(reply.to_bytes()))
-        reqs = server.advance()
+
+    def keep_masked(stage, name, reply):
+        if stage == Stage.MASKED_INPUT:
+            masked[name] = reply.vector.copy()
+
+    run_stages(server, clients, until=Stage.CONSISTENCY, on_reply=keep_masked)
     return cfg, server, clients, xs, masked
 
 

@@ -26,6 +26,34 @@ from fedse_secure.secagg.masking.tensors import TensorLayout
 Interceptor = Callable[[str, str, str, ProtocolMessage], ProtocolMessage | None]
 
 
+def run_stages(
+    server: SecAggServer,
+    clients: Mapping[str, SecAggClient],
+    until: str,
+    on_reply: Callable[[str, str, ProtocolMessage], None] | None = None,
+) -> dict[str, ProtocolMessage]:
+    """Drive an honest round (every client answers, through the wire codec) up to stage ``until``.
+
+    Returns the server's requests for ``until``, not yet delivered, so a test or a threat check can take over
+    there (lie, tamper, replay). ``on_reply(stage, client, reply)`` sees each reply as the server receives it:
+    what a curious coordinator holds.
+    """
+    if until not in Stage.ALL:
+        raise SecureAggregationError(f"stage {until!r} is not one of {Stage.ALL}")
+    requests = server.start()
+    while server.stage != until:
+        if not requests:
+            raise SecureAggregationError(f"round {server.round_id} ended before stage {until!r}")
+        stage = server.stage
+        for name, req in requests.items():
+            reply = decode(clients[name].handle(decode(req.to_bytes())).to_bytes())
+            if on_reply is not None:
+                on_reply(stage, name, reply)
+            server.receive(reply)
+        requests = server.advance()
+    return requests
+
+
 def run_round(
     server: SecAggServer,
     clients: Mapping[str, SecAggClient],
