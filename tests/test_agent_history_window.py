@@ -109,3 +109,20 @@ def test_history_window_with_dp_sgd_is_refused():
         parse_config(data)
     data["privacy"]["mode"] = "none"
     assert parse_config(data).model.history_turns == 0
+
+
+def test_sft_benchmark_runs_and_its_two_losses_agree(repo_root):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "sft.py"), "--model", "tiny-llama", "--blocks", "1",
+         "--steps-per-block", "1", "--max-seq-len", "256", "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=repo_root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["max_loss_diff"] < 1e-3
+    assert 0 < result["target_token_share"] < 1
+    assert result["full_head_step_s"] > 0 and result["target_only_step_s"] > 0

@@ -1,0 +1,100 @@
+"""SFT step time: the LM head on every position (the model's own ``labels=`` loss) vs on the target tokens only
+(``fedse_secure.agent.sft.target_token_loss``, what ``train_lora`` uses).
+
+Both run side by side in one process on the same peft model (the paper's LoRA: r=8, all linear layers) and the
+same batches of real multi-turn SFT examples (expert demonstrations from all five environments, tokenised as
+the institutions tokenise their buffers), interleaved in blocks so that machine load drifts affect both. The
+losses of the two are checked equal on every batch.
+
+Usage: ``python benchmarks/sft.py [--model smollm2-135m-instruct] [--batch 2] [--max-seq-len 768] [--json]``;
+with ``--json`` the last line printed is one JSON object with ``full_head_step_s``, ``target_only_step_s``
+and ``speedup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or folder (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--max-seq-len", type=int, default=768)
+    parser.add_argument("--blocks", type=int, default=3, help="interleaved blocks of each kind")
+    parser.add_argument("--steps-per-block", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from fedse_secure.agent.policy import AgentModel
+    from fedse_secure.agent.sft import collate_examples, encode_for_training, target_token_loss
+    from fedse_secure.config import LoraSettings, ModelConfig
+    from fedse_secure.envs import generate_demonstrations
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    agent = AgentModel.load(ModelConfig(name_or_path=args.model), LoraSettings(), seed=0)
+    model, tok = agent.model, agent.tokenizer
+    demos = [t for env in ("babyai", "webshop", "textcraft", "maze", "wordle") for t in generate_demonstrations(env, [0, 1])]
+    examples = encode_for_training(tok, demos, args.max_seq_len)
+    batches = [collate_examples(examples[i : i + args.batch], tok.pad_token_id)
+               for i in range(0, len(examples) - args.batch + 1, args.batch)]
+    positions = sum(int(m.sum()) for _, m, _ in batches)
+    targets = sum(int((lab != -100).sum()) for _, _, lab in batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+
+    def full_head(ids, mask, labels):
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def target_only(ids, mask, labels):
+        return target_token_loss(model, ids, mask, labels)
+
+    times: dict[str, list[float]] = {"full_head": [], "target_only": []}
+    max_loss_diff = 0.0
+    k = 0
+    for _ in range(args.blocks):
+        for name, fn in (("full_head", full_head), ("target_only", target_only)):
+            for _ in range(args.steps_per_block):
+                ids, mask, labels = batches[k % len(batches)]
+                k += 1
+                with torch.no_grad():  # same batch through both: the losses must agree
+                    max_loss_diff = max(max_loss_diff, abs(float(full_head(ids, mask, labels) - target_only(ids, mask, labels))))
+                t0 = time.perf_counter()
+                loss = fn(ids, mask, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                times[name].append(time.perf_counter() - t0)
+    # The optimiser moved the adapter between steps; that does not change the cost of a step.
+    full_s = statistics.median(times["full_head"])
+    target_s = statistics.median(times["target_only"])
+    result = {
+        "model": args.model, "batch": args.batch, "max_seq_len": args.max_seq_len, "examples": len(examples),
+        "target_token_share": targets / positions, "full_head_step_s": full_s, "target_only_step_s": target_s,
+        "speedup": full_s / target_s, "max_loss_diff": max_loss_diff, "steps_each": len(times["full_head"]),
+        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    }
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>20}: {value}")
+    print(json.dumps(result))
+    return 0 if max_loss_diff < 1e-3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
