@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedse_secure.agent.policy import AgentModel
-from fedse_secure.agent.rollout import RolloutSettings, _prompt_texts, _TokenCounter, fit_history, run_episodes
+from fedse_secure.agent.rollout import RolloutSettings, TokenCounter, fit_history, prompt_texts, run_episodes
 from fedse_secure.agent.sft import (
     IGNORE_INDEX,
     collate_examples,
@@ -61,9 +61,9 @@ def test_each_turn_example_is_the_prompt_the_agent_sees_plus_its_action(agent, h
     examples = encode_turns(tok, traj, 1024, history_turns, context_budget=976)
     turns = [i for i, m in enumerate(traj.messages) if m["role"] == "assistant"]
     assert len(examples) == len(turns)
-    count = _TokenCounter(tok)
+    count = TokenCounter(tok)
     for example, i in zip(examples, turns):
-        prompt = _prompt_texts(tok, [fit_history(list(traj.messages[:i]), 976, count, history_turns)])[0]
+        prompt = prompt_texts(tok, [fit_history(list(traj.messages[:i]), 976, count, history_turns)])[0]
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         assert example.input_ids[: len(prompt_ids)] == prompt_ids
         assert all(t == IGNORE_INDEX for t in example.labels[: len(prompt_ids)])

@@ -48,7 +48,7 @@ class RolloutStats:
     seconds: float = 0.0
 
 
-class _TokenCounter:
+class TokenCounter:
     """Caches each message's token count so history fitting does not re-tokenise the whole chat per turn."""
 
     def __init__(self, tokenizer):
@@ -97,7 +97,7 @@ def fit_history(
     return head + kept
 
 
-def _prompt_texts(tokenizer, chats: Sequence[list[dict[str, str]]]) -> list[str]:
+def prompt_texts(tokenizer, chats: Sequence[list[dict[str, str]]]) -> list[str]:
     return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
 
 
@@ -361,7 +361,7 @@ def run_episodes(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     stats = RolloutStats()
-    count = _TokenCounter(tokenizer)
+    count = TokenCounter(tokenizer)
     budget = settings.max_context_tokens - settings.max_new_tokens
     pending = deque(enumerate(task_ids))
     n_slots = max(1, min(settings.batch_size, len(task_ids)))
@@ -398,7 +398,7 @@ def run_episodes(
                 start_slot(s)
         active = [s for s in range(n_slots) if slots[s] is not None]
         chats = [fit_history(slots[s]["messages"], budget, count, settings.history_turns) for s in active]
-        prompts = _prompt_texts(tokenizer, chats)
+        prompts = prompt_texts(tokenizer, chats)
         if settings.action_mode == "score":
             cands = [envs[s].valid_actions() for s in active]
             if any(not c for c in cands):

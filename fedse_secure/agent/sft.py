@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedse_secure.agent.rollout import TokenCounter, fit_history
 from fedse_secure.agent.trajectory import Trajectory
 from fedse_secure.config import TrainingConfig
 
@@ -128,9 +129,7 @@ def encode_turns(
     history_turns``) never sees the whole conversation, so training on the whole conversation would teach it
     in a context it never meets. Each turn here is rebuilt by the rollout's own ``fit_history``.
     """
-    from fedse_secure.agent.rollout import _TokenCounter, fit_history
-
-    count = _TokenCounter(tokenizer)
+    count = TokenCounter(tokenizer)
     budget = context_budget if context_budget is not None else max_seq_len
     messages = trajectory.messages
     out = []
