@@ -70,6 +70,22 @@ def _lora(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_per_sequence_loss_equals_the_full_logits_loss(tiny, peft_model):
+    """The loss applies the (frozen) LM head to labelled positions only; it must equal the loss from all logits."""
+    import torch.nn.functional as F
+
+    from fedse_secure.agent.sft import decoder_and_head
+
+    assert decoder_and_head(peft_model) is not None  # the gathered path is the one under test
+    ids, mask, labels = collate_examples(_examples(tiny.tokenizer, 4, seed=1), tiny.tokenizer.pad_token_id)
+    logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                          reduction="none").view(labels[:, 1:].shape)
+    expected = tok.sum(1) / (labels[:, 1:] != -100).sum(1)
+    torch.testing.assert_close(per_sequence_loss(peft_model, ids, mask, labels, reduction="none"), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_per_sample_lora_gradients_match_autograd(tiny, peft_model):
     examples = _examples(tiny.tokenizer, 5)
     assert len({len(e.input_ids) for e in examples}) > 1, "want different lengths so that padding is exercised"

@@ -208,6 +208,25 @@ def planned_steps(num_examples: int, cfg: TrainingConfig) -> int:
     return steps
 
 
+def decoder_and_head(model):
+    """``(decoder, lm_head)`` of a causal LM (through peft and Opacus wrappers), or None when the model does not
+    split that way or rescales its logits after the head (softcapping, logit scale)."""
+    base = model
+    while True:
+        if hasattr(base, "get_base_model"):
+            base = base.get_base_model()
+        elif hasattr(base, "_module") and not hasattr(base, "lm_head"):  # opacus GradSampleModule
+            base = base._module
+        else:
+            break
+    decoder = getattr(base, "model", None)
+    head = getattr(base, "lm_head", None)
+    config = getattr(base, "config", None)
+    if decoder is None or head is None or any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        return None
+    return decoder, head
+
+
 def target_token_loss(model, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens, with the LM head applied to those positions only.
 
@@ -215,13 +234,10 @@ def target_token_loss(model, input_ids: torch.Tensor, attention: torch.Tensor, l
     49k vocabulary the LM head on every position is most of a step's time and memory. Equal to the model's own
     ``labels=`` loss (tested). Falls back to it for models without the usual decoder/lm_head split.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(base, "model", None)
-    head = getattr(base, "lm_head", None)
-    config = getattr(base, "config", None)
-    rescales_logits = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-    if decoder is None or head is None or rescales_logits:
+    parts = decoder_and_head(model)
+    if parts is None:
         return model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+    decoder, head = parts
     hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX

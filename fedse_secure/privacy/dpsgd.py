@@ -128,15 +128,29 @@ def collate(examples: Sequence[EncodedExampleLike], pad_token_id: int):
 def per_sequence_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"):
     """Causal-LM loss: token mean within each sequence (labelled tokens only), then ``mean`` over the batch
     (or ``none``: one value per sequence). A sequence without labelled tokens contributes 0."""
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    shift_logits = logits[:, :-1, :]
+    from fedse_secure.agent.sft import decoder_and_head
+
     shift_labels = labels[:, 1:]
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]).float(), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    ).view(shift_labels.shape)
+    parts = decoder_and_head(model)
+    if parts is not None and not any(p.requires_grad for p in parts[1].parameters()):
+        # The LM head only at the labelled positions (most of the step's cost over a 49k vocabulary otherwise).
+        # Only with a frozen head: Opacus's per-sample hooks on a trainable head would see the gathered rows,
+        # not one row per sequence. The decoder's hooks still see [batch, time, ...] activations.
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        picked = shift_labels != IGNORE_INDEX
+        tok = hidden.new_zeros(shift_labels.shape, dtype=torch.float32)
+        tok[picked] = F.cross_entropy(head(hidden[picked]).float(), shift_labels[picked], reduction="none")
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        shift_logits = logits[:, :-1, :]
+        tok = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]).float(), shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="none",
+        ).view(shift_labels.shape)
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     per_seq = tok.sum(dim=1) / counts
     return per_seq if reduction == "none" else per_seq.mean()
