@@ -21,26 +21,21 @@ import platform
 import statistics
 import sys
 import time
-import warnings
+
+from _common import add_model_options, offline_torch
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or folder (default: %(default)s)")
+    add_model_options(parser)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=3, help="interleaved blocks of each step kind")
     parser.add_argument("--steps-per-block", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    warnings.filterwarnings("ignore")
-    import torch
+    torch = offline_torch(args.threads)
     from opacus.optimizers import DPOptimizer
     from peft import LoraConfig, get_peft_model
 
@@ -48,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     from fedse_secure.privacy import per_sequence_loss
     from fedse_secure.privacy.dpsgd import IGNORE_INDEX, wrap_for_per_sample_grads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
     loaded = load_model_and_tokenizer(args.model)

@@ -16,14 +16,12 @@ import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import add_model_options, offline_torch
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="model name or local folder")
+    add_model_options(ap)
     ap.add_argument("--env", default="maze", help="environment (its test task ids are used)")
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -31,18 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-context-tokens", type=int, default=1024)
     ap.add_argument("--sample", action="store_true", help="temperature-1.0 sampling instead of greedy")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's); use 1 on a loaded machine, oversubscribed threads spin")
-    ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = ap.parse_args(argv)
-
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch = offline_torch(args.threads)
 
     from fedse_secure.agent.policy import AgentModel
     from fedse_secure.agent.rollout import RolloutSettings, run_episodes

@@ -15,37 +15,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
-import warnings
+
+from _common import add_model_options, offline_torch
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or folder (default: %(default)s)")
+    add_model_options(parser)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=768)
     parser.add_argument("--blocks", type=int, default=3, help="interleaved blocks of each kind")
     parser.add_argument("--steps-per-block", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    warnings.filterwarnings("ignore")
-    import torch
+    torch = offline_torch(args.threads)
 
     from fedse_secure.agent.policy import AgentModel
     from fedse_secure.agent.sft import collate_examples, encode_for_training, target_token_loss
     from fedse_secure.config import LoraSettings, ModelConfig
     from fedse_secure.envs import generate_demonstrations
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     agent = AgentModel.load(ModelConfig(name_or_path=args.model), LoraSettings(), seed=0)
     model, tok = agent.model, agent.tokenizer
     demos = [t for env in ("babyai", "webshop", "textcraft", "maze", "wordle") for t in generate_demonstrations(env, [0, 1])]
