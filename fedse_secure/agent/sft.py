@@ -112,16 +112,31 @@ def encode_for_training(
     if history_turns is None:
         examples = [encode_trajectory(tokenizer, t, max_seq_len) for t in trajectories]
     else:
+        count = TokenCounter(tokenizer)  # one cache for the whole buffer: the system prompt is counted once
         distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], EncodedExample] = {}
         for t in trajectories:
-            for e in encode_turns(tokenizer, t, max_seq_len, history_turns, context_budget):
+            for e in encode_turns(tokenizer, t, max_seq_len, history_turns, context_budget, count):
                 distinct.setdefault((tuple(e.input_ids), tuple(e.labels)), e)
         examples = list(distinct.values())
     return [e for e in examples if e.num_target_tokens > 0]
 
 
+def encode_for_experiment(tokenizer, trajectories, exp) -> list[EncodedExample]:
+    """``encode_for_training`` with the window an experiment's agent acts on (``model.history_turns`` within the
+    prompt budget its rollouts use: ``model.max_context_tokens`` less the tokens a reply may take)."""
+    return encode_for_training(
+        tokenizer, trajectories, exp.training.max_seq_len, exp.model.history_turns,
+        exp.model.max_context_tokens - exp.exploration.max_new_tokens,
+    )
+
+
 def encode_turns(
-    tokenizer, trajectory: Trajectory, max_seq_len: int, history_turns: int, context_budget: int | None = None
+    tokenizer,
+    trajectory: Trajectory,
+    max_seq_len: int,
+    history_turns: int,
+    context_budget: int | None = None,
+    count: TokenCounter | None = None,
 ) -> list[EncodedExample]:
     """One example per agent turn, each with exactly the prompt the agent acts on under a history window.
 
@@ -129,7 +144,7 @@ def encode_turns(
     history_turns``) never sees the whole conversation, so training on the whole conversation would teach it
     in a context it never meets. Each turn here is rebuilt by the rollout's own ``fit_history``.
     """
-    count = TokenCounter(tokenizer)
+    count = count or TokenCounter(tokenizer)
     budget = context_budget if context_budget is not None else max_seq_len
     messages = trajectory.messages
     out = []

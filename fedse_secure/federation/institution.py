@@ -20,7 +20,7 @@ import numpy as np
 from fedse_secure.agent.buffer import ExperienceBuffer
 from fedse_secure.agent.policy import AgentModel
 from fedse_secure.agent.rollout import RolloutSettings, run_episodes
-from fedse_secure.agent.sft import encode_for_training, freeze_matching, train_lora
+from fedse_secure.agent.sft import encode_for_experiment, freeze_matching, train_lora
 from fedse_secure.aggregation.rules import AggregationRule
 from fedse_secure.config import ClientConfig, ExperimentConfig
 from fedse_secure.federation.progress import NULL_PROGRESS, Progress
@@ -170,10 +170,7 @@ class Institution:
     def _train(self, round_id: int, train_set, progress: Progress) -> dict[str, Any]:
         exp = self.experiment
         tok = self.agent.tokenizer
-        examples = encode_for_training(
-            tok, train_set, exp.training.max_seq_len, exp.model.history_turns,
-            exp.model.max_context_tokens - exp.exploration.max_new_tokens,
-        )
+        examples = encode_for_experiment(tok, train_set, exp)
         model = self.agent.model
         frozen = freeze_matching(model, self.rule.frozen_pattern)
         seed = derive_seed(exp.seed, self.name, "train", round_id)

@@ -222,16 +222,13 @@ class Simulation:
 
     def _run_centralized(self) -> None:
         """All demonstrations pooled into one training set (the paper's non-private reference point)."""
-        from fedse_secure.agent.sft import encode_for_training, train_lora
+        from fedse_secure.agent.sft import encode_for_experiment, train_lora
         from fedse_secure.federation.institution import derive_seed
 
         cfg = self.config
         pooled = [t for inst in self.institutions for t in inst.buffer]
         tok = self.agent.tokenizer
-        examples = encode_for_training(
-            tok, pooled, cfg.training.max_seq_len, cfg.model.history_turns,
-            cfg.model.max_context_tokens - cfg.exploration.max_new_tokens,
-        )
+        examples = encode_for_experiment(tok, pooled, cfg)
         state = self.initial_state
         self._initial_evaluation()
         for r in range(1, cfg.federation.rounds + 1):
