@@ -78,17 +78,17 @@ def time_batched(name: str, scripts, batch: int, min_seconds: float) -> tuple[fl
 
 
 def main(argv=None) -> int:
-    from fedse_secure.envs import ENV_NAMES
+    from fedse_secure.envs import oracle_environments
 
     parser = argparse.ArgumentParser(description="Environment steps per second, single and batched.")
     parser.add_argument("--json", action="store_true", help="end with one JSON line holding every number")
     parser.add_argument("--episodes", type=int, default=32, help="oracle episodes recorded per environment")
     parser.add_argument("--batch", type=int, default=16, help="episodes stepped together in the batched run")
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per measurement")
-    parser.add_argument("--env", action="append", choices=ENV_NAMES, help="environment(s) to time (default all)")
+    parser.add_argument("--env", action="append", choices=oracle_environments(), help="environment(s) to time (default all)")
     args = parser.parse_args(argv)
     results = {}
-    for name in args.env or ENV_NAMES:
+    for name in args.env or oracle_environments():
         scripts = record_scripts(name, args.episodes)
         single, n_single = time_single(name, scripts, args.seconds)
         batched, n_batched = time_batched(name, scripts, args.batch, args.seconds)

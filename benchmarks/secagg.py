@@ -4,10 +4,11 @@ All three run in one process, one after the other, on identical inputs (n float3
 sequentially on one core (clients one after the other, then the server), and each passes every message
 through its wire form:
 
-* ``plaintext``: each client serialises its float32 vector (``tobytes``); the server deserialises them and
-  runs :class:`PlaintextAggregator` (finite check + float64 sum). This is the "secure_aggregation: none" path.
-* ``masking``: :meth:`MaskingAggregator.aggregate`: all five stages for every client and the server, every
-  message through ``to_bytes``/``decode`` (full graph for n <= 32, the default config).
+* ``plaintext``: the ``none`` backend through the in-process driver (``fedse_secure.secagg.driver.aggregate``):
+  each client serialises its float32 vector, the server deserialises it, checks it is finite and adds it to a
+  float64 sum. This is the "secure_aggregation: none" path.
+* ``masking``: the ``masking`` backend through the same driver: all five stages for every client and the
+  server, every message through ``to_bytes``/``decode`` (full graph for n <= 32, the default settings).
 * ``flower_secaggplus``: Flower's own ``SecAggPlusWorkflow.__call__`` (server, all four stages) against
   Flower's own ``secaggplus_mod`` on each client, driven in-process by a small Grid that passes each Flower
   ``Message`` through its protobuf wire form (``message_to_proto``/``SerializeToString``/``message_from_proto``).
@@ -43,17 +44,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fedse_secure.config import SecAggConfig  # noqa: E402
-from fedse_secure.secagg.base import PlaintextAggregator  # noqa: E402
-from fedse_secure.secagg.masking import (  # noqa: E402
-    IdentityKey,
-    MaskingAggregator,
-    PublicKeyRegistry,
-    SecAggClient,
-    SecAggServer,
-    Stage,
-    run_round,
-)
+from fedse_secure.secagg.backends.masking import MaskingBackend  # noqa: E402
+from fedse_secure.secagg.backends.plaintext import PlaintextBackend  # noqa: E402
+from fedse_secure.secagg.driver import InProcessParties, aggregate, drive  # noqa: E402
+from fedse_secure.secagg.masking import IdentityKey, MaskingSettings, PublicKeyRegistry, Stage  # noqa: E402
 from fedse_secure.secagg.masking.graph import default_threshold  # noqa: E402
 
 
@@ -74,26 +68,17 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
 
 
-def run_plaintext(inputs: dict[str, np.ndarray]):
-    wire, client_cpu = {}, []
+def run_plaintext(inputs: dict[str, np.ndarray], identities=None):
     with Timer() as t:
-        for name, v in inputs.items():
-            c0 = time.thread_time()
-            wire[name] = v.astype(np.float32, copy=False).tobytes()
-            client_cpu.append(time.thread_time() - c0)
-        c0 = time.thread_time()
-        received = {name: np.frombuffer(b, dtype=np.float32) for name, b in wire.items()}
-        total = PlaintextAggregator().aggregate(1, received).total
-        server_cpu = time.thread_time() - c0
+        res = aggregate(PlaintextBackend(), 1, inputs, identities=identities)
     # If clients ran concurrently: the slowest client's serialisation, then the server.
-    t.critical_cpu = max(client_cpu) + server_cpu
-    return t, total
+    t.critical_cpu = res.measurements["critical_path_cpu_s"]
+    return t, res.total
 
 
 def run_masking(inputs, identities, round_id: int):
-    agg = MaskingAggregator(SecAggConfig(), identities=identities)
     with Timer() as t:
-        res = agg.aggregate(round_id, inputs)
+        res = aggregate(MaskingBackend(), round_id, inputs, identities=identities)
     return t, res
 
 
@@ -177,15 +162,19 @@ def server_scaling(n: int, size: int, seed: int = 0) -> dict[str, float]:
     ids = {p: IdentityKey.generate() for p in names}
     reg = PublicKeyRegistry.from_identities(ids)
     k = 2 * math.ceil(math.log2(n))
-    cfg = SecAggConfig(neighbours=k)
+    backend = MaskingBackend(MaskingSettings(neighbours=k))
     inputs = make_inputs(n, size, seed)
     n_drop = max(1, n // 20)
     drops = {p: Stage.MASKED_INPUT for p in names[:: max(1, n // n_drop)][:n_drop]}
-    server = SecAggServer(1, names, size, cfg, reg)
-    clients = {p: SecAggClient(p, ids[p], reg, cfg, vector=inputs[p]) for p in names}
+    server = backend.server(1, names, size, reg)
+    clients = {p: backend.client(p, ids[p], reg) for p in names}
+    for p in names:
+        clients[p].set_input(inputs[p])
+    parties = InProcessParties(clients, stages=backend.stages, dropouts=drops)
     t0 = time.perf_counter()
-    res = run_round(server, clients, drops)
+    res = drive(server, parties)
     wall = time.perf_counter() - t0
+    res.measurements.update(parties.measurements(res.measurements["server_s"], res.measurements["server_cpu_s"]))
     return {
         "server_s": res.measurements["server_s"],
         "server_cpu_s": res.measurements["server_cpu_s"],
@@ -220,8 +209,8 @@ def main() -> None:
     print(f"secure aggregation benchmark: {n} clients x {size:,} float32 parameters, {os.cpu_count()} CPU(s), "
           f"single-threaded, median of {repeats}")
 
-    run_plaintext(inputs)  # warm up allocator and page cache
-    plain = [run_plaintext(inputs) for _ in range(repeats)]
+    run_plaintext(inputs, identities)  # warm up allocator and page cache
+    plain = [run_plaintext(inputs, identities) for _ in range(repeats)]
     plaintext_s = statistics.median(t.wall for t, _ in plain)
     plaintext_cpu = statistics.median(t.cpu for t, _ in plain)
     exact = plain[0][1]
@@ -234,7 +223,8 @@ def main() -> None:
     err = float(np.max(np.abs(res.total - exact)))
     crit = statistics.median(r.measurements["critical_path_cpu_s"] for _, r in masks)
     plain_crit = statistics.median(t.critical_cpu for t, _ in plain)
-    gbps = statistics.median(r.measurements["client_mask_gb_per_s_cpu"] for _, r in masks)
+    gbps = statistics.median(r.measurements["client_keystream_bytes_total"] / r.measurements["client_mask_cpu_s_total"]
+                             / 1e9 for _, r in masks)
     input_gbps = gbps * (size * 4) / m["client_keystream_bytes_max"]
 
     flower = None

@@ -19,23 +19,23 @@ import time
 
 import numpy as np
 
-from fedse_secure.config import SecAggConfig
-from fedse_secure.secagg.crypten_backend import CryptenAggregator, fixed_point
+from fedse_secure.secagg.backends.crypten import CryptenBackend, CryptenSettings
+from fedse_secure.secagg.crypten_backend import fixed_point
+from fedse_secure.secagg.driver import aggregate
 
 
-def time_crypten_sum(vectors: list[np.ndarray], config: SecAggConfig | None = None, round_id: int = 0) -> dict:
+def time_crypten_sum(vectors: list[np.ndarray], config: CryptenSettings | None = None, round_id: int = 0) -> dict:
     """Sum ``vectors`` (one per institution) with the CrypTen backend once; return timings and the error.
 
     ``max_abs_error`` is measured against the float64 sum of the *clipped* inputs (clipping is part of the
     protocol, and ``values_clipped`` says how much of it happened); ``error_bound`` is n * 2^-(f+1).
     """
-    if len(vectors) < 2:
-        raise ValueError(f"time_crypten_sum needs at least 2 vectors (one per institution), got {len(vectors)}")
-    cfg = config if config is not None else SecAggConfig()
-    agg = CryptenAggregator(cfg)
+    if len(vectors) < 3:
+        raise ValueError(f"time_crypten_sum needs at least 3 vectors (one per institution), got {len(vectors)}")
+    cfg = config if config is not None else CryptenSettings()
     contributions = {f"inst-{i:03d}": np.asarray(v).reshape(-1) for i, v in enumerate(vectors)}
     t0 = time.perf_counter()
-    result = agg.aggregate(round_id, contributions)
+    result = aggregate(CryptenBackend(cfg), round_id, contributions)
     wall = time.perf_counter() - t0
 
     plain = np.zeros(result.total.size, dtype=np.float64)

@@ -30,13 +30,10 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-def _errors() -> tuple[type[Exception], ...]:
-    from fedse_secure.config import ConfigError
-    from fedse_secure.federation.flower.checkpoint import CheckpointError
-    from fedse_secure.federation.flower.pki import PkiError
-    from fedse_secure.federation.flower.processes import DeployError
+def _errors() -> type[Exception]:
+    from fedse_secure.errors import FedseError
 
-    return (ConfigError, PkiError, DeployError, CheckpointError)
+    return FedseError
 
 
 # -- certs / keys ------------------------------------------------------------------------------------------------

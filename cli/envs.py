@@ -20,22 +20,22 @@ def _fail(message: str, code: int = 2):
 
 
 def _validate(names: list[str] | None) -> list[str] | None:
-    from fedse_secure.envs import ENV_NAMES
+    from fedse_secure.envs import oracle_environments
 
     if not names:
         return None
-    bad = [n for n in names if n not in ENV_NAMES]
+    bad = [n for n in names if n not in oracle_environments()]
     if bad:
-        _fail(f"unknown environment(s) {', '.join(bad)}; choose from {', '.join(ENV_NAMES)}")
+        _fail(f"unknown environment(s) {', '.join(bad)}; choose from {', '.join(oracle_environments())}")
     return names
 
 
 @envs_app.command("list")
 def list_envs() -> None:
     """Print each environment's turn limit and split sizes."""
-    from fedse_secure.envs import ENV_NAMES, make_env
+    from fedse_secure.envs import make_env, oracle_environments
 
-    for name in ENV_NAMES:
+    for name in oracle_environments():
         env = make_env(name)
         typer.echo(
             f"{name:10s} max_turns={env.max_turns:<3d} test={len(env.test_task_ids()):<4d} "
@@ -87,10 +87,10 @@ def serve(
     env: list[str] = typer.Option(None, "--env", help="Environment to serve (repeatable; default: all five)."),
 ) -> None:
     """Serve local environments over AgentGym's HTTP protocol at http://HOST:PORT/<env>."""
-    from fedse_secure.envs import ENV_NAMES
+    from fedse_secure.envs import oracle_environments
     from fedse_secure.envs.agentgym_server import make_server
 
-    names = _validate(env) or list(ENV_NAMES)
+    names = _validate(env) or oracle_environments()
     try:
         server = make_server(host, port, names)
     except OSError as err:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 privacy_app = typer.Typer(
-    help="Audit and plan differential privacy: per-institution ledgers, ε under RDP and PRV, noise planning.",
+    help="Audit and plan differential privacy: per-institution ledgers, ε under every accountant, noise planning.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -66,7 +66,7 @@ def report(
     png: Path | None = typer.Option(None, "--png", help="Where to write the plot (default: LEDGER.epsilon.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (one object)."),
 ) -> None:
-    """ε spent per round and in total (RDP and PRV), the remaining budget, and a PNG of ε over rounds."""
+    """ε spent per round and in total (every accountant), the remaining budget, and a PNG of ε over rounds."""
     from fedse_secure.privacy import LedgerCorruptedError
     from fedse_secure.privacy.report import build_report, plot_report
 
@@ -86,21 +86,26 @@ def report(
         return
     from rich.table import Table
 
+    from fedse_secure.privacy import ACCOUNTANTS
+
     out = _out()
     out.print(f"[bold]{ledger}[/] — institution {rep.institution or '(empty ledger)'}, δ={d:g}, head {rep.head_hash[:16]}…")
-    table = Table("round", "events", "steps", "level", "ε RDP (round)", "ε PRV (round)", "ε RDP (total)",
-                  "ε PRV (total)")
+    names = rep.accountants
+    table = Table("round", "events", "steps", "level", *(f"ε {a.upper()} (round)" for a in names),
+                  *(f"ε {a.upper()} (total)" for a in names))
     for r in rep.rows:
-        table.add_row(str(r.round), str(r.events), str(r.steps), ",".join(r.levels), _fmt(r.epsilon_rdp),
-                      _fmt(r.epsilon_prv), _fmt(r.cumulative_rdp), _fmt(r.cumulative_prv))
+        table.add_row(str(r.round), str(r.events), str(r.steps), ",".join(r.levels),
+                      *(_fmt(r.epsilon[a]) for a in names), *(_fmt(r.cumulative[a]) for a in names))
     out.print(table)
-    out.print(f"total ε: RDP {_fmt(rep.total_rdp)}, PRV {_fmt(rep.total_prv)} (rounds compose; ε does not add up)")
-    if rep.prv_error:
-        out.print(f"[yellow]PRV unavailable[/]: {rep.prv_error}")
+    totals = ", ".join(f"{a.upper()} {_fmt(rep.total[a])}" for a in names)
+    out.print(f"total ε: {totals} (rounds compose; ε does not add up)")
+    for a, err in rep.errors.items():
+        out.print(f"[yellow]{ACCOUNTANTS.get(a).title} unavailable[/]: {err}")
     if b is None:
         out.print("budget: none configured (pass --budget or --config)")
     else:
-        out.print(f"budget ε={b:g}: remaining RDP {_fmt(rep.remaining('rdp'))}, PRV {_fmt(rep.remaining('prv'))}")
+        left = ", ".join(f"{a.upper()} {_fmt(rep.remaining(a))}" for a in names)
+        out.print(f"budget ε={b:g}: remaining {left}")
     out.print(f"plot: {png_path}")
 
 
@@ -130,8 +135,8 @@ def verify(
         out.print(f"[bold red]FAILED[/] {v.summary()}")
         raise typer.Exit(1)
     out.print(f"[bold green]OK[/] {v.summary()}")
-    out.print(f"ε recomputed from {v.entries} events at δ={d:g}: RDP {_fmt(audit.epsilon_rdp)}, "
-              f"PRV {_fmt(audit.epsilon_prv)}")
+    figures = ", ".join(f"{a.upper()} {_fmt(e)}" for a, e in audit.epsilon.items())
+    out.print(f"ε recomputed from {v.entries} events at δ={d:g}: {figures}")
     if audit.epsilon_google_rdp is not None:
         verdict = "agrees" if audit.cross_check_ok else "DISAGREES"
         out.print(f"Google dp-accounting RDP: {_fmt(audit.epsilon_google_rdp)} ({verdict})")
@@ -157,9 +162,9 @@ def plan(
     ledger: Path | None = typer.Option(None, "--ledger", help="Subtract what this ledger already spent."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (one object)."),
 ) -> None:
-    """The noise multiplier needed for a target ε over the planned rounds, under RDP and PRV."""
+    """The noise multiplier needed for a target ε over the planned rounds, under every accountant."""
     from fedse_secure.config import PrivacyConfig, TrainingConfig
-    from fedse_secure.privacy import AccountingError, epsilon, noise_multiplier_for_target, project_event
+    from fedse_secure.privacy import ACCOUNTANTS, AccountingError, epsilon, noise_multiplier_for_target, project_event
 
     cfg_privacy, cfg_training = None, None
     rounds_from_cfg = None
@@ -206,16 +211,18 @@ def plan(
             _fail(str(err), 1)
     result = {"mode": privacy.mode, "target_epsilon": target_epsilon, "delta": privacy.delta, "rounds": n_rounds,
               "sample_rate": event.sample_rate, "steps_per_round": event.steps, "already_spent_events": len(spent)}
-    for acc in ("rdp", "prv"):
+    result["accountants"] = {}
+    for acc in ACCOUNTANTS.names():
         try:
             sigma = noise_multiplier_for_target(
                 target_epsilon, privacy.delta, event.sample_rate, event.steps, n_rounds, acc,
                 spent_events=spent, level=event.level,
             )
             planned = [event.__class__(**{**event.to_dict(), "noise_multiplier": sigma})] * n_rounds
-            result[acc] = {"noise_multiplier": sigma, "epsilon": epsilon([*spent, *planned], privacy.delta, acc)}
+            result["accountants"][acc] = {"noise_multiplier": sigma,
+                                          "epsilon": epsilon([*spent, *planned], privacy.delta, acc)}
         except AccountingError as err:
-            result[acc] = {"error": str(err)}
+            result["accountants"][acc] = {"error": str(err)}
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -223,8 +230,7 @@ def plan(
     out.print(f"{privacy.mode}: {n_rounds} rounds × {event.steps} steps at sample rate {event.sample_rate:.4g}, "
               f"target ε={target_epsilon:g}, δ={privacy.delta:g}"
               + (f", after {len(spent)} recorded events" if spent else ""))
-    for acc in ("rdp", "prv"):
-        r = result[acc]
+    for acc, r in result["accountants"].items():
         if "error" in r:
             out.print(f"  {acc.upper()}: [red]{r['error']}[/]")
         else:

@@ -48,9 +48,8 @@ def simulate(
     except ConfigError as err:
         fail(str(err))
     _quiet_libraries()
-    from fedse_secure.federation.run_folder import RunFolderError
+    from fedse_secure.errors import FedseError
     from fedse_secure.federation.simulation import simulate as run_simulation
-    from fedse_secure.models import ModelNotAvailableError
 
     out_dir = out or cfg.resolved_output_dir()
     progress = RichProgress(enabled=not quiet)
@@ -60,18 +59,13 @@ def simulate(
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: {out_dir} holds every completed round (summary status 'interrupted')")
         raise typer.Exit(130)
-    except (RunFolderError, ModelNotAvailableError) as err:
-        fail(str(err))
-    except Exception as err:
-        name = type(err).__name__
-        if name == "BudgetExceededError":
+    except FedseError as err:
+        if err.exit_code == 3:
             fail(f"stopped before round {summary_round(out_dir)}: {err}", code=3)
-        if name in ("SecureAggregationError", "RoundAbortedError", "LedgerCorruptedError"):
-            fail(f"{name}: {err}")
-        raise
+        fail(f"{type(err).__name__}: {err}", code=err.exit_code)
     from fedse_secure.report import final_table
 
-    _print_table(final_table([{**summary, "_dir": str(out_dir)}]))
+    _print_table(final_table([summary]))
     console.print(f"run folder: [bold]{out_dir}[/]  (summary.json, metrics.jsonl, adapters/)")
 
 
@@ -88,11 +82,12 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Table of success per environment (mean ± 95% CI over seeds) and PNG plots per round."""
-    from fedse_secure.report import ReportError, final_table, load_summary, plot_runs
+    from fedse_secure.errors import FedseError
+    from fedse_secure.report import final_table, load_summary, plot_runs
 
     try:
         summaries = [load_summary(d) for d in run_dirs]
-    except ReportError as err:
+    except FedseError as err:
         fail(str(err))
     table = final_table(summaries)
     if as_json:
@@ -148,6 +143,29 @@ def config_validate(
     else:
         console.print(f"[green]ok[/]: {config} ({len(cfg.clients)} clients, {cfg.federation.rounds} rounds, "
                       f"{cfg.federation.mode}, secure aggregation {cfg.federation.secure_aggregation})")
+
+
+@config_app.command("explain")
+def config_explain(
+    field: str | None = typer.Argument(None, help="A dotted field, e.g. federation.secure_aggregation.threshold."),
+    as_json: bool = typer.Option(False, "--json", help="Print the documentation as JSON."),
+) -> None:
+    """What a config field means, its type, default and allowed values (every top-level field without FIELD)."""
+    from fedse_secure.config import ConfigError, explain
+
+    try:
+        docs = explain(field)
+    except ConfigError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps([d.__dict__ for d in docs], default=str))
+        return
+    import textwrap
+
+    for d in docs:
+        typer.echo(f"{d.path}  ({d.type}, default {d.default})")
+        meaning = d.description + (f" Allowed: {', '.join(d.choices)}." if d.choices else "")
+        typer.echo(textwrap.fill(meaning, width=100, initial_indent="    ", subsequent_indent="    "))
 
 
 model_app = typer.Typer(help="Prepare models offline.", no_args_is_help=True)

@@ -63,9 +63,8 @@ def sweep(
     from fedse_cli.run import _print_table, _quiet_libraries
 
     _quiet_libraries()
-    from fedse_secure.federation.run_folder import RunFolderError
+    from fedse_secure.errors import FedseError
     from fedse_secure.federation.simulation import simulate as run_simulation
-    from fedse_secure.models import ModelNotAvailableError
     from fedse_secure.report import final_table, load_summary, plot_runs
 
     run_dirs = []
@@ -83,8 +82,8 @@ def sweep(
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/] at seed {seed}; rerun the same command to resume")
             raise typer.Exit(130)
-        except (RunFolderError, ModelNotAvailableError) as err:
-            fail(str(err))
+        except FedseError as err:
+            fail(f"seed {seed}: {type(err).__name__}: {err}", code=err.exit_code)
     summaries = [load_summary(d) for d in run_dirs]
     _print_table(final_table(summaries))
     for p in plot_runs(summaries, plot_dir or out):

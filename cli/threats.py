@@ -52,7 +52,7 @@ def verify(
     from fedse_cli.run import _quiet_libraries
 
     _quiet_libraries()
-    from fedse_threat_model.checks import ProtectionSettings, UnknownProtectionError
+    from fedse_threat_model.harness import ProtectionSettings, UnknownProtectionError
     from fedse_threat_model.registry import load_threats, select, verify as run_verify
 
     try:

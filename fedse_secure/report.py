@@ -6,25 +6,18 @@ mean with a 95% confidence interval (Student t), which the paper does not report
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ReportError(RuntimeError):
-    pass
+from fedse_secure.federation.run_folder import RunFolder, RunSummary
 
 
-def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise ReportError(f"{run_dir}: no summary.json; is this a run folder written by `fedse simulate`?")
-    summary = json.loads(path.read_text())
-    summary["_dir"] = str(run_dir)
-    return summary
+def load_summary(run_dir: str | Path) -> RunSummary:
+    """The typed summary of a run folder, simulated or deployed alike (``RunFolderError`` if there is none)."""
+    return RunFolder(run_dir).summary()
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -44,37 +37,37 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 @dataclass
 class Group:
     label: str
-    runs: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[RunSummary] = field(default_factory=list)
 
     def series(self, env: str | None) -> dict[int, tuple[float, float, int]]:
         """round -> (mean, ci half-width, number of runs) for one environment (None = micro average)."""
         per_round: dict[int, list[float]] = defaultdict(list)
         for s in self.runs:
-            table = s["micro_avg"] if env is None else s["success_by_env"].get(env, {})
+            table = s.micro_avg if env is None else s.success_by_env.get(env, {})
             for r, v in table.items():
                 if v is not None:
                     per_round[int(r)].append(float(v))
         return {r: (*mean_ci95(vs), len(vs)) for r, vs in sorted(per_round.items())}
 
 
-def group_runs(summaries: list[dict[str, Any]]) -> list[Group]:
+def group_runs(summaries: list[RunSummary]) -> list[Group]:
     groups: dict[str, Group] = {}
     for s in summaries:
-        label = f"{s['name']} ({s['mode']})"
+        label = f"{s.name} ({s.mode})"
         groups.setdefault(label, Group(label)).runs.append(s)
     return list(groups.values())
 
 
-def environments(summaries: list[dict[str, Any]]) -> list[str]:
+def environments(summaries: list[RunSummary]) -> list[str]:
     envs: list[str] = []
     for s in summaries:
-        for e in s.get("success_by_env", {}):
+        for e in s.success_by_env:
             if e not in envs:
                 envs.append(e)
     return envs
 
 
-def final_table(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+def final_table(summaries: list[RunSummary]) -> dict[str, Any]:
     """Rows per group: the last evaluated round's success per environment and the micro average."""
     envs = environments(summaries)
     rows = []
@@ -93,7 +86,7 @@ def final_table(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"environments": envs, "rows": rows}
 
 
-def plot_runs(summaries: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+def plot_runs(summaries: list[RunSummary], out_dir: str | Path) -> list[Path]:
     """One PNG per environment plus the micro average: success per round, one line per group, CI bands."""
     import matplotlib
 

@@ -130,22 +130,20 @@ def test_sft_benchmark_runs_and_its_two_losses_agree(repo_root):
 
 def test_a_memoryless_federation_trains_on_per_turn_examples(repo_root, tmp_path):
     """The window reaches every part of a run: exploration, per-turn training examples, and evaluation."""
-    import json
-
     from fedse_secure.agent.buffer import ExperienceBuffer
     from fedse_secure.config import load_config
+    from fedse_secure.federation.run_folder import RunFolder
     from fedse_secure.federation.simulation import simulate
 
     cfg = load_config(repo_root / "configs" / "smoke.yaml", ["model.history_turns=0", "federation.rounds=1"])
     summary = simulate(cfg, tmp_path / "run")
-    assert summary["status"] == "completed"
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in records if r.get("train_examples") is not None]
-    assert {r["client"] for r in trained} == {c.name for c in cfg.clients}
+    assert summary.status == "completed"
+    (round_1,) = [r for r in RunFolder(tmp_path / "run").records() if r.status == "completed"]
+    assert set(round_1.institutions) == {c.name for c in cfg.clients}
     tok = AgentModel.load(cfg.model, cfg.lora, seed=0).tokenizer
-    for r in trained:
-        buffer_file = next((tmp_path / "run" / "institutions" / r["client"]).glob("buffer.jsonl"))
+    for name, inst in round_1.institutions.items():
+        buffer_file = next((tmp_path / "run" / "institutions" / name).glob("buffer.jsonl"))
         expected = encode_for_training(tok, list(ExperienceBuffer(buffer_file)), cfg.training.max_seq_len, 0,
                                        cfg.model.max_context_tokens - cfg.exploration.max_new_tokens)
         # One example per distinct turn, not one per trajectory.
-        assert r["train_examples"] == len(expected) > r["buffer_size"]
+        assert inst.report["train"]["examples"] == len(expected) > inst.report["explore"]["buffer_size"]

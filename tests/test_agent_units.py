@@ -12,7 +12,7 @@ from fedse_secure.agent.buffer import ExperienceBuffer
 from fedse_secure.agent.policy import AgentModel
 from fedse_secure.agent.rollout import RolloutSettings, fit_history, run_episodes
 from fedse_secure.agent.sft import IGNORE_INDEX, collate_examples, encode_messages, encode_trajectory, freeze_matching, train_lora
-from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.config import LoraSettings, ModelConfig, TrainingConfig
 from fedse_secure.envs import generate_demonstrations, make_env
 

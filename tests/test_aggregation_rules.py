@@ -14,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedse_secure.aggregation import RULES, flatten, get_rule, unflatten
-from fedse_secure.aggregation.rules import FfaLora
+from fedse_secure.aggregation.flat import flatten, unflatten
+from fedse_secure.aggregation.rules import RULES, get_rule
+from fedse_secure.aggregation.rules.ffa import FfaLora
 
 LAYERS = {"q": (6, 5), "v": (4, 5)}  # name -> (d_out, d_in)
 R = 2
@@ -203,8 +204,9 @@ def test_flatten_unflatten_round_trip(shapes, seed):
 
 def test_weighted_payload_stays_inside_the_secure_aggregation_clip_range(clients):
     """Raw counts (e.g. 40 successful trajectories) must not be clipped by secagg's ±8 range."""
-    from fedse_secure.config import SecAggConfig
-    from fedse_secure.secagg.masking import MaskingAggregator
+    from fedse_secure.secagg.backends.masking import MaskingBackend
+    from fedse_secure.secagg.driver import aggregate
+    from fedse_secure.secagg.masking import MaskingSettings
 
     global_, locals_ = clients
     locals_ = locals_[:3]
@@ -212,7 +214,7 @@ def test_weighted_payload_stays_inside_the_secure_aggregation_clip_range(clients
     rule = get_rule("weighted")
     payloads = {f"c{i}": rule.client_payload(l, global_, w) for i, (l, w) in enumerate(zip(locals_, weights))}
     assert max(float(np.abs(p).max()) for p in payloads.values()) < 8.0
-    agg = MaskingAggregator(SecAggConfig(on_out_of_range="refuse"), rng_seed=0).aggregate(1, payloads)
+    agg = aggregate(MaskingBackend(MaskingSettings(on_out_of_range="refuse")), 1, payloads, seed=0)
     out = rule.finalize(agg.total, len(agg.survivors), global_)
     expected = {k: global_[k] + sum(w * (l[k] - global_[k]) for l, w in zip(locals_, weights)) / sum(weights)
                 for k in global_}

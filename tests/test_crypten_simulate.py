@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fedse_secure.federation.run_folder import RunFolder
 from fedse_secure.secagg.crypten_backend import CryptenUnavailableError, check_crypten_installed
 
 pytestmark = pytest.mark.slow
@@ -52,12 +53,12 @@ def test_simulate_completes_every_round_with_crypten(crypten_run):
     assert summary["secure_aggregation"] == "crypten"
     assert summary["aborted_rounds"] == []
     assert summary["rounds_completed"] == 2
-    records = [json.loads(line) for line in (crypten_run["out"] / "metrics.jsonl").read_text().splitlines()]
-    done = [r for r in records if r.get("round_status") == "completed"]
-    assert len(done) == 6  # 2 rounds x 3 institutions
+    done = [r for r in RunFolder(crypten_run["out"]).records() if r.status == "completed"]
+    assert [r.round for r in done] == [1, 2]
     for r in done:
-        assert r["secagg_crypten_parties"] == 4 and r["secagg_n_survivors"] == 3
-        assert r["secagg_bytes_sent_per_client"] > 0
+        sa = r.secure_aggregation
+        assert sa["backend"] == "crypten" and sa["crypten_parties"] == 4 and sa["n_survivors"] == 3
+        assert sa["bytes_sent_per_client"] > 0
 
 
 def test_global_adapters_match_the_masking_backend(crypten_run, smoke_run):
@@ -68,15 +69,15 @@ def test_global_adapters_match_the_masking_backend(crypten_run, smoke_run):
     # The comparison only means something if both runs trained on identical inputs: the first local training
     # happens before any aggregation, so its loss must agree exactly.
     def first_losses(out):
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return {r["client"]: r["train_loss"] for r in recs if r.get("round") == 1 and "train_loss" in r}
+        first = next(r for r in RunFolder(out).records() if r.round == 1 and r.status == "completed")
+        return {name: inst.report["train"]["loss"] for name, inst in first.institutions.items()}
 
     assert first_losses(smoke_run["out"]) == first_losses(crypten_run["out"]), (
         "the masking and crypten runs already differ in round 1's local training, before any aggregation: the "
         "simulation is not deterministic, or the code changed between the two runs"
     )
     cfg = yaml.safe_load((crypten_run["out"] / "config.yaml").read_text())
-    bits = cfg["federation"]["secagg"]["fractional_bits"]
+    bits = cfg["federation"]["secure_aggregation"]["fractional_bits"]
     for label in ("round-001", "round-002", "final"):
         masking = load_file(smoke_run["out"] / "adapters" / label / "adapter_model.safetensors")
         crypten = load_file(crypten_run["out"] / "adapters" / label / "adapter_model.safetensors")

@@ -46,7 +46,7 @@ class Deployment:
         data = yaml.safe_load((REPO / "configs/deploy/coordinator.yaml").read_text())
         exp = data["experiment"]
         exp["federation"]["rounds"] = rounds
-        exp["federation"]["secagg"]["stage_timeout_s"] = stage_timeout_s
+        exp["federation"]["secure_aggregation"]["stage_timeout_s"] = stage_timeout_s
         exp["evaluation"].update(test_tasks=1, every_round=False)
         self.experiment = exp
         self.port = _free_port()
@@ -187,7 +187,7 @@ def deployment_factory(tmp_path):
 
 
 def _adapter(path: Path):
-    from fedse_secure.aggregation.adapter_state import load_adapter_state
+    from fedse_secure.models.adapters import load_adapter_state
 
     return load_adapter_state(str(path))
 
@@ -243,6 +243,41 @@ def test_two_rounds_over_flower_with_tls_and_node_auth_equal_the_in_process_simu
     diff = max(float((ours[k] - ref[k]).abs().max()) for k in ref)
     print(f"\nFlower deployment: 2 rounds in {flower_s:.1f} s ({summary['round_s']}); max |diff| vs simulation {diff}")
     assert diff == 0.0
+    _same_records(d.state / "run", tmp_path / "sim")
+
+    # `fedse report` reads a deployment's run folder as it reads a simulation's.
+    rep = subprocess.run(_fedse("report", str(d.state / "run"), str(tmp_path / "sim"), "--json", "--plots",
+                                str(tmp_path / "plots")), capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    rows = json.loads(rep.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["run"], r["seeds"]) for r in rows] == [("deploy-loopback (fedse)", 2)]
+
+
+#: Fields that differ between two runs of the same rounds by nature: wall-clock times and CPU seconds.
+_TIMING = ("_s", "time", "seconds", "gb_per_s")
+
+
+def _comparable(value, key=""):
+    """A round record with its timings left out (what must be equal between two transports)."""
+    if isinstance(value, dict):
+        return {k: _comparable(v, k) for k, v in value.items() if not k.endswith(_TIMING) and k != "timing"}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _same_records(deployed, simulated) -> None:
+    """The Flower path and the in-process path, driven through the same backend interface, release the same sums
+    and write the same round records, field by field (timings aside)."""
+    from fedse_secure.federation.run_folder import RunFolder
+
+    ours, ref = RunFolder(deployed).records(), RunFolder(simulated).records()
+    assert [(r.round, r.status) for r in ours] == [(r.round, r.status) for r in ref]
+    for a, b in zip(ours, ref):
+        assert a.released_sum_sha256 == b.released_sum_sha256, a.round
+        left, right = _comparable(a.to_dict()), _comparable(b.to_dict())
+        for field in sorted(set(left) | set(right)):
+            assert left.get(field) == right.get(field), (a.round, a.status, field)
 
 
 def test_killed_institution_drops_out_and_a_crashed_coordinator_resumes(deployment_factory):

@@ -63,7 +63,7 @@ def test_example_configs_load_and_agree():
 
     coord = load_coordinator_config(REPO / "configs/deploy/coordinator.yaml")
     assert [i.name for i in coord.institutions] == NAMES
-    assert coord.experiment.federation.secure_aggregation == "masking"
+    assert coord.experiment.federation.secure_aggregation.backend == "masking"
     assert coord.tls.ca_cert.is_absolute()
     ports = set()
     for name in NAMES:
@@ -83,7 +83,7 @@ def test_coordinator_config_rejects_what_cannot_work_across_machines(tmp_path):
 
     data = yaml.safe_load((REPO / "configs/deploy/coordinator.yaml").read_text())
     for patch, message in [
-        ({"secure_aggregation": "crypten"}, "not available across machines"),
+        ({"secure_aggregation": "crypten"}, "'crypten' is not available across machines"),
         ({"mode": "local"}, "never aggregates"),
     ]:
         bad = yaml.safe_load(yaml.safe_dump(data))
@@ -111,12 +111,13 @@ def test_stage_messages_round_trip_through_flower_records():
         request_from_record,
         request_to_record,
     )
-    from fedse_secure.federation.flower.wire import StageReply, StageRequest, WireError
+    from fedse_secure.federation.wire import StageReply, StageRequest, WireError
 
     req = StageRequest("advertise_keys", 3, "abc", '{"x": 1}', True, {"request": b"\x00\x01FSA1", "global_state": b""})
     back = request_from_record(request_to_record(req))
     assert back == req
-    rep = StageReply("share_keys", 3, "wordle-lab", {"loss": 0.5}, {"reply": bytes(range(256)) * 100})
+    rep = StageReply("share_keys", 3, "wordle-lab", "abc", {"loss": 0.5}, {"reply": bytes(range(256)) * 100},
+                     error="", refusal="")
     assert reply_from_record(reply_to_record(rep)) == rep
     from flwr.app import ConfigRecord, RecordDict
 

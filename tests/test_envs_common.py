@@ -7,9 +7,18 @@ import re
 
 import pytest
 
-from fedse_secure.envs import ENV_NAMES, BatchedEnv, extract_action, generate_demonstrations, make_env, make_oracle
+from fedse_secure.envs import (
+    ENVIRONMENTS,
+    BatchedEnv,
+    extract_action,
+    generate_demonstrations,
+    make_env,
+    make_oracle,
+    oracle_environments,
+)
 from fedse_secure.envs.rollout import run_oracle_episode
 
+ENV_NAMES = oracle_environments()
 _AVAILABLE = [
     n for n in ENV_NAMES if importlib.util.find_spec(f"fedse_secure.envs.{n}") is not None
 ]
@@ -18,7 +27,8 @@ JUNK = ["", "Action:", "Thought: hmm", "!!!@@@", "Action: \x00\x01", "Action: " 
 
 
 def test_env_names():
-    assert ENV_NAMES == ("babyai", "webshop", "textcraft", "maze", "wordle")
+    assert ENV_NAMES == ["babyai", "maze", "textcraft", "webshop", "wordle"]
+    assert ENVIRONMENTS.names() == ["agentgym", *ENV_NAMES]
 
 
 def test_unknown_env_error_lists_names():
@@ -151,9 +161,9 @@ def test_observations_identical_across_processes():
     import sys
 
     code = (
-        "import json\nfrom fedse_secure.envs import ENV_NAMES, make_env\n"
+        "import json\nfrom fedse_secure.envs import make_env, oracle_environments\n"
         "out = {}\n"
-        "for n in ENV_NAMES:\n"
+        "for n in oracle_environments():\n"
         "    e = make_env(n)\n"
         "    t = list(e.test_task_ids())[-1]\n"
         "    out[n] = [e.reset(t), e.step('Action: look').observation]\n"

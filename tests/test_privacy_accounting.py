@@ -7,6 +7,7 @@ import math
 import pytest
 
 from fedse_secure.privacy import (
+    ACCOUNTANTS,
     RDP_ORDERS,
     AccountingError,
     DpEvent,
@@ -16,6 +17,8 @@ from fedse_secure.privacy import (
     epsilon_dp_accounting,
     noise_multiplier_for_target,
 )
+
+from fedse_secure.privacy.accountants.rdp import RdpAccountant  # noqa: E402
 
 dp_accounting = pytest.importorskip("dp_accounting", reason="the cross-check needs dp-accounting (dev extra)")
 
@@ -51,7 +54,7 @@ def test_rdp_matches_google_dp_accounting_within_1_percent(sigma, q, steps):
        ``test_fractional_order_rdp_matches_numerical_integration``. Ours is then the smaller of the two.
     """
     events = [_event(sigma, q, steps)]
-    ours_int = epsilon(events, DELTA, "rdp", orders=INTEGER_ORDERS)
+    ours_int = RdpAccountant(orders=INTEGER_ORDERS).epsilon(events, DELTA)
     google_int = epsilon_dp_accounting(events, DELTA, orders=INTEGER_ORDERS)
     assert math.isfinite(ours_int) and ours_int > 0
     assert ours_int == pytest.approx(google_int, rel=0.01)
@@ -141,7 +144,7 @@ def test_edge_cases():
         DpEvent.from_dict({"mechanism": "gaussian"})
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ACCOUNTANTS.names())
 def test_plan_finds_the_smallest_noise_for_the_target(accountant):
     sigma = noise_multiplier_for_target(4.0, DELTA, sample_rate=0.05, steps_per_round=40, rounds=5,
                                         accountant=accountant)

@@ -35,11 +35,13 @@ def test_report_json_and_png(tmp_path):
     data = json.loads(result.output.strip().splitlines()[-1])
     events = [[e] for e in ledger.events()]
     assert [r["round"] for r in data["rows"]] == [1, 2, 3]
-    assert [r["cumulative_rdp"] for r in data["rows"]] == pytest.approx(cumulative_epsilon(events, 1e-5, "rdp"))
-    assert data["total_prv"] == pytest.approx(epsilon(ledger.events(), 1e-5, "prv"))
-    assert all(a["cumulative_prv"] < b["cumulative_prv"] for a, b in zip(data["rows"], data["rows"][1:]))
-    assert data["total_prv"] < data["total_rdp"]
-    assert data["remaining_rdp"] == pytest.approx(20 - data["total_rdp"])
+    assert data["accountants"] == ["prv", "rdp"]
+    cumulative = {a: [r["cumulative"][a] for r in data["rows"]] for a in data["accountants"]}
+    assert cumulative["rdp"] == pytest.approx(cumulative_epsilon(events, 1e-5, "rdp"))
+    assert data["total"]["prv"] == pytest.approx(epsilon(ledger.events(), 1e-5, "prv"))
+    assert all(a < b for a, b in zip(cumulative["prv"], cumulative["prv"][1:]))
+    assert data["total"]["prv"] < data["total"]["rdp"]
+    assert data["remaining"]["rdp"] == pytest.approx(20 - data["total"]["rdp"])
     assert data["institution"] == "clinic"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -66,8 +68,8 @@ def test_verify_ok_recomputes_epsilon_and_cross_checks(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["ok"] and data["verification"]["entries"] == 3
-    assert data["epsilon_rdp"] == pytest.approx(epsilon(ledger.events(), 1e-5, "rdp"))
-    assert data["epsilon_google_rdp"] == pytest.approx(data["epsilon_rdp"], rel=0.01)
+    assert data["epsilon"]["rdp"] == pytest.approx(epsilon(ledger.events(), 1e-5, "rdp"))
+    assert data["epsilon_google_rdp"] == pytest.approx(data["epsilon"]["rdp"], rel=0.01)
     assert data["cross_check_ok"] is True
     text = _invoke("verify", str(ledger.path), "--expect-head", ledger.head_hash())
     assert text.exit_code == 0 and "OK" in text.output and "agrees" in text.output
@@ -103,10 +105,12 @@ def test_plan_dp_sgd(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["sample_rate"] == pytest.approx(0.04) and data["steps_per_round"] == 25
-    for acc in ("rdp", "prv"):
-        assert 0 < data[acc]["noise_multiplier"] < 5
-        assert data[acc]["epsilon"] <= 8.0
-    assert data["prv"]["noise_multiplier"] <= data["rdp"]["noise_multiplier"]
+    plans = data["accountants"]
+    assert sorted(plans) == ["prv", "rdp"]
+    for plan in plans.values():
+        assert 0 < plan["noise_multiplier"] < 5
+        assert plan["epsilon"] <= 8.0
+    assert plans["prv"]["noise_multiplier"] <= plans["rdp"]["noise_multiplier"]
 
 
 def test_plan_client_dp_after_a_ledger(tmp_path):
@@ -115,7 +119,7 @@ def test_plan_client_dp_after_a_ledger(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["steps_per_round"] == 1 and data["sample_rate"] == 1.0 and data["already_spent_events"] == 1
-    assert data["rdp"]["epsilon"] <= 10.0
+    assert data["accountants"]["rdp"]["epsilon"] <= 10.0
 
 
 def test_plan_errors_are_clear(tmp_path):

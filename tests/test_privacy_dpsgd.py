@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedse_secure.agent.sft import collate_examples, encode_trajectory
-from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.config import PrivacyConfig, TrainingConfig
 from fedse_secure.privacy import (
     DpEvent,

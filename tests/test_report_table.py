@@ -8,7 +8,8 @@ import math
 import pytest
 from scipy import stats
 
-from fedse_secure.report import ReportError, final_table, group_runs, load_summary, mean_ci95, plot_runs
+from fedse_secure.federation.run_folder import RunFolderError
+from fedse_secure.report import final_table, group_runs, load_summary, mean_ci95, plot_runs
 
 
 def _summary(name, mode, seed, maze, wordle):
@@ -60,7 +61,7 @@ def test_fedse_and_fedit_in_one_table_and_plot(tmp_path):
 
 
 def test_not_a_run_folder(tmp_path):
-    with pytest.raises(ReportError, match="no summary.json"):
+    with pytest.raises(RunFolderError, match="no summary.json"):
         load_summary(tmp_path)
 
 

@@ -1,18 +1,21 @@
-"""MaskingAggregator end to end: exact sums, weights, dropouts, the SecAgg+ graph, and clear errors."""
+"""The masking backend end to end (through the in-process driver): exact sums, weights, dropouts, the SecAgg+
+graph, and clear errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedse_secure.config import SecAggConfig
-from fedse_secure.secagg.base import AggregateResult, RoundAbortedError, SecureAggregationError, SecureAggregator
+from fedse_secure.secagg.backends import BACKENDS
+from fedse_secure.secagg.backends.masking import MaskingBackend
+from fedse_secure.secagg.base import AggregateResult, Backend, RoundAbortedError, SecureAggregationError
+from fedse_secure.secagg.driver import aggregate
 from fedse_secure.secagg.masking import (
     AuthenticationError,
     IdentityKey,
     InvalidUpdateError,
     MaskedInput,
-    MaskingAggregator,
+    MaskingSettings,
     ProtocolError,
     PublicKeyRegistry,
     SecAggClient,
@@ -28,17 +31,29 @@ def _inputs(n: int, size: int, seed: int = 0, scale: float = 0.5) -> dict[str, n
     return {f"inst{i:02d}": (rng.standard_normal(size) * scale).astype(np.float32) for i in range(n)}
 
 
-def _expected(inputs, names, cfg: SecAggConfig) -> np.ndarray:
+class _Masking:
+    """The masking backend with ``cfg``, one reproducible round at a time."""
+
+    def __init__(self, cfg: MaskingSettings, seed: int | None = None, identities=None):
+        self.backend, self.seed, self.identities = MaskingBackend(cfg), seed, identities
+
+    def aggregate(self, round_id, inputs, dropouts=None):
+        return aggregate(self.backend, round_id, inputs, identities=self.identities, dropouts=dropouts, seed=self.seed)
+
+
+def _expected(inputs, names, cfg: MaskingSettings) -> np.ndarray:
     bits = required_ring_bits(len(inputs), cfg.clip_range, cfg.fractional_bits, len(next(iter(inputs.values()))))
     total = sum(signed_integers(quantise(inputs[n], cfg.clip_range, cfg.fractional_bits, bits)).astype(np.int64)
                 for n in names)
     return total / 2.0**cfg.fractional_bits
 
 
-def test_is_a_secure_aggregator_and_sum_is_exact():
-    cfg = SecAggConfig()
-    agg = MaskingAggregator(cfg, rng_seed=7)
-    assert isinstance(agg, SecureAggregator) and agg.name == "masking"
+def test_is_a_registered_backend_and_sum_is_exact():
+    cfg = MaskingSettings()
+    agg = _Masking(cfg, seed=7)
+    assert BACKENDS.get("masking") is MaskingBackend and issubclass(MaskingBackend, Backend)
+    caps = MaskingBackend.capabilities
+    assert caps.cross_machine and caps.tolerates_dropouts and caps.hides_inputs
     inputs = _inputs(6, 1001)
     res = agg.aggregate(1, inputs)
     assert isinstance(res, AggregateResult)
@@ -57,8 +72,8 @@ def test_is_a_secure_aggregator_and_sum_is_exact():
 def test_float64_inputs_and_several_rounds_with_given_identities():
     names = ["a", "b", "c", "d"]
     ids = {n: IdentityKey.generate() for n in names}
-    cfg = SecAggConfig(fractional_bits=32)
-    agg = MaskingAggregator(cfg, identities=ids)
+    cfg = MaskingSettings(fractional_bits=32)
+    agg = _Masking(cfg, identities=ids)
     rng = np.random.default_rng(3)
     for rnd in range(3):
         inputs = {n: rng.uniform(-1, 1, 64) for n in names}
@@ -74,58 +89,50 @@ def test_weighted_contributions_sum_weights_too():
     updates = {f"c{i}": rng.normal(0, 0.1, 50) for i in range(5)}
     weights = {"c0": 0.1, "c1": 0.3, "c2": 0.2, "c3": 0.25, "c4": 0.15}
     contrib = {c: np.append(weights[c] * u, weights[c]).astype(np.float32) for c, u in updates.items()}
-    res = MaskingAggregator(SecAggConfig(), rng_seed=1).aggregate(2, contrib)
+    res = _Masking(MaskingSettings(), seed=1).aggregate(2, contrib)
     mean = res.total[:-1] / res.total[-1]
     want = sum(weights[c] * updates[c] for c in updates) / sum(weights.values())
     assert np.allclose(mean, want, atol=1e-5)
 
 
-def test_tensors_are_flattened_and_shapes_restored():
-    rng = np.random.default_rng(5)
-    updates = {c: {"q.lora_A": rng.normal(size=(4, 3)).astype(np.float32),
-                   "v.lora_B": rng.normal(size=(2, 4)).astype(np.float32)} for c in ("x", "y", "z")}
-    summed, res = MaskingAggregator(SecAggConfig(), rng_seed=2).aggregate_tensors(1, updates)
-    assert summed["q.lora_A"].shape == (4, 3) and summed["v.lora_B"].shape == (2, 4)
-    want = sum(u["q.lora_A"].astype(np.float64) for u in updates.values())
-    assert np.allclose(summed["q.lora_A"], want, atol=1e-6)
-
-
 @pytest.mark.parametrize("stage", [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY,
                                    Stage.UNMASK])
 def test_one_dropout_at_each_stage(stage):
-    cfg = SecAggConfig()
+    cfg = MaskingSettings()
     inputs = _inputs(7, 300, seed=1)
-    res = MaskingAggregator(cfg, rng_seed=3).aggregate(5, inputs, dropouts={"inst03": stage})
+    res = _Masking(cfg, seed=3).aggregate(5, inputs, dropouts={"inst03": stage})
     in_sum = stage in (Stage.CONSISTENCY, Stage.UNMASK)  # its masked vector had already arrived
     assert ("inst03" in res.survivors) == in_sum
     assert np.array_equal(res.total, _expected(inputs, res.survivors, cfg))
 
 
-def test_simulate_dropouts_from_config():
-    cfg = SecAggConfig(simulate_dropouts={"inst01": "masked_input", "inst04": "share_keys"})
+def test_dropouts_at_two_stages_and_a_backend_with_three_institutions_minimum():
+    cfg = MaskingSettings()
     inputs = _inputs(8, 100)
-    res = MaskingAggregator(cfg, rng_seed=4).aggregate(1, inputs)
+    res = _Masking(cfg, seed=4).aggregate(1, inputs, dropouts={"inst01": "masked_input", "inst04": "share_keys"})
     assert res.dropped == ["inst01", "inst04"]
     assert np.array_equal(res.total, _expected(inputs, res.survivors, cfg))
+    backend = MaskingBackend(cfg)
+    assert backend.min_contributors(8) == 6 and backend.min_contributors(40) == 9  # t = floor(2m/3) + 1
+    with pytest.raises(ValueError, match="needs at least 3 institutions"):
+        backend.check(2)
 
 
 def test_secagg_plus_graph_with_dropouts():
-    cfg = SecAggConfig()  # n = 40 > 32: degree 2*ceil(log2 40) = 12, threshold 9 of 13
+    cfg = MaskingSettings()  # n = 40 > 32: degree 2*ceil(log2 40) = 12, threshold 9 of 13
     inputs = _inputs(40, 200, seed=2)
     drops = {"inst05": Stage.MASKED_INPUT, "inst17": Stage.SHARE_KEYS, "inst30": Stage.UNMASK}
-    res = MaskingAggregator(cfg, rng_seed=5).aggregate(1, inputs, dropouts=drops)
+    res = _Masking(cfg, seed=5).aggregate(1, inputs, dropouts=drops)
     assert res.measurements["graph_degree"] == 12
     assert res.dropped == ["inst05", "inst17"]
     assert np.array_equal(res.total, _expected(inputs, res.survivors, cfg))
 
 
 def test_too_many_dropouts_abort_without_a_sum():
-    cfg = SecAggConfig(threshold=4)
+    cfg = MaskingSettings(threshold=4)
     inputs = _inputs(5, 50)
-    agg = MaskingAggregator(cfg, rng_seed=6)
     with pytest.raises(RoundAbortedError, match="nothing is released"):
-        agg.aggregate(1, inputs, dropouts={"inst00": Stage.MASKED_INPUT, "inst01": Stage.UNMASK})
-    assert agg.last_result is None
+        _Masking(cfg, seed=6).aggregate(1, inputs, dropouts={"inst00": Stage.MASKED_INPUT, "inst01": Stage.UNMASK})
 
 
 def test_nan_inf_and_out_of_range_errors():
@@ -133,35 +140,35 @@ def test_nan_inf_and_out_of_range_errors():
     bad = dict(inputs, inst02=inputs["inst02"].copy())
     bad["inst02"][7] = np.nan
     with pytest.raises(InvalidUpdateError, match="inst02's update contains 1 NaN/Inf"):
-        MaskingAggregator(SecAggConfig(), rng_seed=1).aggregate(1, bad)
+        _Masking(MaskingSettings(), seed=1).aggregate(1, bad)
     bad["inst02"][7] = np.inf
     with pytest.raises(InvalidUpdateError, match="NaN/Inf"):
-        MaskingAggregator(SecAggConfig(), rng_seed=1).aggregate(1, bad)
+        _Masking(MaskingSettings(), seed=1).aggregate(1, bad)
     big = dict(inputs, inst01=inputs["inst01"].copy())
     big["inst01"][[3, 4, 5]] = [9.0, -20.0, 100.0]
-    cfg = SecAggConfig(on_out_of_range="clip")
-    res = MaskingAggregator(cfg, rng_seed=1).aggregate(1, big)
+    cfg = MaskingSettings(on_out_of_range="clip")
+    res = _Masking(cfg, seed=1).aggregate(1, big)
     assert res.measurements["values_clipped"] == 3
     assert np.array_equal(res.total, _expected(big, big, cfg))
     assert res.total[5] == pytest.approx(8.0 + sum(inputs[n][5] for n in inputs if n != "inst01"), abs=1e-5)
     with pytest.raises(InvalidUpdateError, match="outside \\[-8.0, 8.0\\].*on_out_of_range: clip"):
-        MaskingAggregator(SecAggConfig(on_out_of_range="refuse"), rng_seed=1).aggregate(1, big)
+        _Masking(MaskingSettings(on_out_of_range="refuse"), seed=1).aggregate(1, big)
 
 
 def test_shape_errors_and_too_few_institutions():
-    with pytest.raises(SecureAggregationError, match="expected \\(10,\\)"):
-        MaskingAggregator(SecAggConfig()).aggregate(1, {"a": np.zeros(10), "b": np.zeros(10), "c": np.zeros(9)})
+    with pytest.raises(InvalidUpdateError, match="c: the update has 9 values but the round aggregates 10"):
+        _Masking(MaskingSettings()).aggregate(1, {"a": np.zeros(10), "b": np.zeros(10), "c": np.zeros(9)})
     with pytest.raises(SecureAggregationError, match="at least 3 institutions"):
-        MaskingAggregator(SecAggConfig()).aggregate(1, {"a": np.zeros(3), "b": np.zeros(3)})
+        _Masking(MaskingSettings()).aggregate(1, {"a": np.zeros(3), "b": np.zeros(3)})
     with pytest.raises(SecureAggregationError, match="not more than half"):
-        MaskingAggregator(SecAggConfig(threshold=2)).aggregate(1, _inputs(5, 3))
+        _Masking(MaskingSettings(threshold=2)).aggregate(1, _inputs(5, 3))
     with pytest.raises(SecureAggregationError, match="exceeds the neighbourhood size"):
-        MaskingAggregator(SecAggConfig(threshold=9)).aggregate(1, _inputs(5, 3))
+        _Masking(MaskingSettings(threshold=9)).aggregate(1, _inputs(5, 3))
 
 
 # -- driving the state machines by hand (as a transport does) ---------------------------------------------
 def _parties(n=4, size=20, seed=0, cfg=None):
-    cfg = cfg or SecAggConfig()
+    cfg = cfg or MaskingSettings()
     names = [f"p{i}" for i in range(n)]
     ids = {p: IdentityKey.generate() for p in names}
     reg = PublicKeyRegistry.from_identities(ids)

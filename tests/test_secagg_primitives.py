@@ -19,7 +19,6 @@ from fedse_secure.secagg.masking import (
     PublicKeyRegistry,
     SecureAggregationError,
     SetupRequest,
-    TensorLayout,
     UnmaskShares,
     decode,
 )
@@ -149,14 +148,3 @@ def test_prg_is_deterministic_and_key_dependent():
     assert not np.array_equal(a[:1000], expand_mask(b"j" * 16, 1000, np.uint32))
     # Chunked streaming gives the same keystream as one call: the prefix of a longer mask equals a shorter one.
     assert np.array_equal(a[:70_000], expand_mask(b"k" * 16, 70_000, np.uint32))
-
-
-def test_tensor_layout_roundtrip():
-    t = {"b.lora_A": np.arange(6, dtype=np.float32).reshape(2, 3), "a.lora_B": np.ones((3, 1), np.float32)}
-    lay = TensorLayout.of(t)
-    flat = lay.flatten(t)
-    assert flat.shape == (9,)
-    back = lay.unflatten(flat)
-    assert all(np.array_equal(back[k], t[k]) for k in t)
-    with pytest.raises(SecureAggregationError, match="same LoRA modules"):
-        lay.flatten({"a.lora_B": t["a.lora_B"]})

@@ -28,7 +28,7 @@ def test_paper_defaults():
     assert cfg.training.epochs_per_round == 2
     assert cfg.exploration.temperature == 1.0 and cfg.exploration.filter_success
     assert cfg.federation.aggregation == "fedavg"
-    assert cfg.federation.secure_aggregation == "masking", "privacy must be on by default, not opt-in"
+    assert cfg.federation.secure_aggregation.backend == "masking", "privacy must be on by default, not opt-in"
 
 
 def _base() -> dict:
@@ -57,12 +57,63 @@ def test_bad_values_name_the_field(mutate, field):
 def test_cross_field_rules():
     data = _base()
     data["clients"] = data["clients"][:2]
-    with pytest.raises(ConfigError, match="at least 3 clients"):
+    with pytest.raises(ConfigError, match="masking needs at least 3 institutions"):
         parse_config(data)
     data = _base()
     data["clients"][1]["name"] = data["clients"][0]["name"]
     with pytest.raises(ConfigError, match="unique"):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["federation.mode=local", "privacy.mode=client-dp"], "privacy.mode client-dp .* federation.mode local never"),
+        (["federation.mode=centralized", "privacy.mode=dp-sgd"], "centralized .* set privacy.mode: none"),
+        (["federation.secure_aggregation=none", "privacy.mode=client-dp"], "backend that hides inputs"),
+        (["federation.aggregation=svd", "privacy.mode=client-dp"], "with federation.aggregation svd"),
+        (["model.history_turns=0", "privacy.mode=dp-sgd"], "unset model.history_turns"),
+        (["federation.simulate_dropouts={maze-clinic: nowhere}"], "masking has no stage 'nowhere'"),
+        (["federation.simulate_dropouts={nobody: unmask}"], "unknown clients \\['nobody'\\]"),
+        (["federation.secure_aggregation.threshold=9"], "threshold=9 exceeds the number of clients"),
+        (["federation.aggregation=median"], "unknown aggregation rule 'median'; choose one of: fedavg"),
+        (["privacy.accountant=gdp"], "unknown accountant 'gdp'; choose one of: prv, rdp"),
+        (["privacy.mode=shuffle"], "unknown privacy mechanism 'shuffle'"),
+        (["clients.0.env_options={colour: red}"], "does not accept option\\(s\\) colour; accepted: max_turns"),
+    ],
+)
+def test_invalid_combinations_are_refused_with_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_config(apply_overrides(_base(), overrides))
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_backend_name_or_its_settings():
+    cfg = parse_config(apply_overrides(_base(), ["federation.secure_aggregation.threshold=2"]))
+    assert (cfg.federation.secure_aggregation.backend, cfg.federation.secure_aggregation.threshold) == ("masking", 2)
+    # A name stands for that backend's defaults; settings of another backend are refused by name.
+    cfg = parse_config(apply_overrides(_base(), ["federation.secure_aggregation=crypten"]))
+    assert cfg.federation.secure_aggregation.backend == "crypten"
+    with pytest.raises(ConfigError, match="federation.secure_aggregation.threshold: unknown field"):
+        parse_config(apply_overrides(_base(), ["federation.secure_aggregation={backend: none, threshold: 2}"]))
+    assert cfg.federation.backend().capabilities.cross_machine is False
+
+
+def test_explain_documents_every_field_and_lists_registered_choices():
+    from fedse_secure.config import explain
+
+    top = {d.path for d in explain()}
+    assert {"model", "clients", "federation", "privacy"} <= top
+    for section in ("model", "lora", "clients", "federation", "exploration", "training", "evaluation", "privacy"):
+        docs = explain(section)
+        assert all(d.description for d in docs), [d.path for d in docs if not d.description]
+    (env,) = explain("clients.0.env")
+    assert set(env.choices) == {"agentgym", "babyai", "maze", "textcraft", "webshop", "wordle"}
+    docs = {d.path: d for d in explain("federation.secure_aggregation")}
+    assert docs["federation.secure_aggregation.backend"].choices == ("crypten", "masking", "none")
+    assert "federation.secure_aggregation.threshold [backend masking]" in docs
+    with pytest.raises(ConfigError, match="no field 'federation.roundz'; fields here: aggregation"):
+        explain("federation.roundz")
 
 
 def test_overrides_parse_yaml_values():

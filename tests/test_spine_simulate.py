@@ -27,15 +27,26 @@ def test_summary_has_per_environment_success_for_every_round(smoke_run):
         assert all(0.0 <= v <= 1.0 for v in by_round.values())
 
 
-def test_metrics_have_one_record_per_round_per_client(smoke_run):
-    lines = (smoke_run["out"] / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert sorted((r["round"], r["client"]) for r in records) == sorted(
-        (r, c) for r in (1, 2) for c in ("maze-clinic", "wordle-lab", "craft-works"))
+def test_metrics_hold_a_typed_record_per_round_and_per_evaluation(smoke_run):
+    from fedse_secure.federation.run_folder import RunFolder
+
+    records = RunFolder(smoke_run["out"]).records()
+    assert [(r.round, r.status) for r in records] == [(1, "completed"), (1, "evaluated"), (2, "completed"),
+                                                      (2, "evaluated")]
+    names = {"maze-clinic", "wordle-lab", "craft-works"}
     for r in records:
-        for key in ("success_rate", "explored", "kept", "train_loss", "secagg_bytes_sent_per_client",
-                    "explore_s", "train_s", "aggregation_s"):
-            assert key in r, key
+        assert set(r.institutions) == names
+        if r.status == "completed":
+            assert r.survivors == sorted(names) and r.released_sum_sha256
+            sa = r.secure_aggregation
+            assert sa["backend"] == "masking" and sa["bytes_sent_per_client"] > 0 and sa["n_survivors"] == 3
+            assert {"round_s", "first_stage_s", "secure_aggregation_s"} <= set(r.timing)
+            for inst in r.institutions.values():
+                assert inst.status == "survivor"
+                assert {"env", "explore", "train", "privacy", "timing"} <= set(inst.report)
+                assert inst.report["train"]["steps"] > 0 and "explore_s" in inst.report["timing"]
+        else:
+            assert all(0.0 <= i.evaluation["success_rate"] <= 1.0 for i in r.institutions.values())
 
 
 def test_final_adapter_loads_with_plain_peft(smoke_run):

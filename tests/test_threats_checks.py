@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedse_threat_model.checks import PROTECTIONS, ProtectionSettings, UnknownProtectionError, run_check
+from fedse_threat_model.harness import PROTECTIONS, ProtectionSettings, UnknownProtectionError, run_check
 from fedse_threat_model.registry import load_threats
 
 THREATS = load_threats()

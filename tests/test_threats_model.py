@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedse_threat_model.checks import CHECKS, PROTECTIONS
+from fedse_threat_model.harness import CHECKS, PROTECTIONS
 from fedse_threat_model.registry import load_threats, threats_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_every_threat_is_described_checked_and_tested(threat):
     for part in ("Wants", "Stopped by", "Residual", "Check"):
         assert f"**{part}" in section, f"{threat.id}'s section in THREATS.md lacks **{part}**"
     assert threat.check in section, f"{threat.id}'s section must name its check {threat.check}"
-    assert threat.check in CHECKS, f"{threat.id}: check {threat.check} is not defined in fedse_threat_model.checks"
+    assert threat.check in CHECKS, f"{threat.id}: check {threat.check} is not defined in fedse_threat_model.checks (see harness.CHECKS)"
     assert threat.tests, f"{threat.id} lists no test; a threat without a test is not covered"
     for node in threat.tests:
         file, _, func = node.partition("::")

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from fedse_threat_model.checks import CHECKS, CheckResult, ProtectionSettings, run_check
+from fedse_threat_model.harness import CHECKS, CheckResult, ProtectionSettings, run_check
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.io_utils import append_jsonl, read_jsonl
 
 

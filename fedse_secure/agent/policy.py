@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedse_secure.aggregation.adapter_state import get_adapter_state, peft_config_dict, set_adapter_state
+from fedse_secure.models.adapters import get_adapter_state, peft_config_dict, set_adapter_state
 from fedse_secure.config import LoraSettings, ModelConfig
 
 

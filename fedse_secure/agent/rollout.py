@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.envs.base import TextEnv
 
 

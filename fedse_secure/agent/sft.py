@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedse_secure.agent.rollout import TokenCounter, fit_history
-from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.config import TrainingConfig
 
 IGNORE_INDEX = -100

@@ -1,9 +1,10 @@
 """Environments: the five of the paper (offline) and an AgentGym HTTP adapter.
 
 Contract used by the rest of the package:
-- ``ENV_NAMES``: names accepted in configs.
-- ``make_env(name, **options) -> TextEnv``
-- ``make_oracle(name) -> Oracle``
+- ``ENVIRONMENTS``: the registry of :class:`EnvSpec` by name (``clients[].env`` in a config); each
+  environment module registers itself with :func:`register_env`, so a new environment is one new module.
+- ``make_env(name, **options) -> TextEnv`` and ``check_env_options(name, options)`` (what a config validates)
+- ``make_oracle(name) -> Oracle`` and ``oracle_environments()`` (the names that have one)
 - ``generate_demonstrations(env_name, task_ids, **env_options) -> list[Trajectory]``
 
 =========  ==========  ======  ============  ==============================================================
@@ -18,72 +19,89 @@ agentgym   per env     per env per env       ``server_url``, ``env_name``, ``tim
 =========  ==========  ======  ============  ==============================================================
 
 Each module's docstring states what it keeps from AgentGym and where (and why) it differs. Environment modules
-are imported lazily, so importing this package does not pull in minigrid or textcraft. ``check.check_oracles``
+import their heavy dependencies (minigrid, textcraft) inside functions, so looking a name up stays cheap. ``check.check_oracles``
 backs ``fedse envs check``; ``agentgym_server`` serves local environments over AgentGym's HTTP protocol.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from fedse_secure.envs.base import BatchedEnv, Oracle, StepResult, TextEnv, extract_action
-
-ENV_NAMES: tuple[str, ...] = ("babyai", "webshop", "textcraft", "maze", "wordle")
-
-# name -> (module, env class, oracle class or None)
-_REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "maze": ("fedse_secure.envs.maze", "MazeEnv", "MazeOracle"),
-    "wordle": ("fedse_secure.envs.wordle", "WordleEnv", "WordleOracle"),
-    "textcraft": ("fedse_secure.envs.textcraft", "TextCraftEnv", "TextCraftOracle"),
-    "babyai": ("fedse_secure.envs.babyai", "BabyAIEnv", "BabyAIOracle"),
-    "webshop": ("fedse_secure.envs.webshop", "WebShopEnv", "WebShopOracle"),
-    "agentgym": ("fedse_secure.envs.agentgym", "AgentGymHTTPEnv", None),
-}
+from fedse_secure.registry import Registry
 
 
-def _lookup(name: str) -> tuple[str, str, str | None]:
-    if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        valid = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown environment {name!r}; valid names are: {valid}")
-    return _REGISTRY[name.lower()]
+@dataclass(frozen=True)
+class EnvSpec:
+    """A registered environment: its class, and its expert policy (None where there is none, e.g. a proxy)."""
+
+    name: str
+    env_class: type[TextEnv]
+    oracle_class: type[Oracle] | None = None
+
+    def _parameters(self) -> tuple[list[str], list[str], bool]:
+        params = inspect.signature(self.env_class.__init__).parameters
+        rest = [p for n, p in params.items() if n != "self"]
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in rest)
+        named = [p for p in rest if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        required = [p.name for p in named if p.default is inspect.Parameter.empty]
+        return [p.name for p in named], required, takes_any
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """``ValueError`` (one line: the options and the fix) unless ``options`` fit the constructor."""
+        accepted, required, takes_any = self._parameters()
+        unknown = [o for o in options if o not in accepted]
+        if unknown and not takes_any:
+            raise ValueError(
+                f"environment {self.name!r} does not accept option(s) {', '.join(sorted(unknown))}; "
+                f"accepted: {', '.join(accepted) or 'none'}"
+            )
+        missing = [n for n in required if n not in options]
+        if missing:
+            raise ValueError(f"environment {self.name!r} needs option(s) {', '.join(missing)}, e.g. "
+                             f"make_env({self.name!r}, " + ", ".join(f"{m}=..." for m in missing) + ")")
+
+    def make(self, **options) -> TextEnv:
+        self.check_options(options)
+        return self.env_class(**options)
+
+    def oracle(self) -> Oracle:
+        if self.oracle_class is None:
+            raise ValueError(
+                f"environment {self.name!r} has no local oracle (it proxies a remote server); use one of "
+                f"{', '.join(oracle_environments())} for expert demonstrations"
+            )
+        return self.oracle_class()
+
+
+ENVIRONMENTS: Registry[EnvSpec] = Registry("environment", __name__)
+
+
+def register_env(name: str, env_class: type[TextEnv], oracle_class: type[Oracle] | None = None) -> EnvSpec:
+    """Register an environment under ``name`` (called once, at the bottom of its module)."""
+    return ENVIRONMENTS.register(name)(EnvSpec(name, env_class, oracle_class))
+
+
+def oracle_environments() -> list[str]:
+    """The registered environments that have an expert oracle (the offline ones)."""
+    return [name for name, spec in ENVIRONMENTS.items() if spec.oracle_class is not None]
 
 
 def make_env(name: str, **options) -> TextEnv:
     """A fresh environment instance; ``options`` go to its constructor (e.g. ``max_turns``)."""
-    module, cls, _ = _lookup(name)
-    env_cls = getattr(importlib.import_module(module), cls)
-    params = inspect.signature(env_cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    accepted = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    unknown = [o for o in options if o not in accepted]
-    if unknown and not takes_any:
-        raise ValueError(
-            f"environment {name!r} does not accept option(s) {', '.join(sorted(unknown))}; "
-            f"accepted: {', '.join(accepted) or 'none'}"
-        )
-    missing = [
-        n
-        for n, p in params.items()
-        if n != "self" and p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
-        and n not in options
-    ]
-    if missing:
-        raise ValueError(f"environment {name!r} needs option(s) {', '.join(missing)}, e.g. make_env({name!r}, "
-                         + ", ".join(f"{m}=..." for m in missing) + ")")
-    return env_cls(**options)
+    return ENVIRONMENTS.get(name).make(**options)
+
+
+def check_env_options(name: str, options: Mapping[str, Any]) -> None:
+    ENVIRONMENTS.get(name).check_options(options)
 
 
 def make_oracle(name: str) -> Oracle:
     """The expert policy for ``name`` (the seed-demonstration source)."""
-    module, _, cls = _lookup(name)
-    if cls is None:
-        raise ValueError(
-            f"environment {name!r} has no local oracle: it proxies a remote AgentGym server; "
-            f"use one of {', '.join(ENV_NAMES)} for expert demonstrations"
-        )
-    return getattr(importlib.import_module(module), cls)()
+    return ENVIRONMENTS.get(name).oracle()
 
 
 def generate_demonstrations(env_name: str, task_ids: Iterable[int], **env_options):
@@ -101,13 +119,17 @@ def generate_demonstrations(env_name: str, task_ids: Iterable[int], **env_option
 
 
 __all__ = [
-    "ENV_NAMES",
+    "ENVIRONMENTS",
     "BatchedEnv",
+    "EnvSpec",
     "Oracle",
     "StepResult",
     "TextEnv",
+    "check_env_options",
     "extract_action",
     "generate_demonstrations",
     "make_env",
     "make_oracle",
+    "oracle_environments",
+    "register_env",
 ]

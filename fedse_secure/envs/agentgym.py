@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fedse_secure.envs import register_env
 from fedse_secure.envs.base import StepResult, TextEnv, extract_action
 
 
@@ -196,3 +197,6 @@ class AgentGymHTTPEnv(TextEnv):
 
     def test_task_ids(self) -> Sequence[int]:
         return self._test_ids
+
+
+register_env("agentgym", AgentGymHTTPEnv)

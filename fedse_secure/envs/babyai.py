@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fedse_secure.envs import register_env
 from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
 
 LEVELS: tuple[str, ...] = (
@@ -563,3 +564,6 @@ def scan_feasible(start: int, stop: int) -> list[int]:
 
     env, oracle = BabyAIEnv(), BabyAIOracle()
     return [t for t in range(start, stop) if run_oracle_episode(env, oracle, t).success]
+
+
+register_env("babyai", BabyAIEnv, BabyAIOracle)

@@ -61,9 +61,9 @@ def check_oracles(
     ``limit`` checks only the first ``limit`` test tasks of each environment. ``on_task(env, done, total)`` is
     called after every task (for progress bars).
     """
-    from fedse_secure.envs import ENV_NAMES, make_env, make_oracle
+    from fedse_secure.envs import make_env, make_oracle, oracle_environments
 
-    names = list(env_names) if env_names is not None else list(ENV_NAMES)
+    names = list(env_names) if env_names is not None else oracle_environments()
     report: dict[str, dict[str, float | int]] = {}
     for name in names:
         env, oracle = make_env(name), make_oracle(name)

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from functools import lru_cache
 
+from fedse_secure.envs import register_env
 from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
 
 _LAYOUT = (
@@ -217,3 +218,6 @@ class MazeOracle(Oracle):
         cols = f"{abs(dc)} column{'s' if abs(dc) != 1 else ''} {'right' if dc >= 0 else 'left'}"
         thought = f"The goal is {rows} and {cols}. The open path goes {move}, {len(path)} steps to go."
         return f"Thought: {thought}\nAction: move {move}"
+
+
+register_env("maze", MazeEnv, MazeOracle)

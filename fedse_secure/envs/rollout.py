@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedse_secure.agent.trajectory import Trajectory
+from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.envs.base import Oracle, TextEnv
 
 

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from fedse_secure.envs import register_env
 from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
 
 N_TEST = 100
@@ -449,3 +450,6 @@ class TextCraftOracle(Oracle):
             else:
                 thought = f"{target.capitalize()} is an ingredient on the way to {goal}; I have what it needs."
         return f"Thought: {thought}\nAction: {action}"
+
+
+register_env("textcraft", TextCraftEnv, TextCraftOracle)

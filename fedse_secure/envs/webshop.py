@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from fedse_secure.envs import register_env
 from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
 from fedse_secure.envs.webshop_catalog import Catalogue, Goal, Product, catalogue, tokenize
 
@@ -316,3 +317,6 @@ class WebShopOracle(Oracle):
             return "Thought: I go back to the search page.\nAction: click[back to search]"
         kind, arg, thought = self.script.pop(0)
         return f"Thought: {thought}\nAction: {kind}[{arg}]"
+
+
+register_env("webshop", WebShopEnv, WebShopOracle)

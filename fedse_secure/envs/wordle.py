@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
+from fedse_secure.envs import register_env
 from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
 
 N_LETTERS = 5
@@ -278,3 +279,6 @@ def _explain(history: Sequence[tuple[str, str]], n_candidates: int, word: str, c
     else:
         parts.append(f'{n_candidates} {fits}; "{" ".join(word)}" tells them apart best.')
     return " ".join(parts)
+
+
+register_env("wordle", WordleEnv, WordleOracle)

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from fedse_secure.aggregation.rules import AggregationRule
+from fedse_secure.aggregation.rules import get_rule
+from fedse_secure.errors import FedseError
 from fedse_secure.secagg.base import AggregateResult
 
 
@@ -28,13 +29,15 @@ class RoundOutcome:
     measurements: dict[str, Any] = field(default_factory=dict)
 
 
-class RoundStateError(RuntimeError):
+class RoundStateError(FedseError, RuntimeError):
     """A message arrived that does not fit the coordinator's current state."""
 
 
 class Coordinator:
-    def __init__(self, rule: AggregationRule, initial_state: OrderedDict[str, torch.Tensor], completed_rounds: int = 0):
-        self.rule = rule
+    """The global adapter and the aggregation rule (``federation.aggregation``) that updates it from sums."""
+
+    def __init__(self, rule: str, initial_state: OrderedDict[str, torch.Tensor], completed_rounds: int = 0):
+        self.rule = get_rule(rule)
         self.global_state = OrderedDict((k, v.clone()) for k, v in initial_state.items())
         #: Rounds whose global adapter has been formed; the next round's id is ``completed_rounds + 1``.
         self.completed_rounds = completed_rounds

@@ -18,20 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from fedse_secure.config import (
+    FEDERATED_MODES,
     ClientConfig,
     ConfigError,
     ExperimentConfig,
     format_validation_error,
     parse_config,
 )
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+from fedse_secure.schema import StrictModel
 
 _NAME = r"^[A-Za-z0-9_.-]+$"
 
@@ -43,13 +40,13 @@ def _addr(value: str) -> str:
     return value
 
 
-class TlsServerFiles(_Strict):
+class TlsServerFiles(StrictModel):
     ca_cert: Path
     cert: Path
     key: Path
 
 
-class SuperLinkSettings(_Strict):
+class SuperLinkSettings(StrictModel):
     # Where the SuperLink binds. One port serves the Fleet API (institutions), the Control API (`flwr run`)
     # and the Runtime API (the ServerApp process) in Flower 1.42.
     host: str = "127.0.0.1"
@@ -72,7 +69,7 @@ class SuperLinkSettings(_Strict):
         return v
 
 
-class AdmittedInstitution(_Strict):
+class AdmittedInstitution(StrictModel):
     name: str = Field(..., pattern=_NAME)
     # OpenSSH EC public key (node_auth.pub): registered with the SuperLink so this SuperNode may connect.
     node_auth_public_key: Path
@@ -80,17 +77,17 @@ class AdmittedInstitution(_Strict):
     identity_public_key: Path
 
 
-class CoordinatorTimeouts(_Strict):
+class CoordinatorTimeouts(StrictModel):
     # How long round 1 waits for the admitted institutions to connect before starting with whoever is there.
     join_s: float = Field(120.0, gt=0)
     # The first stage of a round includes the institutions' local training (explore + fine-tune).
     train_s: float = Field(3600.0, gt=0)
     # Evaluation requests (each institution evaluates the global adapter on its own test tasks).
     evaluate_s: float = Field(1800.0, gt=0)
-    # The other secure-aggregation stages use experiment.federation.secagg.stage_timeout_s.
+    # The other secure-aggregation stages use experiment.federation.secure_aggregation.stage_timeout_s.
 
 
-class CoordinatorDeployConfig(_Strict):
+class CoordinatorDeployConfig(StrictModel):
     experiment: ExperimentConfig
     superlink: SuperLinkSettings = Field(default_factory=SuperLinkSettings)
     tls: TlsServerFiles
@@ -116,20 +113,20 @@ class CoordinatorDeployConfig(_Strict):
                 "client needs an institutions entry (its keys) and vice versa"
             )
         fed = self.experiment.federation
-        if fed.mode not in ("fedse", "fedit"):
+        if fed.mode not in FEDERATED_MODES:
             raise ValueError(
                 f"experiment.federation.mode {fed.mode!r} never aggregates; a deployment runs fedse or fedit (use "
                 "`fedse simulate` for the local/centralized/pretrained baselines)"
             )
-        if fed.secure_aggregation != "masking":
+        backend = fed.backend()
+        if not backend.capabilities.cross_machine:
             raise ValueError(
-                f"experiment.federation.secure_aggregation {fed.secure_aggregation!r} is not available across "
-                "machines: the deployment carries the masking protocol's stages as Flower messages (crypten needs "
-                "its own peer-to-peer network; none would show every update to the coordinator); set it to masking"
+                f"experiment.federation.secure_aggregation {backend.name!r} is not available across machines (it "
+                "declares itself single-site); choose a backend that can be deployed, such as masking"
             )
-        if fed.secagg.simulate_dropouts:
+        if fed.simulate_dropouts:
             raise ValueError(
-                "experiment.federation.secagg.simulate_dropouts is for `fedse simulate` only; in a deployment "
+                "experiment.federation.simulate_dropouts is for `fedse simulate` only; in a deployment "
                 "institutions drop out for real; remove it"
             )
         return self
@@ -143,7 +140,7 @@ class CoordinatorDeployConfig(_Strict):
         return self.run_dir or (self.state_dir / "run")
 
 
-class SuperLinkConnection(_Strict):
+class SuperLinkConnection(StrictModel):
     address: str = "127.0.0.1:9443"
     # The CA that signed the SuperLink's certificate.
     ca_cert: Path
@@ -154,19 +151,19 @@ class SuperLinkConnection(_Strict):
         return _addr(v)
 
 
-class RuntimeApi(_Strict):
+class RuntimeApi(StrictModel):
     # The SuperNode's own Runtime API (SuperNode <-> ClientApp process), served with TLS on loopback.
     port: int = Field(9094, ge=1, le=65535)
     cert: Path
     key: Path
 
 
-class PrivacyBudget(_Strict):
+class PrivacyBudget(StrictModel):
     # This institution's own cap; a round that would exceed it is refused before training (fail closed).
     epsilon: float | None = Field(None, gt=0)
 
 
-class InstitutionDeployConfig(_Strict):
+class InstitutionDeployConfig(StrictModel):
     name: str = Field(..., pattern=_NAME)
     env: str
     env_options: dict[str, Any] = Field(default_factory=dict)

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedse_secure.errors import FedseError
 from fedse_secure.io_utils import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -29,7 +30,7 @@ _TINY_SPEC = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
               "num_key_value_heads": 2, "seed": 1234, "version": 1}
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(FedseError, RuntimeError):
     """The requested model cannot be found locally; the message says how to make it available."""
 
 

@@ -4,10 +4,9 @@ Heavy dependencies (torch, opacus) are imported inside the functions that need t
 package is cheap.
 """
 
+from fedse_secure.privacy.accountants import ACCOUNTANTS, Accountant, AccountingError, get_accountant
 from fedse_secure.privacy.accounting import (
-    ACCOUNTANTS,
     RDP_ORDERS,
-    AccountingError,
     cumulative_epsilon,
     epsilon,
     epsilon_dp_accounting,
@@ -20,11 +19,11 @@ from fedse_secure.privacy.dpsgd import (
     DPTrainResult,
     per_sequence_loss,
     planned_steps,
-    project_event,
     sample_rate,
     train_dp_sgd,
 )
 from fedse_secure.privacy.events import DpEvent, EventError
+from fedse_secure.privacy.mechanisms import MECHANISMS, PrivacyMechanism, ReleaseTerms, project_event
 from fedse_secure.privacy.ledger import (
     GENESIS_HASH,
     LedgerCorruptedError,
@@ -36,6 +35,7 @@ from fedse_secure.privacy.ledger import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "Accountant",
     "GENESIS_HASH",
     "RDP_ORDERS",
     "AccountingError",
@@ -48,14 +48,18 @@ __all__ = [
     "DpEvent",
     "EventError",
     "LedgerCorruptedError",
+    "MECHANISMS",
     "LedgerEntry",
     "LedgerError",
     "PrivacyLedger",
+    "PrivacyMechanism",
+    "ReleaseTerms",
     "VerificationReport",
     "client_event",
     "cumulative_epsilon",
     "epsilon",
     "epsilon_dp_accounting",
+    "get_accountant",
     "noise_multiplier_for_target",
     "noise_share_std",
     "per_sequence_loss",

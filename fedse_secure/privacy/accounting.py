@@ -1,104 +1,32 @@
-"""ε from DP events, with Opacus's RDP and PRV accountants (composition across steps and rounds).
+"""ε from DP events under any registered accountant (``privacy.accountants``): composition across steps and
+rounds, ε after each round (what a compliance reviewer reads), the inverse for planning, and an independent
+cross-check with Google's dp-accounting.
 
-The accountants are pure reducers over events: nothing here trains or samples. ``epsilon`` composes a list of
-events; ``cumulative_epsilon`` gives ε after each round, which is what a compliance reviewer reads; and
-``noise_multiplier_for_target`` inverts the accountant for planning.
-
-RDP uses Opacus's orders (``RDP_ORDERS``) and its RDP→(ε, δ) conversion (Balle et al. 2020, Thm 21), which is
-the same formula as Google's dp-accounting ``compute_epsilon`` (Canonne-Kamath-Steinke Prop. 12); with the
-same orders the two libraries agree to floating-point precision (see ``epsilon_dp_accounting``).
-PRV (Gopi et al. 2021) is tighter; Opacus returns its upper bound, which is what we report.
+Nothing here trains or samples: accountants are pure functions of the recorded events.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+from fedse_secure.privacy.accountants import AccountingError, check_delta, get_accountant
+from fedse_secure.privacy.accountants.rdp import RDP_ORDERS
 from fedse_secure.privacy.events import DpEvent
 
-Accountant = Literal["rdp", "prv"]
-ACCOUNTANTS = ("rdp", "prv")
-# Opacus's RDPAccountant.DEFAULT_ALPHAS, spelled out so that the orders in use are visible and stable.
-RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
-# Absolute error of the PRV accountant's ε estimate (Opacus's default); the reported value is the upper bound.
-PRV_EPS_ERROR = 0.01
+__all__ = ["AccountingError", "RDP_ORDERS", "cumulative_epsilon", "epsilon", "epsilon_dp_accounting",
+           "noise_multiplier_for_target"]
 
 
-class AccountingError(RuntimeError):
-    """An accountant could not compute ε for these events; the message says which and what to try."""
-
-
-def _history(events: Iterable[DpEvent]) -> list[tuple[float, float, int]]:
-    """Opacus accountant history: (noise_multiplier, sample_rate, steps), merging runs of identical settings."""
-    history: list[tuple[float, float, int]] = []
-    for event in events:
-        if not isinstance(event, DpEvent):
-            raise TypeError(f"expected DpEvent, got {type(event).__name__}")
-        if event.is_noop:
-            continue
-        if history and history[-1][0] == event.noise_multiplier and history[-1][1] == event.sample_rate:
-            sigma, q, steps = history[-1]
-            history[-1] = (sigma, q, steps + event.steps)
-        else:
-            history.append((float(event.noise_multiplier), float(event.sample_rate), int(event.steps)))
-    return history
-
-
-def _check(delta: float, accountant: str) -> None:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant {accountant!r} is unknown; use 'rdp' or 'prv'")
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta={delta} must lie in (0, 1); a typical value is 1e-5 or below 1/records")
-
-
-def epsilon(
-    events: Iterable[DpEvent], delta: float, accountant: Accountant = "rdp", *, orders: Sequence[float] | None = None
-) -> float:
-    """ε of the composition of ``events`` at ``delta`` (0 for no events; ``inf`` if any step had no noise).
-
-    ``orders`` overrides the RDP orders (default ``RDP_ORDERS``); it is ignored by the PRV accountant.
-    """
-    _check(delta, accountant)
-    history = _history(events)
-    if not history:
-        return 0.0
-    if any(sigma == 0.0 for sigma, _, _ in history):
-        return math.inf
-    with warnings.catch_warnings():
-        # Opacus warns when the optimal RDP order is at the edge of the grid, and PRV's q=1 case divides by
-        # zero inside a masked np.where; neither changes the (valid, upper-bound) result.
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if accountant == "rdp":
-            from opacus.accountants import RDPAccountant
-
-            acc = RDPAccountant()
-            acc.history = history
-            eps = acc.get_epsilon(delta=delta, alphas=list(orders if orders is not None else RDP_ORDERS))
-        else:
-            from opacus.accountants import PRVAccountant
-
-            acc = PRVAccountant()
-            acc.history = history
-            try:
-                eps = acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR)
-            except Exception as err:  # Opacus raises bare ValueError/RuntimeError from its numerics
-                raise AccountingError(
-                    f"the PRV accountant could not compute epsilon for {history} at delta={delta} ({err}); "
-                    "this happens for very large epsilon or extreme sample rates; use the RDP accountant "
-                    "(privacy.accountant: rdp), which is always defined"
-                ) from err
-    eps = float(eps)
-    if math.isnan(eps):
-        return math.inf
-    return max(0.0, eps)
+def epsilon(events: Iterable[DpEvent], delta: float, accountant: str = "rdp") -> float:
+    """ε of the composition of ``events`` at ``delta`` under the named accountant (0 for no events; ``inf``
+    if any step had no noise)."""
+    return get_accountant(accountant).epsilon(events, delta)
 
 
 def cumulative_epsilon(
-    events_by_round: Sequence[Sequence[DpEvent]], delta: float, accountant: Accountant = "rdp"
+    events_by_round: Sequence[Sequence[DpEvent]], delta: float, accountant: str = "rdp"
 ) -> list[float]:
     """ε spent after each round: entry i composes the events of rounds 0..i (composition, not a sum of ε)."""
     out: list[float] = []
@@ -107,19 +35,6 @@ def cumulative_epsilon(
         so_far.extend(round_events)
         out.append(epsilon(so_far, delta, accountant))
     return out
-
-
-def rdp_curve(events: Iterable[DpEvent], orders: Sequence[float] = RDP_ORDERS) -> list[float]:
-    """Composed RDP ε(α) of ``events`` at each order (Opacus's computation), for cross-checks and audits."""
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    total = [0.0] * len(orders)
-    for sigma, q, steps in _history(events):
-        if sigma == 0.0:
-            return [math.inf] * len(orders)
-        values = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
-        total = [a + float(b) for a, b in zip(total, values)]
-    return total
 
 
 def epsilon_dp_accounting(
@@ -165,7 +80,7 @@ def noise_multiplier_for_target(
     sample_rate: float,
     steps_per_round: int,
     rounds: int,
-    accountant: Accountant = "rdp",
+    accountant: str = "rdp",
     *,
     spent_events: Sequence[DpEvent] = (),
     level: Literal["record", "client"] = "record",
@@ -177,14 +92,15 @@ def noise_multiplier_for_target(
     Raises ``AccountingError`` when no noise level can reach the target (the already spent events alone exceed
     it) or when even a very large noise multiplier does not.
     """
-    _check(delta, accountant)
+    check_delta(delta)
+    acc = get_accountant(accountant)
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon {target_epsilon} must be positive")
     if rounds < 1 or steps_per_round < 1:
         raise ValueError(f"rounds={rounds} and steps_per_round={steps_per_round} must be at least 1")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate={sample_rate} must lie in (0, 1]")
-    spent = epsilon(spent_events, delta, accountant)
+    spent = acc.epsilon(spent_events, delta)
     if spent >= target_epsilon:
         raise AccountingError(
             f"epsilon already spent ({spent:.4g}) reaches the target {target_epsilon:g}; no noise level leaves "
@@ -197,15 +113,15 @@ def noise_multiplier_for_target(
     def eps_at(sigma: float) -> float:
         if sigma not in cache:
             planned = [DpEvent(mechanism, level, sigma, sample_rate, steps_per_round, 1.0) for _ in range(rounds)]
-            cache[sigma] = epsilon([*spent_events, *planned], delta, accountant)
+            cache[sigma] = acc.epsilon([*spent_events, *planned], delta)
         return cache[sigma]
 
     lo, hi = 0.0, 1.0
-    if accountant == "prv":
-        # PRV is never looser than RDP, so the (cheap) RDP answer is a valid upper end of the bracket.
+    if acc.bracket_with is not None:
+        # A looser accountant's answer is enough noise for this one too: a valid upper end of the bracket.
         hi = noise_multiplier_for_target(
-            target_epsilon, delta, sample_rate, steps_per_round, rounds, "rdp", spent_events=spent_events,
-            level=level, tolerance=tolerance / 4,
+            target_epsilon, delta, sample_rate, steps_per_round, rounds, acc.bracket_with,
+            spent_events=spent_events, level=level, tolerance=tolerance / 4,
         )
         lo = hi / 2
         while eps_at(lo) <= target_epsilon:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from fedse_secure.config import PrivacyConfig
+from fedse_secure.errors import FedseError
 from fedse_secure.privacy.accounting import epsilon
 from fedse_secure.privacy.events import DpEvent
 from fedse_secure.privacy.ledger import LedgerCorruptedError, PrivacyLedger
@@ -36,8 +37,10 @@ class BudgetCheck:
         return self.budget is None or self.projected_total <= self.budget
 
 
-class BudgetExceededError(RuntimeError):
+class BudgetExceededError(FedseError, RuntimeError):
     """A round was refused before training because it would exceed the privacy budget."""
+
+    exit_code = 3
 
     def __init__(self, check: BudgetCheck, institution: str | None = None):
         self.check = check

@@ -43,7 +43,7 @@ class ClientDPInfo:
     sum_noise_std: float  # std the sum carries if the trust assumption holds: sigma * C
     num_clients: int
     honest_fraction: float
-    max_abs_value: float  # largest |coordinate| of the privatised update (compare with secagg.clip_range)
+    max_abs_value: float  # largest |coordinate| of the privatised update (compare with the backend's clip range)
     event: DpEvent
 
 

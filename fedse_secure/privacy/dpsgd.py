@@ -30,10 +30,10 @@ import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from fedse_secure.config import PrivacyConfig, TrainingConfig
-from fedse_secure.privacy.client_dp import client_event
+from fedse_secure.errors import FedseError
 from fedse_secure.privacy.events import DpEvent
 
 IGNORE_INDEX = -100
@@ -47,7 +47,7 @@ class EncodedExampleLike(Protocol):
     labels: list[int]
 
 
-class DPTrainingError(RuntimeError):
+class DPTrainingError(FedseError, RuntimeError):
     """DP-SGD could not run as configured, or a DP invariant was violated; the message says which and how to fix."""
 
 
@@ -95,27 +95,18 @@ def planned_steps(num_records: int, training: TrainingConfig, privacy: PrivacyCo
     return steps
 
 
-def project_event(num_records: int, training: TrainingConfig, privacy: PrivacyConfig) -> DpEvent:
-    """The DP event a round *would* produce (for the budget check before training).
-
-    ``dp-sgd``: the record-level event of DP-SGD on ``num_records`` trajectories. ``client-dp``: the client-level
-    event of one privatised round update (``num_records`` does not matter there).
-    """
-    if privacy.mode == "dp-sgd":
-        q = sample_rate(num_records, privacy)
-        return DpEvent(
-            mechanism="gaussian" if q == 1.0 else "subsampled_gaussian",
-            level="record",
-            noise_multiplier=float(privacy.noise_multiplier),
-            sample_rate=q,
-            steps=planned_steps(num_records, training, privacy),
-            clipping_bound=float(privacy.max_grad_norm),
-            population=num_records,
-        )
-    if privacy.mode == "client-dp":
-        return client_event(privacy)
-    raise ValueError("privacy.mode is 'none': no DP event is produced and no budget applies; set privacy.mode to "
-                     "dp-sgd or client-dp to account for privacy")
+def dp_sgd_event(num_records: int, training: TrainingConfig, privacy: PrivacyConfig) -> DpEvent:
+    """The record-level event of one round of DP-SGD on ``num_records`` trajectories (before it runs)."""
+    q = sample_rate(num_records, privacy)
+    return DpEvent(
+        mechanism="gaussian" if q == 1.0 else "subsampled_gaussian",
+        level="record",
+        noise_multiplier=float(privacy.noise_multiplier),
+        sample_rate=q,
+        steps=planned_steps(num_records, training, privacy),
+        clipping_bound=float(privacy.max_grad_norm),
+        population=num_records,
+    )
 
 
 def collate(examples: Sequence[EncodedExampleLike], pad_token_id: int):
@@ -211,7 +202,7 @@ def train_dp_sgd(
     if n == 0:
         raise DPTrainingError("no training examples this round; skip training (no privacy is spent) instead of "
                               "calling train_dp_sgd")
-    event = project_event(n, training, privacy)
+    event = dp_sgd_event(n, training, privacy)
     q, steps = event.sample_rate, event.steps
     expected_batch = max(1, round(q * n))
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -321,14 +312,3 @@ def train_dp_sgd(
         warnings.simplefilter("ignore")  # Opacus warns when the best RDP order is at the grid's edge
         result.round_epsilon = float(accountant.get_epsilon(delta=privacy.delta))
     return result
-
-
-def describe_result(result: DPTrainResult) -> dict[str, Any]:
-    """A JSON-friendly summary for local logs (includes the non-private losses: keep it local)."""
-    return {
-        "steps": result.steps, "sample_rate": result.sample_rate, "expected_batch_size": result.expected_batch_size,
-        "empty_batches": result.empty_batches, "event": result.event.to_dict(),
-        "round_epsilon": result.round_epsilon, "delta": result.delta, "accountant": result.accountant,
-        "reproducible_noise": result.reproducible_noise,
-        "mean_loss": result.mean_loss,
-    }

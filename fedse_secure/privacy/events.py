@@ -24,11 +24,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from fedse_secure.errors import FedseError
+
 MECHANISMS = ("subsampled_gaussian", "gaussian")
 LEVELS = ("record", "client")
 
 
-class EventError(ValueError):
+class EventError(FedseError, ValueError):
     """A DP event record is malformed; the message names the field and the fix."""
 
 

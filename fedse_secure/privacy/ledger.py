@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedse_secure.errors import FedseError
 from fedse_secure.io_utils import atomic_write_bytes
 from fedse_secure.privacy.events import DpEvent, EventError
 
@@ -46,7 +47,7 @@ _ENTRY_KEYS = {"v", "seq", "round", "institution", "time", "event", "prev_hash",
 _HEAD_KEYS = {"v", "entries", "head_hash", "updated"}
 
 
-class LedgerError(RuntimeError):
+class LedgerError(FedseError, RuntimeError):
     """The ledger cannot be used as asked; the message names the file, the line and the fix."""
 
 

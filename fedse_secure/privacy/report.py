@@ -1,5 +1,7 @@
-"""Compliance views of a ledger: ε per round and in total under both accountants, remaining budget, a plot,
-and verification with ε recomputed from the events (optionally cross-checked with Google's dp-accounting)."""
+"""Compliance views of a ledger: ε per round and in total under every registered accountant, the remaining
+budget, a plot, and verification with ε recomputed from the events (optionally cross-checked with Google's
+dp-accounting). Figures are keyed by accountant name (``privacy.accountants``), so a new accountant shows up
+in every report without a format change."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedse_secure.privacy.accounting import AccountingError, cumulative_epsilon, epsilon, epsilon_dp_accounting
+from fedse_secure.privacy.accountants import ACCOUNTANTS, AccountingError, get_accountant
+from fedse_secure.privacy.accounting import epsilon_dp_accounting
 from fedse_secure.privacy.ledger import LedgerCorruptedError, PrivacyLedger, VerificationReport
 
 
@@ -18,10 +21,10 @@ class RoundRow:
     events: int
     steps: int
     levels: list[str]
-    epsilon_rdp: float  # this round on its own
-    epsilon_prv: float | None
-    cumulative_rdp: float  # composed over all rounds so far
-    cumulative_prv: float | None
+    #: accountant -> ε of this round on its own (None where that accountant failed).
+    epsilon: dict[str, float | None]
+    #: accountant -> ε composed over all rounds so far.
+    cumulative: dict[str, float | None]
 
 
 @dataclass
@@ -31,21 +34,22 @@ class PrivacyReport:
     delta: float
     budget: float | None
     head_hash: str
+    accountants: list[str] = field(default_factory=list)
     rows: list[RoundRow] = field(default_factory=list)
-    total_rdp: float = 0.0
-    total_prv: float | None = 0.0
-    prv_error: str | None = None
+    #: accountant -> composed ε of the whole ledger.
+    total: dict[str, float | None] = field(default_factory=dict)
+    #: accountant -> why it gave no figures.
+    errors: dict[str, str] = field(default_factory=dict)
 
     def remaining(self, accountant: str) -> float | None:
-        if self.budget is None:
+        spent = self.total.get(accountant)
+        if self.budget is None or spent is None:
             return None
-        spent = self.total_rdp if accountant == "rdp" else self.total_prv
-        return None if spent is None else max(0.0, self.budget - spent)
+        return max(0.0, self.budget - spent)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["remaining_rdp"] = self.remaining("rdp")
-        data["remaining_prv"] = self.remaining("prv")
+        data["remaining"] = {a: self.remaining(a) for a in self.accountants}
         return _json_safe(data)
 
 
@@ -60,35 +64,39 @@ def _json_safe(obj: Any) -> Any:
 
 
 def build_report(ledger: PrivacyLedger, delta: float, budget: float | None = None) -> PrivacyReport:
-    """Per-round and total ε (RDP and PRV) from a verified ledger; raises ``LedgerCorruptedError`` otherwise."""
+    """Per-round and total ε under every accountant from a verified ledger; ``LedgerCorruptedError`` otherwise."""
     entries = ledger.entries()
     grouped = ledger.events_by_round()
     report = PrivacyReport(
         ledger=str(ledger.path), institution=entries[0].institution if entries else None, delta=delta,
-        budget=budget, head_hash=ledger.head_hash(),
+        budget=budget, head_hash=ledger.head_hash(), accountants=ACCOUNTANTS.names(),
     )
-    round_events = [events for _, events in grouped]
-    cum_rdp = cumulative_epsilon(round_events, delta, "rdp")
-    try:
-        cum_prv: list[float | None] = list(cumulative_epsilon(round_events, delta, "prv"))
-        alone_prv: list[float | None] = [epsilon(ev, delta, "prv") for ev in round_events]
-    except AccountingError as err:
-        report.prv_error = str(err)
-        cum_prv = [None] * len(round_events)
-        alone_prv = [None] * len(round_events)
+    alone: dict[str, list[float | None]] = {}
+    cumulative: dict[str, list[float | None]] = {}
+    for name in report.accountants:
+        acc = get_accountant(name)
+        so_far = []
+        try:
+            alone[name], cumulative[name] = [], []
+            for _, events in grouped:
+                so_far.extend(events)
+                alone[name].append(acc.epsilon(events, delta))
+                cumulative[name].append(acc.epsilon(so_far, delta))
+        except AccountingError as err:
+            report.errors[name] = str(err)
+            alone[name] = cumulative[name] = [None] * len(grouped)
+        report.total[name] = cumulative[name][-1] if grouped else 0.0
     for i, (rnd, events) in enumerate(grouped):
         report.rows.append(RoundRow(
-            round=rnd, events=len(events), steps=sum(e.steps for e in events),
-            levels=sorted({e.level for e in events}), epsilon_rdp=epsilon(events, delta, "rdp"),
-            epsilon_prv=alone_prv[i], cumulative_rdp=cum_rdp[i], cumulative_prv=cum_prv[i],
+            round=rnd, events=len(events), steps=sum(e.steps for e in events), levels=sorted({e.level for e in events}),
+            epsilon={a: alone[a][i] for a in report.accountants},
+            cumulative={a: cumulative[a][i] for a in report.accountants},
         ))
-    report.total_rdp = cum_rdp[-1] if cum_rdp else 0.0
-    report.total_prv = cum_prv[-1] if cum_prv else 0.0
     return report
 
 
 def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
-    """PNG of cumulative ε over rounds under both accountants, with the budget line if one is set."""
+    """PNG of cumulative ε over rounds under every accountant, with the budget line if one is set."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,9 +106,10 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     rounds = [r.round for r in report.rows]
-    ax.plot(rounds, [r.cumulative_rdp for r in report.rows], marker="o", label="RDP (Opacus)")
-    if report.rows and all(r.cumulative_prv is not None for r in report.rows):
-        ax.plot(rounds, [r.cumulative_prv for r in report.rows], marker="s", label="PRV (Opacus)")
+    for name, marker in zip(report.accountants, "osD^v<>"):
+        values = [r.cumulative[name] for r in report.rows]
+        if values and all(v is not None for v in values):
+            ax.plot(rounds, values, marker=marker, label=ACCOUNTANTS.get(name).title)
     if report.budget is not None:
         ax.axhline(report.budget, color="red", linestyle="--", label=f"budget ε={report.budget:g}")
     from matplotlib.ticker import MaxNLocator
@@ -122,9 +131,9 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
 @dataclass
 class LedgerAudit:
     verification: VerificationReport
-    epsilon_rdp: float | None = None
-    epsilon_prv: float | None = None
-    epsilon_google_rdp: float | None = None  # dp-accounting, same orders as ours
+    #: accountant -> ε recomputed from the events (None where that accountant failed).
+    epsilon: dict[str, float | None] = field(default_factory=dict)
+    epsilon_google_rdp: float | None = None  # dp-accounting, same orders as our rdp accountant
     cross_check_error: str | None = None
     cross_check_ok: bool | None = None
 
@@ -141,8 +150,8 @@ class LedgerAudit:
 def audit_ledger(
     ledger: PrivacyLedger, delta: float, expected_head: str | None = None, cross_check: bool = True
 ) -> LedgerAudit:
-    """Verify the chain and the sealed head, then recompute ε from the events (and, if asked and available,
-    with Google's dp-accounting: the two RDP values must agree within 1%)."""
+    """Verify the chain and the sealed head, then recompute ε from the events under every accountant (and, if
+    asked and available, with Google's dp-accounting: its RDP value and ours must agree within 1%)."""
     audit = LedgerAudit(verification=ledger.verify(expected_head=expected_head))
     if not audit.verification.ok:
         return audit
@@ -151,18 +160,19 @@ def audit_ledger(
     except LedgerCorruptedError as err:  # changed between the two reads
         audit.verification = err.report
         return audit
-    audit.epsilon_rdp = epsilon(events, delta, "rdp")
-    try:
-        audit.epsilon_prv = epsilon(events, delta, "prv")
-    except AccountingError as err:
-        audit.cross_check_error = str(err)
+    for name in ACCOUNTANTS.names():
+        try:
+            audit.epsilon[name] = get_accountant(name).epsilon(events, delta)
+        except AccountingError as err:
+            audit.epsilon[name] = None
+            audit.cross_check_error = str(err)
     if cross_check:
         try:
             audit.epsilon_google_rdp = epsilon_dp_accounting(events, delta)
         except ModuleNotFoundError as err:
             audit.cross_check_error = str(err)
         else:
-            a, b = audit.epsilon_rdp, audit.epsilon_google_rdp
+            a, b = audit.epsilon["rdp"], audit.epsilon_google_rdp
             audit.cross_check_ok = (a == b) or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 0.01 * max(a, b))
             if not audit.cross_check_ok:
                 # dp-accounting bounds fractional RDP orders more loosely; at very large ε that exceeds 1%.

@@ -1,17 +1,26 @@
-"""Secure aggregation backends: ``none`` (plaintext), ``masking`` (SecAgg+), ``crypten`` (MPC)."""
+"""Secure aggregation: the backend interface (``base``), the backends (``backends``: none, masking, crypten)
+and the in-process driver (``driver``)."""
 
 from fedse_secure.secagg.base import (
     AggregateResult,
-    PlaintextAggregator,
+    Backend,
+    Capabilities,
+    ClientMachine,
+    InvalidUpdateError,
+    MessageRejected,
     RoundAbortedError,
     SecureAggregationError,
-    SecureAggregator,
+    ServerMachine,
 )
 
 __all__ = [
     "AggregateResult",
-    "PlaintextAggregator",
+    "Backend",
+    "Capabilities",
+    "ClientMachine",
+    "InvalidUpdateError",
+    "MessageRejected",
     "RoundAbortedError",
     "SecureAggregationError",
-    "SecureAggregator",
+    "ServerMachine",
 ]

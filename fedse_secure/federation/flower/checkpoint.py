@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedse_secure.errors import FedseError
+
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedseError, RuntimeError):
     pass
 
 
@@ -54,8 +56,8 @@ class CheckpointStore:
         return self.latest_file.is_file()
 
     def save(self, ckpt: Checkpoint) -> Path:
-        from fedse_secure.federation.flower.worker import state_to_bytes
         from fedse_secure.io_utils import atomic_write_text
+        from fedse_secure.models.adapters import state_to_bytes
 
         label = f"round-{ckpt.completed_rounds:03d}"
         final = self.root / label
@@ -80,7 +82,7 @@ class CheckpointStore:
         return final
 
     def load(self) -> Checkpoint:
-        from fedse_secure.federation.flower.worker import state_from_bytes
+        from fedse_secure.models.adapters import state_from_bytes
 
         if not self.exists():
             raise CheckpointError(f"no checkpoint in {self.root}; start without --resume")

@@ -13,7 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedse_secure.federation.flower.codec import reply_to_record, request_from_record
-from fedse_secure.federation.flower.wire import StageReply, WireError
+from fedse_secure.federation.wire import StageReply, WireError
 from fedse_secure.federation.flower.worker import call_worker
 
 SOCKET_KEY = "fedse-worker-socket"

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedse_secure.federation.flower.wire import StageReply, StageRequest, WireError
+from fedse_secure.federation.wire import StageReply, StageRequest, WireError
 
 HEADER = "fedse"
 BLOBS = "blobs"

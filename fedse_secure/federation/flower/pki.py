@@ -35,10 +35,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedse_secure.errors import FedseError
+
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-class PkiError(RuntimeError):
+class PkiError(FedseError, RuntimeError):
     """A certificate or key is missing, unreadable or does not match what is expected; says how to fix it."""
 
 

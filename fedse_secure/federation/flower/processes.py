@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from fedse_secure.errors import FedseError
 from fedse_secure.federation.deploy_config import CoordinatorDeployConfig, InstitutionDeployConfig
 
 CONNECTION = "fedse"
@@ -63,7 +64,7 @@ fedse-resume = false
 """
 
 
-class DeployError(RuntimeError):
+class DeployError(FedseError, RuntimeError):
     """A deployment step failed; the message names the step, the cause and the fix."""
 
 

@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedse_secure.federation.flower.codec import reply_from_record, request_to_record
-from fedse_secure.federation.flower.wire import FLOWER_MESSAGE_TYPE, StageReply, StageRequest, WireError
+from fedse_secure.federation.wire import FLOWER_MESSAGE_TYPE, StageReply, StageRequest, WireError
 
 POLL_S = 0.5
 app = ServerApp()
@@ -31,6 +31,13 @@ class FlowerTransport:
         self.flwr_home = flwr_home
         self.nodes_file = nodes_file
         self.say = say
+        # Institutions that stopped answering (no reply at all, not a refusal) -> when. Flower keeps a killed
+        # node "online" for up to two heartbeats (60 s), so without this every following round would wait the
+        # full training timeout for it; it is asked again once its SuperNode has reconnected.
+        self.unresponsive: dict[str, float] = {}
+
+    def reachable(self, names: set[str]) -> set[str]:
+        return (set(names) & self.online()) - set(self.unresponsive)
 
     def _node_map(self) -> dict[str, int]:
         if not self.nodes_file.is_file():
@@ -72,6 +79,7 @@ class FlowerTransport:
                 continue
             msgs.append(Message(request_to_record(req), dst_node_id=node_of[name], message_type=FLOWER_MESSAGE_TYPE))
         out: dict[str, StageReply] = {}
+        sent_at = time.time()
         for rep in self._send_and_receive(msgs, timeout_s):
             name = name_of.get(rep.metadata.src_node_id)
             if name is None:
@@ -83,6 +91,11 @@ class FlowerTransport:
                 out[name] = reply_from_record(rep.content)
             except WireError as err:
                 self.say(f"{name}: malformed reply rejected: {err}")
+        for name in requests:
+            if name in out:
+                self.unresponsive.pop(name, None)
+            else:
+                self.unresponsive.setdefault(name, sent_at)
         return out
 
 

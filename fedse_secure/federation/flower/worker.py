@@ -1,4 +1,5 @@
-"""An institution's long-lived worker: its model, :class:`Institution` and the round's :class:`SecAggClient`.
+"""An institution's long-lived worker: its model and its :class:`InstitutionEndpoint` (the round's client machine
+included).
 
 Flower 1.42 starts a fresh ClientApp process for every message, but a secure-aggregation client must keep
 its round secrets (X25519 keys, self-mask seed, the peers' shares) in memory across stages, and the model
@@ -13,54 +14,35 @@ dropout; a restarted worker joins the next round with its buffer and ledger inta
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import secrets
 import signal
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from fedse_secure.errors import FedseError
 from fedse_secure.federation.deploy_config import InstitutionDeployConfig
-from fedse_secure.federation.flower.wire import EVALUATE, StageReply, StageRequest, WireError, pack, unpack_header
+from fedse_secure.federation.wire import REFUSED, StageReply, StageRequest, WireError, pack, run_key, unpack_header
 
 log = logging.getLogger("fedse.node")
 
 MAX_BLOB_BYTES = 4 << 30
 
 
-class InstitutionRefused(RuntimeError):
-    """The institution refuses a request (wrong experiment, budget, protocol violation); it drops out."""
-
-
-def state_to_bytes(state: "OrderedDict[str, Any]") -> tuple[bytes, bytes]:
-    """(safetensors bytes, JSON key order): safetensors does not keep insertion order, the flat layout needs it."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    return save(tensors), json.dumps(list(state)).encode()
-
-
-def state_from_bytes(data: bytes, order: bytes) -> "OrderedDict[str, Any]":
-    from safetensors.torch import load
-
-    tensors = load(bytes(data))
-    keys = json.loads(order.decode())
-    if sorted(keys) != sorted(tensors):
-        raise WireError("global adapter keys do not match their declared order; rejected")
-    return OrderedDict((k, tensors[k]) for k in keys)
-
-
-def experiment_key(experiment_json: str) -> str:
-    return hashlib.sha256(experiment_json.encode()).hexdigest()[:16]
+class InstitutionRefused(FedseError, RuntimeError):
+    """The institution refuses a request (wrong experiment, unsafe setup); it drops out."""
 
 
 class InstitutionSession:
-    """Everything an institution does for the coordinator, one request at a time. No sockets, no Flower."""
+    """Everything an institution does for the coordinator, one request at a time. No sockets, no Flower.
+
+    It checks the coordinator's experiment, lays the institution's own settings over it, and hands each request
+    to the :class:`~fedse_secure.federation.endpoint.InstitutionEndpoint` for that experiment (a new experiment
+    gets a new endpoint; the model is reloaded only if the model settings changed).
+    """
 
     def __init__(self, cfg: InstitutionDeployConfig):
         from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
@@ -82,10 +64,7 @@ class InstitutionSession:
             )
         self._agent = None
         self._agent_key: tuple | None = None
-        self._institution = None
-        self._exp_key: str | None = None
-        self._client = None
-        self._round: int | None = None
+        self.endpoint = None
         self.experiment = None
 
     # -- setup -------------------------------------------------------------------------------------------------
@@ -96,10 +75,11 @@ class InstitutionSession:
         names = [c.name for c in exp.clients]
         if self.cfg.name not in names:
             raise InstitutionRefused(f"the coordinator's experiment does not list {self.cfg.name!r} among {names}")
-        if exp.federation.secure_aggregation != "masking":
+        backend = exp.federation.backend()
+        if not (backend.capabilities.hides_inputs and backend.capabilities.cross_machine):
             raise InstitutionRefused(
-                f"the coordinator asks for secure_aggregation={exp.federation.secure_aggregation!r}; this institution "
-                "only sends its update masked (masking); refusing"
+                f"the coordinator asks for secure_aggregation {backend.name!r}, which does not keep this "
+                "institution's update hidden across machines; refusing"
             )
         data = exp.model_dump(mode="json")
         # The institution's own settings win over the coordinator's: its environment and data, its DP budget.
@@ -112,13 +92,14 @@ class InstitutionSession:
             data["model"]["num_threads"] = self.cfg.num_threads
         return ExperimentConfig.model_validate(data)
 
-    def _ensure(self, experiment_json: str) -> None:
-        key = experiment_key(experiment_json)
-        if key == self._exp_key and self._institution is not None:
-            return
+    def _endpoint_for(self, experiment_json: str):
+        """The endpoint for the coordinator's experiment, built (and its buffer seeded) on first sight."""
+        key = run_key(experiment_json)
+        if self.endpoint is not None and self.endpoint.key == key:
+            return self.endpoint
         from fedse_secure.agent.policy import AgentModel
-        from fedse_secure.aggregation.rules import get_rule
-        from fedse_secure.federation.institution import Institution
+        from fedse_secure.federation.endpoint import InstitutionEndpoint
+        from fedse_secure.federation.institution import Institution, release_terms
 
         exp = self._local_experiment(experiment_json)
         agent_key = (exp.model.model_dump_json(), exp.lora.model_dump_json(), exp.seed)
@@ -127,60 +108,31 @@ class InstitutionSession:
             self._agent = AgentModel.load(exp.model, exp.lora, exp.seed)
             self._agent_key = agent_key
         client = next(c for c in exp.clients if c.name == self.cfg.name)
-        inst = Institution(exp, client, self.cfg.data_dir, self._agent, get_rule(exp.federation.aggregation),
-                           len(exp.clients), ledger_path=self.cfg.resolved_ledger_path)
+        inst = Institution(exp, client, self.cfg.data_dir, self._agent, release_terms(exp),
+                           ledger_path=self.cfg.resolved_ledger_path)
         inst.seed_buffer()
-        self._institution, self._exp_key, self.experiment = inst, key, exp
+        self.endpoint = InstitutionEndpoint(inst, exp.federation.backend(), self.identity, self.registry, key=key)
+        self.experiment = exp
+        return self.endpoint
 
     # -- requests ----------------------------------------------------------------------------------------------
     def handle(self, req: StageRequest) -> StageReply:
         try:
-            return self._handle(req)
+            if req.experiment_json:
+                endpoint = self._endpoint_for(req.experiment_json)
+            elif self.endpoint is None:
+                raise InstitutionRefused(f"no experiment yet for round {req.round_id} {req.stage} (this worker "
+                                         "restarted); it rejoins at the next round")
+            else:
+                endpoint = self.endpoint
+            return endpoint.handle(req)
         except Exception as err:  # noqa: BLE001 - any failure means: this institution drops out of the round
-            self._client = None
+            if self.endpoint is not None:
+                self.endpoint.forget_round()
             log.error("%s: round %s %s refused: %s: %s", self.cfg.name, req.round_id, req.stage,
                       type(err).__name__, err)
-            return StageReply(req.stage, req.round_id, self.cfg.name, error=f"{type(err).__name__}: {err}")
-
-    def _handle(self, req: StageRequest) -> StageReply:
-        from fedse_secure.secagg.masking.messages import Stage, decode
-
-        if req.stage == EVALUATE:
-            self._ensure(req.experiment_json)
-            state = state_from_bytes(req.blobs["global_state"], req.blobs["global_state_keys"])
-            metrics = self._institution.evaluate(state)
-            return StageReply(EVALUATE, req.round_id, self.cfg.name, metrics={"client": self.cfg.name, **metrics})
-        if req.stage not in Stage.ALL:
-            raise WireError(f"unknown stage {req.stage!r}")
-        request = decode(req.blobs["request"])
-        metrics: dict[str, Any] = {}
-        if req.stage == Stage.ADVERTISE_KEYS:
-            from fedse_secure.secagg.masking.client import SecAggClient
-
-            self._client = None
-            self._ensure(req.experiment_json)
-            state = state_from_bytes(req.blobs["global_state"], req.blobs["global_state_keys"])
-            if req.evaluate_first:
-                ev = self._institution.evaluate(state)
-                metrics["previous_round_eval"] = {"round": req.round_id - 1, **ev}
-            t0 = time.perf_counter()
-            result = self._institution.local_round(req.round_id, state)
-            metrics.update(result.metrics)
-            metrics["local_round_s"] = time.perf_counter() - t0
-            client = SecAggClient(self.cfg.name, self.identity, self.registry, self.experiment.federation.secagg)
-            client.set_input(result.payload)
-            reply = client.handle(request)
-            self._client, self._round = client, req.round_id
-        else:
-            if self._client is None or self._round != req.round_id:
-                raise InstitutionRefused(
-                    f"no secure-aggregation state for round {req.round_id} (this worker restarted or refused an "
-                    "earlier stage); it sits this round out and rejoins at the next one"
-                )
-            reply = self._client.handle(request)
-            if self._client.done:
-                self._client = None
-        return StageReply(req.stage, req.round_id, self.cfg.name, metrics=metrics, blobs={"reply": reply.to_bytes()})
+            return StageReply(req.stage, req.round_id, self.cfg.name, req.run_key,
+                              error=f"{type(err).__name__}: {err}", refusal=REFUSED)
 
 
 # -- socket I/O ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``secure_aggregation: crypten``: secure sum by CrypTen 0.4.1 parties (see ``aggregator`` for the protocol,
+"""The CrypTen 0.4.1 party engine behind ``secure_aggregation: crypten`` (see ``aggregator`` for the protocol,
 the trust model and the timeouts; ``fixed_point`` for the precision). CrypTen itself is imported only in the
 party processes, never when this package is imported."""
 
@@ -8,16 +8,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedse_secure.secagg.crypten_backend.aggregator import CryptenAggregator, InvalidUpdateError
+    from fedse_secure.secagg.crypten_backend.aggregator import CryptenParties
     from fedse_secure.secagg.crypten_backend.compat import CryptenUnavailableError, check_crypten_installed
 
-__all__ = ["CryptenAggregator", "CryptenUnavailableError", "InvalidUpdateError", "check_crypten_installed"]
+__all__ = ["CryptenParties", "CryptenUnavailableError", "check_crypten_installed"]
 
 # Resolved lazily so that a party process (`python -m ...crypten_backend.party`) does not import the
 # launcher and the config models: each of the n+1 parties of every round pays its own start-up.
 _WHERE = {
-    "CryptenAggregator": "aggregator",
-    "InvalidUpdateError": "aggregator",
+    "CryptenParties": "aggregator",
     "CryptenUnavailableError": "compat",
     "check_crypten_installed": "compat",
 }

@@ -2,9 +2,9 @@
 
 Round protocol (n institutions, world size n + 1):
 
-1. The launcher (this process, playing the coordinator's host) checks every update (shape, NaN/Inf,
-   clipping range) *before* starting anything, so a bad update never costs a rendezvous.
-2. It starts n institution parties (ranks 0..n-1) and one coordinator party (rank n, no input) as fresh
+1. Each institution's client machine (``secagg/backends/crypten.py``) checks its update (shape, NaN/Inf,
+   clipping range) before handing it over, so a bad update never costs a rendezvous.
+2. The launcher (this process, playing the coordinator's host) starts n institution parties (ranks 0..n-1) and one coordinator party (rank n, no input) as fresh
    Python processes (``subprocess``, i.e. fork+exec: safe from a process that holds a model and torch's
    thread pools, and no re-import of ``__main__`` as with multiprocessing's spawn). They meet through a
    ``file://`` rendezvous in a private temporary folder and talk over torch.distributed/gloo.
@@ -12,7 +12,7 @@ Round protocol (n institutions, world size n + 1):
    it with ``crypten.cryptensor(x, src=rank, precision=0)``; every party adds its shares locally; the sum
    is revealed with a reduce to the coordinator's rank only, and decoded exactly by
    ``fixed_point.decode`` (never by CrypTen's decoder, which shifts some negatives by 1.0).
-4. Every stage has ``federation.secagg.stage_timeout_s``. A party that crashes, never arrives or stalls
+4. Every stage has ``federation.secure_aggregation.stage_timeout_s``. A party that crashes, never arrives or stalls
    aborts the round: all parties are killed, nothing is revealed, and :class:`RoundAbortedError` names the
    party. CrypTen's sharing is n-of-n, so there is no dropout recovery (the masking backend has it).
 
@@ -36,7 +36,7 @@ Two more limits of CrypTen 0.4.1 that this backend inherits, and why it is for l
   128-bit keys derived by HKDF);
 * gloo traffic, including CrypTen's seed exchange, is neither encrypted nor authenticated. On one host
   (loopback, a 0700 rendezvous folder) that is acceptable; across machines it would need a private network,
-  which is why a Flower deployment refuses ``crypten`` (``federation/deploy_config.py``).
+  which is why the backend declares itself single-site and a Flower deployment refuses it.
 """
 
 from __future__ import annotations
@@ -48,46 +48,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 import fedse_secure
-from fedse_secure.config import SecAggConfig
-from fedse_secure.secagg.base import AggregateResult, RoundAbortedError, SecureAggregationError, SecureAggregator
+from fedse_secure.secagg.base import RoundAbortedError, SecureAggregationError
 from fedse_secure.secagg.crypten_backend import fixed_point
-from fedse_secure.secagg.crypten_backend.compat import EXIT_UNAVAILABLE, CryptenUnavailableError, check_crypten_installed
+from fedse_secure.secagg.crypten_backend.compat import (
+    EXIT_UNAVAILABLE,
+    CryptenUnavailableError,
+    check_crypten_installed,
+)
 
 PARTY_MODULE = "fedse_secure.secagg.crypten_backend.party"
 
 
-class InvalidUpdateError(SecureAggregationError):
-    """An institution's update cannot be shared: wrong shape, NaN/Inf, or out of range under ``refuse``."""
+class CryptenParties:
+    """Runs the CrypTen parties of a round (torch.distributed, gloo), one local process per party.
 
-
-class CryptenAggregator(SecureAggregator):
-    """Secure sum by CrypTen 0.4.1 parties (torch.distributed, gloo), one local process per party.
-
-    ``config.clip_range``, ``fractional_bits``, ``on_out_of_range`` and ``stage_timeout_s`` apply as in the
-    masking backend; ``threshold`` and ``neighbours`` do not (the sharing is n-of-n over all parties).
-    Institutions named in ``simulate_dropouts`` are never started, whatever the stage, which exercises the
-    "party never arrives" path: the round aborts ``stage_timeout_s`` after the first party reached the
-    rendezvous. ``python`` is the interpreter that runs the parties (default: this one); ``workdir_root``
-    the folder for each round's private temporary folder (default: the system's temporary folder).
+    ``settings.clip_range``, ``fractional_bits`` and ``stage_timeout_s`` apply; the sharing is n-of-n over all
+    parties. ``python`` is the interpreter that runs the parties (default: this one); ``workdir_root`` the
+    folder for each round's private temporary folder (default: the system's temporary folder).
     """
-
-    name = "crypten"
 
     def __init__(
         self,
-        config: SecAggConfig | None = None,
+        settings,
         *,
         python: str | None = None,
         workdir_root: str | os.PathLike | None = None,
         startup_allowance_s: float = 120.0,
     ) -> None:
-        self.config = config if config is not None else SecAggConfig()
+        self.settings = settings
         # Fail at set-up, before any training, if CrypTen is missing; the import itself (with the torch
         # shim) happens only in the party processes.
         self.crypten_version = check_crypten_installed()
@@ -96,53 +89,14 @@ class CryptenAggregator(SecureAggregator):
         # Time a fresh party process may take to import torch and CrypTen before the stage clock starts.
         self.startup_allowance_s = float(startup_allowance_s)
 
-    # -- input checks --------------------------------------------------------------------------------------
-    def _prepare(self, round_id: int, contributions: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.ndarray], int]:
-        if len(contributions) < 2:
-            raise RoundAbortedError(
-                f"round {round_id}: CrypTen secure aggregation needs at least 2 institutions, got "
-                f"{len(contributions)} (a sum over one institution is its update); add clients"
-            )
-        names = sorted(contributions)
-        cfg = self.config
-        vectors, size, clipped = [], None, 0
-        for name in names:
-            v = np.asarray(contributions[name])
-            if v.ndim != 1:
-                raise InvalidUpdateError(f"round {round_id}: {name} sent shape {v.shape}; flatten the update to 1-D")
-            if size is None:
-                size = v.size
-            if v.size != size or size == 0:
-                raise InvalidUpdateError(f"round {round_id}: {name} sent {v.size} values, expected {size} (> 0)")
-            if not np.issubdtype(v.dtype, np.floating) and not np.issubdtype(v.dtype, np.integer):
-                raise InvalidUpdateError(f"round {round_id}: {name} sent dtype {v.dtype}; send a float vector")
-            v = fixed_point.working_float(v)
-            if not np.isfinite(np.sum(v, dtype=np.float64)):
-                bad = int(np.count_nonzero(~np.isfinite(v)))
-                if bad:
-                    raise InvalidUpdateError(
-                        f"round {round_id}: {name}'s update contains {bad} NaN/Inf value(s); fix the training step "
-                        "(e.g. lower the learning rate or enable gradient clipping) before aggregating"
-                    )
-            lo, hi = float(np.min(v)), float(np.max(v))
-            if lo < -cfg.clip_range or hi > cfg.clip_range:
-                out = int(np.count_nonzero(v > cfg.clip_range) + np.count_nonzero(v < -cfg.clip_range))
-                if cfg.on_out_of_range == "refuse":
-                    raise InvalidUpdateError(
-                        f"round {round_id}: {name}'s update has {out} value(s) outside +-{cfg.clip_range} "
-                        f"(range [{lo:.4g}, {hi:.4g}]) and federation.secagg.on_out_of_range is refuse; raise "
-                        "federation.secagg.clip_range or set on_out_of_range: clip"
-                    )
-                clipped += out
-            vectors.append(np.ascontiguousarray(v))
-        fixed_point.check_headroom(len(names), cfg.clip_range, cfg.fractional_bits)
-        return names, vectors, clipped
-
-    # -- the round ----------------------------------------------------------------------------------------
-    def aggregate(self, round_id: int, contributions: Mapping[str, np.ndarray]) -> AggregateResult:
+    def sum(self, round_id: int, names: list[str], vectors: list[np.ndarray],
+            absent: frozenset[str] = frozenset()) -> tuple[np.ndarray, dict[str, float | int]]:
+        """The sum of ``vectors`` (already checked, one per name) revealed to the coordinator's party only,
+        decoded to float64, with the round's measurements. Institutions in ``absent`` are never started, which
+        exercises the "party never arrives" path (tests)."""
         t_start = time.perf_counter()
-        names, vectors, clipped = self._prepare(round_id, contributions)
         n, size = len(names), vectors[0].size
+        fixed_point.check_headroom(n, self.settings.clip_range, self.settings.fractional_bits)
         root = self.workdir_root
         if root is not None:
             root.mkdir(parents=True, exist_ok=True)
@@ -151,12 +105,12 @@ class CryptenAggregator(SecureAggregator):
         try:
             for rank, v in enumerate(vectors):
                 np.save(workdir / f"input.{rank}.npy", v, allow_pickle=False)
-            run = _Round(self, round_id, names, size, workdir)
+            run = _Round(self, round_id, names, size, workdir, absent)
             ring_sum, stats, stage_s = run.execute()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-        bound = n * fixed_point.max_quantised(self.config.clip_range, self.config.fractional_bits)
+        bound = n * fixed_point.max_quantised(self.settings.clip_range, self.settings.fractional_bits)
         peak = int(np.max(np.abs(ring_sum))) if ring_sum.size else 0
         if peak > bound:
             # Cannot happen when every party followed the protocol; a deviating party (or a bug) can.
@@ -164,7 +118,7 @@ class CryptenAggregator(SecureAggregator):
                 f"round {round_id}: the revealed CrypTen sum has magnitude {peak}, above the largest possible "
                 f"{bound}; a party did not follow the protocol. The round's sum is discarded"
             )
-        total = fixed_point.decode(ring_sum, self.config.fractional_bits)
+        total = fixed_point.decode(ring_sum, self.settings.fractional_bits)
 
         inst = [stats[r] for r in range(n)]
         def worst(key: str) -> float:
@@ -172,12 +126,8 @@ class CryptenAggregator(SecureAggregator):
 
         measurements: dict[str, float | int] = {
             # Same names as the masking backend where the figure means the same thing.
-            "values_clipped": clipped,
-            "n_participants": n,
-            "n_survivors": n,
-            "n_dropped": 0,
             "ring_bits": 64,
-            "fractional_bits": self.config.fractional_bits,
+            "fractional_bits": self.settings.fractional_bits,
             "crypten_parties": n + 1,
             # As CrypTen's communicator counts it: an institution sends its d int64 shares once (the reduce).
             "bytes_sent_per_client": int(max(s["bytes"] for s in inst)),
@@ -192,9 +142,9 @@ class CryptenAggregator(SecureAggregator):
             "crypten_protocol_cpu_s": float(sum(s["protocol_cpu_s"] for s in stats.values())),
             # CPU seconds of the party processes from start to exit (interpreter and torch import included).
             "crypten_parties_cpu_s": stage_s["parties_cpu"],
-            "wall_s": time.perf_counter() - t_start,
+            "crypten_wall_s": time.perf_counter() - t_start,
         }
-        return AggregateResult(total=total, survivors=names, dropped=[], measurements=measurements)
+        return total, measurements
 
 
 def _children_cpu() -> float:
@@ -209,13 +159,14 @@ class _Round:
 
     POLL_S = 0.02
 
-    def __init__(self, agg: CryptenAggregator, round_id: int, names: list[str], size: int, workdir: Path) -> None:
+    def __init__(self, agg: CryptenParties, round_id: int, names: list[str], size: int, workdir: Path,
+                 absent: frozenset[str]) -> None:
         self.agg, self.round_id, self.names, self.size, self.workdir = agg, round_id, names, size, workdir
         self.n = len(names)
         self.world = self.n + 1
-        self.timeout = float(agg.config.stage_timeout_s)
+        self.timeout = float(agg.settings.stage_timeout_s)
         self.procs: dict[int, subprocess.Popen] = {}
-        self.not_started = {r for r, name in enumerate(names) if name in agg.config.simulate_dropouts}
+        self.not_started = {r for r, name in enumerate(names) if name in absent}
 
     def who(self, rank: int) -> str:
         return f"party {rank} (institution {self.names[rank]!r})" if rank < self.n else f"party {rank} (the coordinator)"
@@ -235,7 +186,7 @@ class _Round:
         return env
 
     def _launch(self) -> None:
-        cfg = self.agg.config
+        cfg = self.agg.settings
         env = self._env()
         # The parties' own torch.distributed timeout is a backstop for when this process dies; it is longer
         # than ours so that, normally, we are the ones who notice and can say which party is missing.
@@ -329,7 +280,7 @@ class _Round:
                 if time.perf_counter() > deadline:
                     slow = sorted(r for r, p in self.procs.items() if p.poll() is None)
                     self._abort(
-                        f"CrypTen parties did not finish the sum within federation.secagg.stage_timeout_s="
+                        f"CrypTen parties did not finish the sum within federation.secure_aggregation.stage_timeout_s="
                         f"{self.timeout:g} s: {', '.join(self.who(r) for r in slow)} still running; raise the "
                         "timeout for large updates on a slow machine"
                     )
@@ -351,7 +302,7 @@ class _Round:
         if not anyone_ready:
             self._abort(
                 f"no CrypTen party reached the rendezvous within {self.agg.startup_allowance_s:g} s of start-up "
-                f"plus federation.secagg.stage_timeout_s={self.timeout:g} s; the party processes are stuck "
+                f"plus federation.secure_aggregation.stage_timeout_s={self.timeout:g} s; the party processes are stuck "
                 f"importing torch/CrypTen (last output of party 0: {self._last_line(0)}); check the machine's load"
             )
         if missing:
@@ -359,14 +310,14 @@ class _Round:
             details = []
             for r in missing:
                 if r in self.not_started:
-                    why = "its process was never started (simulate_dropouts)"
+                    why = "its process was never started (absent)"
                 elif self.procs[r].poll() is None:
                     why = "its process is running but never reached the rendezvous (stuck starting up)"
                 else:
                     why = f"its process ended: {self._last_line(r)}"
                 details.append(f"{self.who(r)} never arrived: {why}")
             self._abort(
-                f"{'; '.join(details)}. Waited federation.secagg.stage_timeout_s={self.timeout:g} s; "
+                f"{'; '.join(details)}. Waited federation.secure_aggregation.stage_timeout_s={self.timeout:g} s; "
                 f"{len(waiting)} other part{'y was' if len(waiting) == 1 else 'ies were'} waiting at the rendezvous. "
                 "CrypTen's n-of-n sharing cannot leave a party out: bring that institution back, raise the "
                 "timeout on a slow machine, or use secure_aggregation: masking, which tolerates dropouts"
@@ -375,6 +326,6 @@ class _Round:
         self._abort(
             f"all {self.world} CrypTen parties reached the rendezvous but "
             f"{', '.join(self.who(r) for r in stuck)} did not finish joining within "
-            f"federation.secagg.stage_timeout_s={self.timeout:g} s; check that gloo can use the loopback "
+            f"federation.secure_aggregation.stage_timeout_s={self.timeout:g} s; check that gloo can use the loopback "
             "interface (GLOO_SOCKET_IFNAME) and that the temporary folder is writable"
         )

@@ -6,14 +6,14 @@ values just above an integer come back exactly 1.0 too low (``-29.99999`` -> ``-
 hand CrypTen values that are already integers and share them with ``precision=0`` (its encoder then
 multiplies by 1 and never divides), and we decode the revealed int64 ring value ourselves.
 
-Encoding is the same as the masking backend's (``fedse_secure.secagg.masking.quantize``): clip to
+Encoding is the masking backend's, from the one shared module (``fedse_secure.secagg.encoding``): clip to
 ``[-c, c]``, scale by ``2^f``, round half to even. Both backends therefore sum the *same integers* and
 agree bit for bit on the decoded total.
 
 Precision: CrypTen's ring is Z_{2^64} (int64 shares, wrap-around addition). The revealed value is the
 exact integer sum as long as ``n * round(c * 2^f) <= 2^63 - 1``; with the defaults (c = 8, f = 24) that
 holds for up to 2^35 parties, and even f = 40 leaves room for 2^19 parties. So we are not limited to
-CrypTen's 16 bits: ``federation.secagg.fractional_bits`` (24 by default) is used as is. The decoded sum is
+CrypTen's 16 bits: ``federation.secure_aggregation.fractional_bits`` (24 by default) is used as is. The decoded sum is
 within ``n * 2^-(f+1)`` of the sum of the clipped inputs (one rounding per input), plus float64 rounding
 of the result (relative 2^-53).
 """
@@ -23,12 +23,11 @@ from __future__ import annotations
 import numpy as np
 
 from fedse_secure.secagg.base import SecureAggregationError
+from fedse_secure.secagg.encoding import encode, max_quantised
+
+__all__ = ["INT64_MAX", "check_headroom", "decode", "encode", "error_bound", "max_quantised"]
 
 INT64_MAX = 2**63 - 1
-
-
-def max_quantised(clip_range: float, fractional_bits: int) -> int:
-    return int(round(clip_range * 2.0**fractional_bits))
 
 
 def check_headroom(n_parties: int, clip_range: float, fractional_bits: int) -> None:
@@ -37,7 +36,7 @@ def check_headroom(n_parties: int, clip_range: float, fractional_bits: int) -> N
     if bound > INT64_MAX:
         raise SecureAggregationError(
             f"{n_parties} institutions x clip_range {clip_range} x 2^{fractional_bits} overflows CrypTen's "
-            "64-bit ring; lower federation.secagg.fractional_bits or federation.secagg.clip_range"
+            "64-bit ring; lower federation.secure_aggregation.fractional_bits or clip_range"
         )
 
 
@@ -45,24 +44,6 @@ def error_bound(n_parties: int, fractional_bits: int) -> float:
     """Largest distance between the decoded sum and the exact sum of the clipped inputs, before the final
     float64 rounding: each input is rounded to the nearest multiple of 2^-f once."""
     return n_parties * 2.0 ** -(fractional_bits + 1)
-
-
-def working_float(x: np.ndarray) -> np.ndarray:
-    # float32 stays float32: scaling by a power of two is exact in either width, and a copy of a large
-    # adapter in float64 would double its memory for nothing.
-    if x.dtype == np.float32 or x.dtype == np.float64:
-        return x
-    return x.astype(np.float64)
-
-
-def encode(x: np.ndarray, clip_range: float, fractional_bits: int) -> np.ndarray:
-    """Clip, scale by 2^f and round half to even: the int64 value a party secret-shares."""
-    x = working_float(np.asarray(x).reshape(-1))
-    c = x.dtype.type(clip_range)
-    scaled = np.clip(x, -c, c)
-    np.multiply(scaled, x.dtype.type(2.0**fractional_bits), out=scaled)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.int64)
 
 
 def decode(ring_sum: np.ndarray, fractional_bits: int) -> np.ndarray:

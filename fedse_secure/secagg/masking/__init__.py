@@ -10,18 +10,14 @@ Layout (no module does I/O):
   in its docstring);
 * :mod:`.server` - :class:`SecAggServer`, the coordinator's state machine (how a transport drives it, and
   how timeouts/dropouts are signalled, is in its docstring);
-* :mod:`.driver` - :class:`MaskingAggregator` (the ``masking`` backend) and :func:`run_round`, which drive
-  both in one process;
+* :mod:`.settings` - the backend's settings and the one derivation of its graph parameters;
 * :mod:`.identity`, :mod:`.shamir`, :mod:`.quantize`, :mod:`.prg`, :mod:`.graph`, :mod:`.keys` - building blocks.
 
-A Flower transport maps one stage to one ``send_and_receive`` round trip: put ``request.to_bytes()`` for
-each client into a message, call ``client.handle(decode(payload))`` on the node, return
-``reply.to_bytes()``, feed every reply to ``server.receive`` and call ``server.advance()`` when all replied
-or ``stage_timeout_s`` passed.
+``fedse_secure.secagg.backends.masking`` wraps the two machines in the backend-neutral bytes interface; the
+in-process driver (``fedse_secure.secagg.driver``) and the federation's transports drive them through it.
 """
 
 from fedse_secure.secagg.masking.client import SecAggClient
-from fedse_secure.secagg.masking.driver import MaskingAggregator, run_round
 from fedse_secure.secagg.masking.errors import (
     AuthenticationError,
     InvalidUpdateError,
@@ -46,20 +42,21 @@ from fedse_secure.secagg.masking.messages import (
     decode,
 )
 from fedse_secure.secagg.masking.server import SecAggServer
-from fedse_secure.secagg.masking.tensors import TensorLayout
+from fedse_secure.secagg.masking.settings import GraphParameters, MaskingSettings
 
 __all__ = [
     "AuthenticationError",
     "ConsistencyRequest",
     "ConsistencySignature",
     "EncryptedShares",
+    "GraphParameters",
     "IdentityKey",
     "InvalidUpdateError",
     "KeyAdvertisement",
     "KeysBroadcast",
     "MaskedInput",
     "MaskedInputRequest",
-    "MaskingAggregator",
+    "MaskingSettings",
     "ProtocolError",
     "ProtocolMessage",
     "PublicKeyRegistry",
@@ -69,9 +66,7 @@ __all__ = [
     "SecureAggregationError",
     "SetupRequest",
     "Stage",
-    "TensorLayout",
     "UnmaskRequest",
     "UnmaskShares",
     "decode",
-    "run_round",
 ]

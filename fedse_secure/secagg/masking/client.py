@@ -32,12 +32,12 @@ Security rules enforced here, not left to the transport:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fedse_secure.config import SecAggConfig
 from fedse_secure.secagg.masking import keys, shamir
 from fedse_secure.secagg.masking.errors import (
     AuthenticationError,
@@ -48,6 +48,7 @@ from fedse_secure.secagg.masking.errors import (
 )
 from fedse_secure.secagg.masking.graph import neighbour_sets
 from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
+from fedse_secure.secagg.masking.settings import MaskingSettings
 from fedse_secure.secagg.masking.messages import (
     REQUESTS,
     ConsistencyRequest,
@@ -65,12 +66,8 @@ from fedse_secure.secagg.masking.messages import (
     survivors_payload,
 )
 from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream, RandomSource
-from fedse_secure.secagg.masking.quantize import (
-    RING_DTYPES,
-    ChunkQuantiser,
-    required_ring_bits,
-    working_float,
-)
+from fedse_secure.secagg.encoding import check_update
+from fedse_secure.secagg.masking.quantize import RING_DTYPES, ChunkQuantiser, required_ring_bits
 
 _NONCE = 12
 
@@ -83,15 +80,18 @@ class SecAggClient:
         name: str,
         identity: IdentityKey,
         registry: PublicKeyRegistry,
-        config: SecAggConfig | None = None,
+        config: MaskingSettings | None = None,
         *,
         vector: np.ndarray | None = None,
         rng: RandomSource | None = None,
+        aead: Callable[[bytes], AESGCM] = AESGCM,
     ) -> None:
         self.name = name
         self.identity = identity
         self.registry = registry
-        self.config = config or SecAggConfig()
+        self.config = config or MaskingSettings()
+        # The share cipher, injected so a threat check can swap in a broken one without patching this module.
+        self.aead = aead
         self.rng = rng or RandomSource()
         self.expecting: str = Stage.ADVERTISE_KEYS
         self.values_clipped = 0
@@ -106,12 +106,7 @@ class SecAggClient:
 
     # -- public API -----------------------------------------------------------------------------------------
     def set_input(self, vector: np.ndarray) -> None:
-        v = np.asarray(vector)
-        if v.ndim != 1:
-            raise InvalidUpdateError(f"{self.name}: the update must be one flat vector, got shape {v.shape}; flatten it")
-        if not np.issubdtype(v.dtype, np.floating):
-            v = v.astype(np.float64)
-        self._vector = v
+        self._vector = check_update(self.name, vector)
 
     @property
     def done(self) -> bool:
@@ -162,7 +157,7 @@ class SecAggClient:
         if not (2 <= setup.threshold <= m and 2 * setup.threshold > m):
             raise ProtocolError(
                 f"{self.name}: threshold {setup.threshold} is unsafe for neighbourhoods of {m} (need more than "
-                f"half, at most {m}); set secagg.threshold between {m // 2 + 1} and {m}"
+                f"half, at most {m}); set federation.secure_aggregation.threshold between {m // 2 + 1} and {m}"
             )
         cfg = self.config
         if cfg.threshold is not None and setup.threshold < min(cfg.threshold, m):
@@ -237,7 +232,7 @@ class SecAggClient:
             nonce = self.rng.bytes(_NONCE)
             pt = seed_shares[self.index[peer]] + key_shares[self.index[peer]]
             aad = keys.share_aad(self.digest, self.round_id, self.name, peer)
-            out[peer] = nonce + AESGCM(k).encrypt(nonce, pt, aad)
+            out[peer] = nonce + self.aead(k).encrypt(nonce, pt, aad)
         return EncryptedShares(round_id=self.round_id, sender=self.name, ciphertexts=out)
 
     def _masked_input(self, msg: MaskedInputRequest) -> MaskedInput:
@@ -246,7 +241,7 @@ class SecAggClient:
             if k is None:
                 raise ProtocolError(f"{self.name}: got shares from {sender!r}, who did not advertise keys to it; refusing")
             try:
-                pt = AESGCM(k).decrypt(ct[:_NONCE], ct[_NONCE:], keys.share_aad(self.digest, self.round_id, sender, self.name))
+                pt = self.aead(k).decrypt(ct[:_NONCE], ct[_NONCE:], keys.share_aad(self.digest, self.round_id, sender, self.name))
             except (InvalidTag, ValueError):
                 raise AuthenticationError(
                     f"{self.name}: the shares from {sender!r} fail AES-GCM authentication (tampered, replayed from "
@@ -269,12 +264,7 @@ class SecAggClient:
             )
         if self._vector is None:
             raise InvalidUpdateError(f"{self.name}: no update to mask; call set_input() before the masked_input stage")
-        x = working_float(self._vector)
-        if x.size != self.setup.vector_len:
-            raise InvalidUpdateError(
-                f"{self.name}: update has {x.size} values but the round aggregates {self.setup.vector_len}; all "
-                "institutions must send adapters of the same shape"
-            )
+        x = check_update(self.name, self._vector, self.setup.vector_len)
         t0, c0 = time.perf_counter(), time.thread_time()
         c = self.setup.clip_range
         bits = self.setup.ring_bits

@@ -6,7 +6,7 @@ backend-neutral contract still catches them. Each message names what went wrong 
 
 from __future__ import annotations
 
-from fedse_secure.secagg.base import RoundAbortedError, SecureAggregationError
+from fedse_secure.secagg.base import InvalidUpdateError, MessageRejected, RoundAbortedError, SecureAggregationError
 
 __all__ = [
     "AuthenticationError",
@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-class ProtocolError(SecureAggregationError):
+class ProtocolError(MessageRejected):
     """A message that does not fit the protocol: wrong round, wrong stage, duplicate or unknown sender.
 
     The state machine that raises it has *not* changed state, so a transport may drop the offending message
@@ -27,8 +27,3 @@ class ProtocolError(SecureAggregationError):
 
 class AuthenticationError(ProtocolError):
     """A signature or AES-GCM tag did not verify, or a reconstructed secret does not match its commitment."""
-
-
-class InvalidUpdateError(SecureAggregationError):
-    """A client's own update cannot be masked: NaN/Inf, wrong shape, or a value outside the clipping range
-    while ``on_out_of_range: refuse``."""

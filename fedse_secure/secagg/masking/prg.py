@@ -49,13 +49,6 @@ class MaskStream:
         self.dtype = np.dtype(dtype)
         self.sign = sign
 
-    def fill(self, out: np.ndarray, zeros: memoryview, scratch: bytearray) -> None:
-        """Write the next ``out.size`` keystream elements into ``out`` (a contiguous ring-dtype array)."""
-        nbytes = out.nbytes
-        # update_into needs len(buf) >= len(data) + 15 for a block cipher; scratch is sized for that.
-        self._enc.update_into(zeros[:nbytes], scratch)
-        out[...] = np.frombuffer(scratch, dtype=self.dtype, count=out.size)
-
 
 _ZEROS: dict[int, memoryview] = {}
 

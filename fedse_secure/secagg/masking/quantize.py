@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedse_secure.secagg.masking.errors import InvalidUpdateError, SecureAggregationError
+from fedse_secure.secagg.base import InvalidUpdateError, SecureAggregationError
+from fedse_secure.secagg.encoding import check_finite, count_out_of_range, encode, max_quantised, working_float
 
 RING_DTYPES = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
 SIGNED_DTYPES = {32: np.dtype(np.int32), 64: np.dtype(np.int64)}
-
-
-def max_quantised(clip_range: float, fractional_bits: int) -> int:
-    return int(round(clip_range * 2.0**fractional_bits))
 
 
 def required_ring_bits(n_clients: int, clip_range: float, fractional_bits: int, vector_len: int = 0) -> int:
@@ -33,45 +30,13 @@ def required_ring_bits(n_clients: int, clip_range: float, fractional_bits: int, 
             return bits
     raise SecureAggregationError(
         f"{n_clients} clients x clip_range {clip_range} x 2^{fractional_bits} overflows a 64-bit ring; "
-        "lower secagg.fractional_bits or secagg.clip_range"
+        "lower federation.secure_aggregation.fractional_bits or clip_range"
     )
 
 
-def check_finite(x: np.ndarray, who: str) -> None:
-    # A float64 sum of float32 values cannot overflow, so it is finite iff every element is: one cheap pass.
-    s = float(np.sum(x, dtype=np.float64))
-    if np.isfinite(s):
-        return
-    bad = int(np.count_nonzero(~np.isfinite(x)))
-    if bad:
-        raise InvalidUpdateError(
-            f"{who}'s update contains {bad} NaN/Inf value(s); fix the training step (e.g. lower the learning "
-            "rate or enable gradient clipping) before aggregating"
-        )
-
-
-def count_out_of_range(x: np.ndarray, clip_range: float) -> int:
-    lo, hi = float(np.min(x)), float(np.max(x))
-    if lo >= -clip_range and hi <= clip_range:
-        return 0
-    return int(np.count_nonzero(x > clip_range) + np.count_nonzero(x < -clip_range))
-
-
-def working_float(x: np.ndarray) -> np.ndarray:
-    """float32 stays float32 (x * 2^f is exact there: a power-of-two scale); anything else becomes float64."""
-    if x.dtype == np.float32 or x.dtype == np.float64:
-        return x
-    return x.astype(np.float64)
-
-
 def quantise_into(x: np.ndarray, out: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: int) -> None:
-    """Clip, scale, round and store ``x`` (float) into ``out`` (ring dtype, same length)."""
-    scale = x.dtype.type(2.0**fractional_bits)
-    c = x.dtype.type(clip_range)
-    f = np.clip(x, -c, c)
-    np.multiply(f, scale, out=f)
-    np.rint(f, out=f)
-    out[...] = f.astype(SIGNED_DTYPES[ring_bits], copy=False).view(RING_DTYPES[ring_bits])
+    """Encode ``x`` (float) into ``out`` (ring dtype, same length): the shared encoding, two's complement."""
+    out[...] = encode(x, clip_range, fractional_bits, SIGNED_DTYPES[ring_bits]).view(RING_DTYPES[ring_bits])
 
 
 class ChunkQuantiser:
@@ -113,7 +78,7 @@ class ChunkQuantiser:
             if k and self.refuse:
                 raise InvalidUpdateError(
                     f"{self.who}: value(s) outside [-{float(c)}, {float(c)}] (e.g. {float(hi if hi > c else lo):.4g}); "
-                    "raise secagg.clip_range or set secagg.on_out_of_range: clip"
+                    "raise federation.secure_aggregation.clip_range or set its on_out_of_range: clip"
                 )
             self.values_clipped += k
             np.clip(xs, -c, c, out=f)

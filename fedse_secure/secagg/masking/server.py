@@ -7,13 +7,13 @@ How a transport drives it::
     requests = server.start()                      # {client name: SetupRequest}
     while requests:
         send each requests[name].to_bytes() to name
-        until every addressee replied or config.stage_timeout_s elapsed:
+        until every addressee replied or settings.stage_timeout_s elapsed:
             try: server.receive(decode(reply_bytes))
             except ProtocolError: log it; the sender is then treated like a silent client
         requests = server.advance()                # closes the stage: whoever did not reply has dropped
     result = server.result                         # AggregateResult; only the survivors' sum
 
-The server keeps no clock: the transport owns the timeout (``config.stage_timeout_s`` per stage) and the
+The server keeps no clock: the transport owns the timeout (``settings.stage_timeout_s`` per stage) and the
 network. Timeouts and dropouts are signalled to the server *only* by calling :meth:`advance` before every
 addressee has replied (``server.expected - server.replies.keys()`` are the ones still awaited); the
 server then treats the silent ones as dropped, checks that every secret it will need can still be
@@ -35,7 +35,6 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedse_secure.config import SecAggConfig
 from fedse_secure.secagg.base import AggregateResult
 from fedse_secure.secagg.masking import keys, shamir
 from fedse_secure.secagg.masking.errors import (
@@ -44,8 +43,9 @@ from fedse_secure.secagg.masking.errors import (
     RoundAbortedError,
     SecureAggregationError,
 )
-from fedse_secure.secagg.masking.graph import default_threshold, neighbour_sets, resolve_degree
+from fedse_secure.secagg.masking.graph import neighbour_sets
 from fedse_secure.secagg.masking.identity import PublicKeyRegistry
+from fedse_secure.secagg.masking.settings import MaskingSettings
 from fedse_secure.secagg.masking.messages import (
     REPLIES,
     ConsistencyRequest,
@@ -74,12 +74,12 @@ class SecAggServer:
         round_id: int,
         participants: Sequence[str],
         vector_len: int,
-        config: SecAggConfig | None = None,
+        config: MaskingSettings | None = None,
         registry: PublicKeyRegistry | None = None,
         *,
         rng: RandomSource | None = None,
     ) -> None:
-        self.config = config or SecAggConfig()
+        self.config = config or MaskingSettings()
         self.registry = registry or PublicKeyRegistry()
         self.round_id = int(round_id)
         self.rng = rng or RandomSource()
@@ -96,18 +96,18 @@ class SecAggServer:
         if missing:
             raise AuthenticationError(f"round {round_id}: {missing} have no identity key in the registry; register them")
         n = len(names)
-        degree = resolve_degree(n, self.config.neighbours)
-        m = degree + 1
-        t = self.config.threshold if self.config.threshold is not None else default_threshold(m)
+        params = self.config.parameters(n)
+        degree, t = params.degree, params.threshold
+        m = params.neighbourhood
         if t > m:
             raise SecureAggregationError(
                 f"round {round_id}: threshold {t} exceeds the neighbourhood size {m} (degree {degree} + 1); lower "
-                "secagg.threshold or raise secagg.neighbours"
+                "federation.secure_aggregation.threshold or raise its neighbours"
             )
         if 2 * t <= m:
             raise SecureAggregationError(
                 f"round {round_id}: threshold {t} is not more than half of the neighbourhood size {m}, so a "
-                f"server could collect two conflicting survivor lists; use secagg.threshold >= {m // 2 + 1}"
+                f"server could collect two conflicting survivor lists; use federation.secure_aggregation.threshold >= {m // 2 + 1}"
             )
         self.setup = SetupRequest(
             round_id=self.round_id,

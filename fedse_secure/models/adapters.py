@@ -1,17 +1,15 @@
-"""LoRA adapter state: extraction from a peft model, flat vectors for secure aggregation, and peft-compatible
-files written without the model (so a coordinator never needs the base model to publish a global adapter)."""
+"""LoRA adapter state: extraction from a peft model, peft-compatible files written without the model (so a
+coordinator never needs the base model to publish a global adapter), and the bytes form that travels in a
+round (safetensors plus the key order, which the flat aggregation layout depends on)."""
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-AdapterState = "OrderedDict[str, torch.Tensor]"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -31,47 +29,6 @@ def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
         raise ValueError(f"adapter state has keys the model does not: {unexpected[:3]}...; wrong LoRA config?")
-
-
-@dataclass(frozen=True)
-class FlatSpec:
-    """Names and shapes of the tensors packed into a flat vector, in order."""
-
-    entries: tuple[tuple[str, tuple[int, ...]], ...]
-
-    @property
-    def size(self) -> int:
-        return sum(int(np.prod(shape)) for _, shape in self.entries)
-
-    @classmethod
-    def of(cls, state: dict[str, torch.Tensor]) -> FlatSpec:
-        return cls(tuple((k, tuple(v.shape)) for k, v in state.items()))
-
-
-def flatten(state: dict[str, torch.Tensor]) -> tuple[np.ndarray, FlatSpec]:
-    spec = FlatSpec.of(state)
-    if not state:
-        return np.zeros(0, dtype=np.float64), spec
-    vector = torch.cat([v.reshape(-1).to(torch.float64) for v in state.values()]).numpy()
-    return vector, spec
-
-
-def unflatten(vector: np.ndarray, spec: FlatSpec) -> OrderedDict[str, torch.Tensor]:
-    if vector.size != spec.size:
-        raise ValueError(f"vector has {vector.size} values, the adapter needs {spec.size}")
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    offset = 0
-    for name, shape in spec.entries:
-        n = int(np.prod(shape))
-        out[name] = torch.from_numpy(np.ascontiguousarray(vector[offset : offset + n])).to(torch.float32).reshape(shape)
-        offset += n
-    return out
-
-
-def state_delta(local: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    if local.keys() != base.keys():
-        raise ValueError("local and global adapters have different tensors; were they built with the same LoRA config?")
-    return OrderedDict((k, local[k] - base[k]) for k in local)
 
 
 def save_adapter(state: dict[str, torch.Tensor], peft_config: dict, folder: str | Path) -> Path:
@@ -103,3 +60,25 @@ def peft_config_dict(model) -> dict:
         if isinstance(v, set):
             d[k] = sorted(v)
     return json.loads(json.dumps(d, default=str))
+
+
+def state_to_bytes(state: OrderedDict[str, torch.Tensor]) -> tuple[bytes, bytes]:
+    """(safetensors bytes, JSON key order): safetensors does not keep insertion order, the flat layout needs it."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return save(tensors), json.dumps(list(state)).encode()
+
+
+def state_from_bytes(data: bytes, order: bytes) -> OrderedDict[str, torch.Tensor]:
+    """The inverse of :func:`state_to_bytes`; ``ValueError`` if the bytes are not a matching pair."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(bytes(data))
+        keys = json.loads(bytes(order).decode())
+    except Exception as err:  # safetensors raises its own SafetensorError on malformed bytes
+        raise ValueError(f"not an adapter in safetensors form ({err})") from None
+    if not isinstance(keys, list) or sorted(keys) != sorted(tensors):
+        raise ValueError("adapter tensor names do not match their declared order")
+    return OrderedDict((k, tensors[k]) for k in keys)

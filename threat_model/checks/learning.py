@@ -2,7 +2,7 @@
 
 Both use real agent data (Maze expert trajectories, tokenised by ``encode_trajectory`` with the SmolLM2
 tokenizer), the real trainers (``train_lora`` for SFT, ``train_dp_sgd`` with Opacus for DP-SGD), the real
-aggregation payload (``FedAvg.client_payload``) and the real secure aggregation (``MaskingAggregator``).
+aggregation payload (``FedAvg.client_payload``) and the real secure aggregation (the masking backend).
 
 To keep every check within seconds on two CPU cores, the model is the tiny Llama architecture (2 layers,
 hidden 64) with its vocabulary cut down to the tokens that occur in the records: SmolLM2's 49k-entry output
@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from fedse_threat_model.checks import CheckResult, ProtectionSettings, _coordinator_view, _r, check
+from fedse_threat_model.attacks import coordinator_view
+from fedse_threat_model.harness import CheckResult, ProtectionSettings, check, rounded
 
 MAX_SEQ_LEN = 128
 
@@ -213,16 +214,16 @@ def membership_inference(settings: ProtectionSettings) -> CheckResult:
     accounted = exp["dp"]["epsilon"] if settings.on("dp") else math.inf
     passed = adv <= bound and accounted <= MIA_EPSILON * 1.01
     evidence = {
-        "claimed_epsilon": MIA_EPSILON, "delta": MIA_DELTA, "advantage_bound": _r(bound),
+        "claimed_epsilon": MIA_EPSILON, "delta": MIA_DELTA, "advantage_bound": rounded(bound),
         "released_model": "dp-sgd" if settings.on("dp") else "no dp",
-        "advantage_released": _r(adv), "advantage_standard_error": _r(stderr),
-        "advantage_dp_model": _r(exp["dp"]["advantage"]), "advantage_non_dp_model": _r(exp["no_dp"]["advantage"]),
-        "dp_epsilon_accounted": _r(exp["dp"]["epsilon"]),
-        "released_model_epsilon": "inf (no DP)" if math.isinf(accounted) else _r(accounted), "dp_noise_multiplier": _r(exp["dp"]["noise_multiplier"]),
-        "dp_steps": exp["dp"]["steps"], "dp_sample_rate": _r(exp["dp"]["sample_rate"]),
-        "loss_member_vs_non_member_dp": [_r(exp["dp"]["member_loss"]), _r(exp["dp"]["non_member_loss"])],
-        "loss_member_vs_non_member_no_dp": [_r(exp["no_dp"]["member_loss"]), _r(exp["no_dp"]["non_member_loss"])],
-        "loss_before_training": _r(exp["initial_loss"]), "records_per_side": exp["records_per_side"],
+        "advantage_released": rounded(adv), "advantage_standard_error": rounded(stderr),
+        "advantage_dp_model": rounded(exp["dp"]["advantage"]), "advantage_non_dp_model": rounded(exp["no_dp"]["advantage"]),
+        "dp_epsilon_accounted": rounded(exp["dp"]["epsilon"]),
+        "released_model_epsilon": "inf (no DP)" if math.isinf(accounted) else rounded(accounted), "dp_noise_multiplier": rounded(exp["dp"]["noise_multiplier"]),
+        "dp_steps": exp["dp"]["steps"], "dp_sample_rate": rounded(exp["dp"]["sample_rate"]),
+        "loss_member_vs_non_member_dp": [rounded(exp["dp"]["member_loss"]), rounded(exp["dp"]["non_member_loss"])],
+        "loss_member_vs_non_member_no_dp": [rounded(exp["no_dp"]["member_loss"]), rounded(exp["no_dp"]["non_member_loss"])],
+        "loss_before_training": rounded(exp["initial_loss"]), "records_per_side": exp["records_per_side"],
     }
     summary = (f"loss-threshold MIA advantage {adv:.2f} (+-{stderr:.2f}) on the released model vs bound "
                f"{bound:.2f} for eps={MIA_EPSILON:g}; DP model {exp['dp']['advantage']:.2f}, non-DP model "
@@ -244,8 +245,8 @@ def _inversion_experiment(seed: int) -> dict[str, Any]:
     import torch
 
     from fedse_secure.agent.sft import train_lora
-    from fedse_secure.aggregation.adapter_state import get_adapter_state, set_adapter_state
-    from fedse_secure.aggregation.rules import FedAvg
+    from fedse_secure.aggregation.rules.fedavg import FedAvg
+    from fedse_secure.models.adapters import get_adapter_state, set_adapter_state
     from fedse_secure.config import TrainingConfig
 
     recs = _records(INV_POOL, 200)
@@ -272,7 +273,8 @@ def _loss_drop_guess(exp: dict[str, Any], update: np.ndarray, k: int, clip: floa
     a trained update lowers the loss of its own records far more than that of other trajectories."""
     import torch
 
-    from fedse_secure.aggregation.adapter_state import FlatSpec, set_adapter_state, unflatten
+    from fedse_secure.aggregation.flat import FlatSpec, unflatten
+    from fedse_secure.models.adapters import set_adapter_state
 
     g = exp["global"]
     # The attacker knows every honest update lies inside the secure-aggregation clip range.
@@ -302,7 +304,7 @@ def update_inversion(settings: ProtectionSettings) -> CheckResult:
         return hits / (k * len(owned))
 
     control = precision(payloads)
-    result, view, _ = _coordinator_view(settings, payloads, settings.seed)
+    result, view, _ = coordinator_view(settings, payloads, settings.seed)
     attacked = precision(view)
     all_owned = sorted(i for idx in owned.values() for i in idx)
     mean_update = result.total / len(payloads)
@@ -312,9 +314,9 @@ def update_inversion(settings: ProtectionSettings) -> CheckResult:
     passed = control >= 0.8 and attacked <= limit
     evidence = {
         "candidates": INV_POOL, "institutions": INV_INSTITUTIONS, "records_per_institution": k,
-        "chance_precision": _r(chance), "limit": _r(limit), "secure_aggregation": settings.secure_aggregation,
-        "precision_on_true_update_control": _r(control), "precision_on_coordinator_view": _r(attacked),
-        "residual_precision_on_released_mean": _r(sum_hits), "update_size": int(next(iter(payloads.values())).size),
+        "chance_precision": rounded(chance), "limit": rounded(limit), "secure_aggregation": settings.secure_aggregation,
+        "precision_on_true_update_control": rounded(control), "precision_on_coordinator_view": rounded(attacked),
+        "residual_precision_on_released_mean": rounded(sum_hits), "update_size": int(next(iter(payloads.values())).size),
     }
     summary = (f"training-set identification from the coordinator's view: precision {attacked:.2f} (chance "
                f"{chance:.2f}, limit {limit:.2f}); {control:.2f} on the true update; {sum_hits:.2f} on the released mean")
