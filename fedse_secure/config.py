@@ -348,8 +348,8 @@ def explain(path: str | None = None) -> list[FieldDoc]:
         tag = model.model_fields["backend"].default if len(tags) > 1 and "backend" in model.model_fields else None
         for name, info in model.model_fields.items():
             if tag and name == "backend":
-                doc = FieldDoc(f"{prefix}backend", "str", "masking", "The backend; the fields below marked with its "
-                               "name are its own settings.", tuple(sorted(tags)))
+                doc = FieldDoc(f"{prefix}backend", "str", _default_backend_settings().backend, "The backend; the fields "
+                               "below marked with its name are its own settings.", tuple(sorted(tags)))
             else:
                 doc = _describe(f"{prefix}{name}" + (f" [backend {tag}]" if tag else ""), info)
             if doc.path not in seen:

@@ -97,6 +97,7 @@ class MaskingBackend(Backend):
 
     def check(self, n_participants: int) -> None:
         super().check(n_participants)
+        from fedse_secure.secagg.base import SecureAggregationError
         from fedse_secure.secagg.masking.quantize import required_ring_bits
 
         s = self.settings
@@ -112,7 +113,7 @@ class MaskingBackend(Backend):
                              f"neighbourhood size {p.neighbourhood}; use at least {p.neighbourhood // 2 + 1}")
         try:
             required_ring_bits(n_participants, s.clip_range, s.fractional_bits)
-        except Exception as err:  # SecureAggregationError: the message names the fields to lower
+        except SecureAggregationError as err:  # the message names the fields to lower
             raise ValueError(str(err)) from None
 
     def min_contributors(self, n_participants: int) -> int:
