@@ -101,8 +101,7 @@ class LoraSettings(StrictModel):
 class ClientConfig(StrictModel):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="The institution's name.")
     env: EnvName = Field(
-        ..., description="Its private environment (a registered name: babyai, webshop, textcraft, maze, wordle, "
-                         "agentgym).",
+        ..., description="Its private environment (a registered environment name).",
     )
     env_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -182,11 +181,11 @@ class FederationConfig(StrictModel):
                     "model, evaluated only.",
     )
     aggregation: RuleName = Field(
-        "fedavg", description="Aggregation rule over the secure sum (a registered name: fedavg, weighted, ffa, svd).",
+        "fedavg", description="Aggregation rule over the secure sum (a registered rule; fedavg is the paper's).",
     )
     secure_aggregation: SecureAggregationSettings = Field(
         default_factory=lambda: _default_backend_settings(),
-        description="The secure-aggregation backend and its settings: a name (none, masking, crypten) for its "
+        description="The secure-aggregation backend and its settings: a registered backend's name for its "
                     "defaults, or a mapping with 'backend' and that backend's fields.",
     )
     simulate_dropouts: dict[str, str] = Field(
@@ -211,9 +210,9 @@ def _default_backend_settings():
 class PrivacyConfig(StrictModel):
     mode: MechanismName = Field(
         "none",
-        description="The privacy mechanism (a registered name): none; dp-sgd (record-level DP-SGD, one trajectory = "
-                    "one record); client-dp (each round update clipped, distributed Gaussian noise added under "
-                    "secure aggregation).",
+        description="The privacy mechanism (a registered mechanism), e.g. dp-sgd (record-level DP-SGD, one "
+                    "trajectory = one record) or client-dp (each round update clipped, distributed Gaussian noise "
+                    "added under secure aggregation).",
     )
     noise_multiplier: float = Field(1.0, ge=0.0, description="Gaussian noise std as a multiple of the clipping bound.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Clipping bound: per trajectory (dp-sgd) or per round "
@@ -223,7 +222,7 @@ class PrivacyConfig(StrictModel):
                                   "before training.",
     )
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the (ε, δ) guarantee.")
-    accountant: AccountantName = Field("rdp", description="The accountant that turns events into ε (a registered name: rdp, prv).")
+    accountant: AccountantName = Field("rdp", description="The accountant that turns events into ε (a registered one).")
     expected_batch_size: int = Field(4, ge=1, description="DP-SGD expected Poisson batch size (sample rate = batch / "
                                                           "buffer size).")
     honest_fraction: float = Field(
@@ -326,6 +325,9 @@ def _describe(path: str, info) -> FieldDoc:
     return FieldDoc(path, name, default, info.description or "", choices)
 
 
+_BACKEND_FIELD = "The secure-aggregation backend; the fields marked with its name are its own settings."
+
+
 def explain(path: str | None = None) -> list[FieldDoc]:
     """Documentation of a config field and of everything under it (the whole top level without ``path``).
 
@@ -342,14 +344,17 @@ def explain(path: str | None = None) -> list[FieldDoc]:
             raise ConfigError(f"config explain: no field {'.'.join(parts[: i + 1])!r}; fields here: {', '.join(known)}")
         level = [(f"{p}.", m) for p, info in found for m in _models_in(info.annotation)]
     docs = [_describe(p, info) for p, info in found]
+    if len({d.path for d in docs}) == 1 < len(docs):  # the union's discriminator, in every variant: one entry
+        docs = [FieldDoc(docs[0].path, "str", _default_backend_settings().backend, _BACKEND_FIELD,
+                         tuple(sorted({c for d in docs for c in d.choices})))]
     seen = {d.path for d in docs}
     tags = [m.model_fields["backend"].default for _, m in level if "backend" in m.model_fields]
     for prefix, model in level:
         tag = model.model_fields["backend"].default if len(tags) > 1 and "backend" in model.model_fields else None
         for name, info in model.model_fields.items():
             if tag and name == "backend":
-                doc = FieldDoc(f"{prefix}backend", "str", _default_backend_settings().backend, "The backend; the fields "
-                               "below marked with its name are its own settings.", tuple(sorted(tags)))
+                doc = FieldDoc(f"{prefix}backend", "str", _default_backend_settings().backend, _BACKEND_FIELD,
+                               tuple(sorted(tags)))
             else:
                 doc = _describe(f"{prefix}{name}" + (f" [backend {tag}]" if tag else ""), info)
             if doc.path not in seen:

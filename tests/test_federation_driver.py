@@ -29,6 +29,26 @@ def test_every_registry_finds_its_built_in_components():
     assert [n for n, c in caps.items() if c.hides_inputs] == ["crypten", "masking"]
 
 
+def test_a_new_module_in_a_registrys_package_is_found_without_any_other_edit(tmp_path, monkeypatch):
+    from fedse_secure.registry import Registry, UnknownComponentError
+
+    package = tmp_path / "fedse_plugin_demo"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from fedse_secure.registry import Registry\nTHINGS = Registry('thing', __name__)\n")
+    (package / "alpha.py").write_text(
+        "from fedse_plugin_demo import THINGS\n@THINGS.register('alpha')\nclass Alpha:\n    pass\n")
+    (package / "beta.py").write_text(
+        "from fedse_plugin_demo import THINGS\n@THINGS.register('beta')\nclass Beta:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    things: Registry = importlib.import_module("fedse_plugin_demo").THINGS
+    assert things.names() == ["alpha", "beta"] and things.get("beta").__name__ == "Beta"
+    with pytest.raises(UnknownComponentError, match="unknown thing 'gamma'; choose one of: alpha, beta"):
+        things.get("gamma")
+
+
 def test_a_registry_refuses_a_second_component_under_one_name():
     from fedse_secure.registry import Registry
 

@@ -220,7 +220,9 @@ def train_dp_sgd(
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise DPTrainingError(f"Opacus cannot compute per-sample gradients for this model: {errors}")
-    accountant = create_accountant(privacy.accountant)
+    # Opacus's accountant here only counts the noisy steps through the optimiser's hook (its history is checked
+    # against the projected event below); what the round costs comes from the configured accountant.
+    step_counter = create_accountant("rdp")
     result = DPTrainResult(
         steps=0, losses=[], sample_rate=q, expected_batch_size=expected_batch, batch_sizes=[], empty_batches=0,
         event=event, round_epsilon=0.0, delta=privacy.delta, accountant=privacy.accountant,
@@ -250,7 +252,7 @@ def train_dp_sgd(
                 optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                 expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen,
             )
-            dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+            dp_optimizer.attach_step_hook(step_counter.get_optimizer_hook_fn(sample_rate=q))
             sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen, steps=steps)
             if sampler.sample_rate != event.sample_rate:
                 raise DPTrainingError(f"sampler rate {sampler.sample_rate} != accounted rate {event.sample_rate}")
@@ -285,7 +287,7 @@ def train_dp_sgd(
                 result.batch_sizes.append(len(indices))
                 result.learning_rates.append(float(scheduler.get_last_lr()[0]))
                 dp_optimizer.step()
-                counted = sum(s for _, _, s in accountant.history)
+                counted = sum(s for _, _, s in step_counter.history)
                 if counted != step + 1:
                     raise DPTrainingError(f"step {step}: the accountant counted {counted} steps; the noisy step was "
                                           "skipped or double-counted")
@@ -303,12 +305,12 @@ def train_dp_sgd(
             model.train(was_training)
     if _hook_count(model) != hooks_before:
         raise DPTrainingError("Opacus hooks were left on the model after training; do not save this adapter")
-    if accountant.history != [(privacy.noise_multiplier, q, steps)]:
+    if step_counter.history != [(privacy.noise_multiplier, q, steps)]:
         raise DPTrainingError(
-            f"the Opacus accountant recorded {accountant.history}, but the projected event is "
+            f"the Opacus accountant recorded {step_counter.history}, but the projected event is "
             f"{(privacy.noise_multiplier, q, steps)}; the ledger would be wrong"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns when the best RDP order is at the grid's edge
-        result.round_epsilon = float(accountant.get_epsilon(delta=privacy.delta))
+    from fedse_secure.privacy.accounting import epsilon
+
+    result.round_epsilon = epsilon([event], privacy.delta, privacy.accountant)
     return result
