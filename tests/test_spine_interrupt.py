@@ -21,6 +21,9 @@ def test_sigint_after_first_round_keeps_completed_rounds(tmp_path):
         [sys.executable, "-m", "fedse_cli.main", "simulate", str(REPO / "configs" / "smoke.yaml"), "--out", str(out),
          "-q", "--set", "federation.rounds=6"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        # A run started in the background by a non-interactive shell inherits SIGINT ignored, and Python keeps an
+        # ignored SIGINT as it is: give the child the default, so that Ctrl-C reaches it as it would a user's.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 400
