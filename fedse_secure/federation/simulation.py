@@ -63,6 +63,7 @@ class Simulation:
 
         cfg = self.config
         started = time.time()
+        preflight(cfg)
         if self.resuming:
             self.run.check_resumable()
             self.run.acquire()
@@ -262,6 +263,23 @@ class Simulation:
         self.summary.rounds_completed = 1
         self.summary.final_adapter = str(self.run.save_adapter("final", self.initial_state, self.peft_config)
                                          .relative_to(self.run.path))
+
+
+def preflight(config: ExperimentConfig) -> None:
+    """What can only be checked by building it, checked before a run folder is touched or the model loads: every
+    institution's environment accepts its options, and the model is on disk."""
+    from fedse_secure.envs import ENVIRONMENTS
+    from fedse_secure.models.loading import resolve_model_path
+
+    for i, client in enumerate(config.clients):
+        try:
+            ENVIRONMENTS.get(client.env).make(**client.env_options)
+        except FedseError:
+            raise
+        except (TypeError, ValueError, KeyError, OSError) as err:
+            raise ConfigError(f"clients.{i}.env_options ({client.name}): environment {client.env!r} rejects them "
+                              f"({type(err).__name__}: {err}); fix the options") from None
+    resolve_model_path(config.model.name_or_path)
 
 
 def simulate(config: ExperimentConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
