@@ -67,18 +67,20 @@ def keys_init(
 ) -> None:
     """Create each institution's Flower node-auth key pair and Ed25519 identity key pair, plus registry.json."""
     from fedse_secure.federation.flower import pki
-    from fedse_secure.secagg.masking.identity import PublicKeyRegistry
 
     try:
         paths = pki.init_keys(out, institution, force=force)
     except _errors() as err:
         _fail(err)
-    registry = PublicKeyRegistry({n: pki.raw_public_bytes(pki.load_identity_public(pub))
-                                  for n, (_priv, pub) in paths.identity.items()})
-    (Path(out) / "registry.json").write_text(registry.to_json() + "\n")
+    try:
+        names = pki.merge_registry(Path(out) / "registry.json", {
+            n: pki.raw_public_bytes(pki.load_identity_public(pub)) for n, (_priv, pub) in paths.identity.items()})
+    except _errors() as err:
+        _fail(err)
     for name in institution:
         typer.echo(f"{name}: {paths.node_auth[name][0]} (+.pub), {paths.identity[name][0]} (+.pub)")
-    typer.echo(f"identity registry: {Path(out) / 'registry.json'} (give it to every institution out of band)")
+    typer.echo(f"identity registry: {Path(out) / 'registry.json'} ({', '.join(names)}; give it to every institution "
+               "out of band)")
 
 
 @keys_app.command("registry")
@@ -94,7 +96,12 @@ def keys_registry(
         reg = load_registry(load_coordinator_config(config))
     except _errors() as err:
         _fail(err)
-    out.write_text(reg.to_json() + "\n")
+    from fedse_secure.federation.flower import pki
+
+    try:
+        pki.write_public_file(out, (reg.to_json() + "\n").encode())
+    except _errors() as err:
+        _fail(err)
     typer.echo(f"wrote {out} ({', '.join(reg.names())})")
 
 
