@@ -69,6 +69,7 @@ def keys_init(
     from fedse_secure.federation.flower import pki
 
     try:
+        pki.read_registry(Path(out) / "registry.json")  # a damaged registry stops us before any key is made
         paths = pki.init_keys(out, institution, force=force)
     except _errors() as err:
         _fail(err)

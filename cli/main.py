@@ -36,10 +36,13 @@ class _OneLineErrors(TyperGroup):
 
             if isinstance(err, FedseError):
                 fail(str(err) or type(err).__name__, code=err.exit_code)
+            if isinstance(err, BrokenPipeError):  # the reader went away (`fedse ... | head`): nothing to say
+                raise typer.Exit(141) from None
             if isinstance(err, OSError):
                 from fedse_secure.io_utils import storage_error
 
-                fail(str(storage_error(err.filename or "a file", err, "use")), code=1)
+                fail(str(storage_error(err.filename, err, "use")) if err.filename else
+                     f"{err.strerror or err}; check the files and folders the command uses", code=1)
             if isinstance(err, RecursionError):
                 fail("an input is nested too deeply to be read (a damaged or hostile file); check the files the "
                      "command reads", code=2)

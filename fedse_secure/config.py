@@ -458,7 +458,7 @@ def _shown(value: Any) -> str:
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     """Turn pydantic's multi-line report into one line per problem: ``source: field.path: problem; fix``."""
-    by_path: dict[str, str] = {}
+    by_path: dict[str, list[tuple[str, str]]] = {}
     for e in err.errors():
         path = _field_path(e["loc"])
         msg = e["msg"]
@@ -478,11 +478,16 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
             else f" (got {_shown(got)})"
         where = f"{source}: {path}: " if path else f"{source}: "  # cross-field messages name their fields
         line = f"{where}{msg}{got_text}" + (f"; {hint}" if hint else "")
-        # A value that fits no member of a union fails once per member; the last member's complaint is the one
-        # that explains it (target_modules: [] is neither 'all-linear' nor a non-empty list -> "add an entry").
-        if path not in by_path or e["type"] != "literal_error":
-            by_path[path] = line
-    return "\n".join(by_path.values())
+        by_path.setdefault(path, []).append((e["type"], line))
+    # A value that fits no member of a union fails once per member; the complaint of the member it resembles
+    # explains it (target_modules: [] is neither 'all-linear' nor a non-empty list -> "add an entry"), so a
+    # literal mismatch is dropped where another complaint about the same field exists.
+    lines = []
+    for path, found in by_path.items():
+        others = [ln for p, f in by_path.items() for t, ln in f
+                  if (p == path and t != "literal_error") or (p != path and p.startswith(path + "."))]
+        lines.extend(ln for t, ln in found if t != "literal_error" or not others)
+    return "\n".join(lines)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

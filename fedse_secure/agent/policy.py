@@ -38,7 +38,13 @@ class AgentModel:
             task_type="CAUSAL_LM",
             bias="none",
         )
-        peft_model = get_peft_model(loaded.model, lora_cfg)
+        try:
+            peft_model = get_peft_model(loaded.model, lora_cfg)
+        except ValueError as err:  # peft: a target module that is missing or of a type LoRA cannot wrap
+            from fedse_secure.config import ConfigError
+
+            raise ConfigError(f"lora.target_modules {lora.target_modules}: peft cannot apply LoRA there "
+                              f"({str(err).splitlines()[0][:200]}); name linear layers such as q_proj, or all-linear") from None
         peft_model.eval()
         return cls(model=peft_model, tokenizer=loaded.tokenizer, model_path=loaded.path)
 

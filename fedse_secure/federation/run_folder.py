@@ -50,8 +50,6 @@ from fedse_secure.io_utils import (
     ensure_dir,
     read_jsonl,
 )
-from fedse_secure.models.adapters import save_adapter
-
 #: Written when fedse creates a run folder; only a folder holding it is ever overwritten.
 MARKER = ".fedse-run"
 LOCK = ".fedse-lock"
@@ -240,6 +238,16 @@ class RunFolder:
     def create(self, config: ExperimentConfig, overwrite: bool = False) -> RunFolder:
         """A new run folder for ``config``: an empty or missing folder, or (``overwrite``) a run folder fedse
         created, emptied first (its privacy ledgers are moved to ``ledger-archive/``, never deleted)."""
+        try:
+            return self._create(config, overwrite)
+        except OSError as err:
+            if isinstance(err, StorageError) or err.errno not in _BAD_PATH:
+                raise
+            from fedse_secure.io_utils import storage_error
+
+            raise RunFolderError(str(storage_error(self.path, err, "create the run folder"))) from None
+
+    def _create(self, config: ExperimentConfig, overwrite: bool) -> RunFolder:
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
             raise RunFolderError(f"{self.path} is a file, not a folder; choose another --out")
         if self.path.exists() and any(self.path.iterdir()):
@@ -248,12 +256,16 @@ class RunFolder:
                         "or choose another --out") if self.is_run_folder() else "choose another --out"
                 raise RunFolderError(f"{self.path} already exists and is not empty; {hint}")
             self._clear_for_overwrite()
+        # The topmost folder this call creates: removed again if the run folder cannot be written at all.
+        first_new = next((p for p in [*reversed(self.path.parents), self.path] if not p.exists()), None)
         try:
             ensure_dir(self.path)
             atomic_write_json(self.marker_path, {"created_by": f"fedse-secure {_version()}",
                                                  "created": _utc_now()})
             atomic_write_text(self.path / "config.yaml", config.to_yaml())
         except StorageError as err:
+            if first_new is not None and first_new.is_dir():
+                shutil.rmtree(first_new, ignore_errors=True)
             if err.errno in _BAD_PATH:
                 raise RunFolderError(f"{err}") from None
             raise
@@ -376,6 +388,8 @@ class RunFolder:
         return (base / client / label) if client else (base / label)
 
     def save_adapter(self, label: str, state, peft_config: dict, client: str | None = None) -> Path:
+        from fedse_secure.models.adapters import save_adapter
+
         return save_adapter(state, peft_config, self.adapter_dir(label, client))
 
     def remove_partial_writes(self) -> int:
@@ -395,6 +409,8 @@ class RunFolder:
 
     def summary(self) -> RunSummary:
         """The run's summary; a run whose process died without recording its end reads as ``interrupted``."""
+        if not self.path.is_dir():
+            raise RunFolderError(f"{self.path}: no such run folder; pass the --out folder of a `fedse simulate` run")
         if not self.summary_path.is_file():
             raise RunFolderError(f"{self.path}: no summary.json; is this a run folder written by fedse?")
         try:
@@ -417,7 +433,11 @@ class RunFolder:
     # -- resuming -------------------------------------------------------------------------------------------------
     def check_resumable(self) -> None:
         """Refuse (one line, nothing changed) unless this is a run folder that no live process is writing."""
-        if not self.path.is_dir():
+        try:
+            is_dir = self.path.is_dir()
+        except OSError:  # a name too long for the file system, a loop of links
+            is_dir = False
+        if not is_dir:
             raise RunFolderError(f"{self.path}: no such run folder; pass the --out folder of an earlier `fedse simulate`")
         if not self.is_run_folder() or not (self.path / "config.yaml").is_file():
             raise RunFolderError(f"{self.path} is not a run folder created by fedse ({MARKER} or config.yaml is missing); "

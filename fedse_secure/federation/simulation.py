@@ -63,7 +63,9 @@ class Simulation:
 
         cfg = self.config
         started = time.time()
+        # Everything that can fail on the config alone fails before the run folder is touched.
         preflight(cfg)
+        self._load_model()
         if self.resuming:
             self.run.check_resumable()
             self.run.acquire()
@@ -145,15 +147,19 @@ class Simulation:
     def _evaluated(self) -> set[int]:
         return {r.round for r in self.records if r.status in ("initial", "evaluated")}
 
-    def _setup(self) -> None:
+    def _load_model(self) -> None:
         from fedse_secure.agent.policy import AgentModel
-        from fedse_secure.federation.institution import Institution, release_terms
 
         cfg = self.config
         self.progress.log(f"loading model {cfg.model.name_or_path}")
         self.agent = AgentModel.load(cfg.model, cfg.lora, cfg.seed)
         self.initial_state = self.agent.adapter_state()
         self.peft_config = self.agent.peft_config()
+
+    def _setup(self) -> None:
+        from fedse_secure.federation.institution import Institution, release_terms
+
+        cfg = self.config
         terms = release_terms(cfg)
         self.institutions = [Institution(cfg, c, self.run.institution_dir(c.name), self.agent, terms)
                              for c in cfg.clients]

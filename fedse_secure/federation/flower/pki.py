@@ -240,6 +240,8 @@ def init_certs(
     An existing CA is reused so that adding an institution later does not invalidate the others' trust.
     """
     out = Path(out_dir)
+    for name in institutions:  # every name before any file: a bad one must not leave a CA behind
+        _check_name(name)
     ca_dir = out / "ca"
     if (ca_dir / "ca.pem").exists() and not force:
         ca_cert, ca_key = _load_ca(ca_dir)
@@ -312,8 +314,9 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
     out = Path(out_dir)
     node_auth: dict[str, tuple[Path, Path]] = {}
     identity: dict[str, tuple[Path, Path]] = {}
-    for name in institutions:
+    for name in institutions:  # every name before any file: a bad one must not leave half the keys behind
         _check_name(name)
+    for name in institutions:
         d = out / "institutions" / name
         # Flower 1.42's SuperNode loads an OpenSSH-format NIST-curve EC key (`--auth-supernode-private-key`),
         # and `flwr supernode register` takes the OpenSSH public key.
@@ -349,18 +352,22 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
     return KeyPaths(node_auth=node_auth, identity=identity)
 
 
+def read_registry(path: str | Path):
+    """The identity registry in ``path`` (empty if there is none); PkiError if it is damaged."""
+    from fedse_secure.secagg.masking.identity import PublicKeyRegistry
+
+    path = Path(path)
+    if not os.path.lexists(path):
+        return PublicKeyRegistry()
+    return _parse(path, "identity registry", lambda data: PublicKeyRegistry.from_json(data.decode("utf-8")))
+
+
 def merge_registry(path: str | Path, keys: dict[str, bytes]) -> list[str]:
     """Add (or, for a name already there, replace) identity public keys in the registry file at ``path``,
     keeping every other institution's entry; written atomically, 0644. Returns the names now registered."""
     from fedse_secure.secagg.masking.identity import PublicKeyRegistry
 
-    path = Path(path)
-    registry = PublicKeyRegistry()
-    if os.path.lexists(path):
-        def load(data: bytes) -> PublicKeyRegistry:
-            return PublicKeyRegistry.from_json(data.decode("utf-8"))
-
-        registry = _parse(path, "identity registry", load)
+    registry = read_registry(path)
     for name, raw in keys.items():
         registry.add(name, raw)
     write_public_file(path, (registry.to_json() + "\n").encode())
