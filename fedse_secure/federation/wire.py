@@ -151,7 +151,7 @@ def _field(header: dict[str, Any], name: str, kind: type, default: Any = _MISSIN
 
 def _round_id(header: dict[str, Any]) -> int:
     value = _field(header, "round_id", int)
-    if not 0 <= value < 2**31:
+    if not -(2**31) <= value < 2**31:  # -1: a refusal of a request that named no round
         raise WireError(f"round_id {value} is out of range")
     return value
 
