@@ -150,8 +150,6 @@ def federation_run(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Follow the run's log until it ends."),
 ) -> None:
     """Submit the run to the coordinator's SuperLink (which must be running: `fedse server start`)."""
-    import json
-
     from fedse_secure.federation.deploy_config import load_coordinator_config
     from fedse_secure.federation.flower.processes import coordinator_running, submit_run
 
@@ -163,12 +161,13 @@ def federation_run(
         code = submit_run(cfg, config, resume=resume, stream=stream)
     except _errors() as err:
         _fail(err)
-    summary = cfg.resolved_run_dir / "summary.json"
-    if stream and summary.is_file():
-        s = json.loads(summary.read_text())
-        typer.echo(f"run {s.get('status')}: {s.get('rounds_completed')} of {s.get('rounds_planned')} rounds; "
-                   f"{summary}")
-        if s.get("status") != "completed":
+    from fedse_secure.federation.run_folder import RunFolder
+
+    run = RunFolder(cfg.resolved_run_dir)
+    if stream and run.summary_path.is_file():
+        s = run.summary()
+        typer.echo(f"run {s.status}: {s.rounds_completed} of {s.rounds_planned} rounds; {run.summary_path}")
+        if s.status != "completed":
             raise typer.Exit(1)
     raise typer.Exit(code)
 

@@ -218,6 +218,10 @@ class RoundDriver:
                 self.summary.final_adapter = str(self.run_folder.save_adapter("final", state, self.peft_config)
                                                  .relative_to(self.run_folder.path))
             self.run_folder.record(record, self.summary)
+            if record.status == "completed":
+                # Announced once it is durable: checkpoint (a deployment's after_round), adapters and record.
+                self.event("round_completed", round=record.round, survivors=record.survivors, dropped=record.dropped,
+                           seconds=record.timing["round_s"])
             if record.status == "completed" and self._evaluation_due(record.round):
                 self._evaluate(record.round, state, set(record.survivors) | set(asked))
             if record.status == "aborted" and asked and all(
@@ -310,8 +314,6 @@ class RoundDriver:
             record.released_sum_sha256 = hashlib.sha256(np.ascontiguousarray(result.total, "<f8").tobytes()).hexdigest()
             record.secure_aggregation = {"backend": self.backend.name, **outcome.measurements}
             record.timing["secure_aggregation_s"] = time.perf_counter() - t_agg - sum(first_stage_s)
-            self.event("round_completed", round=round_id, survivors=record.survivors, dropped=record.dropped,
-                       seconds=time.perf_counter() - t_round)
         record.timing["first_stage_s"] = sum(first_stage_s)
         record.timing["round_s"] = time.perf_counter() - t_round
         for name in participants:
