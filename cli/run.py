@@ -34,7 +34,8 @@ def _quiet_libraries() -> None:
 
 
 def simulate(
-    config: Path | None = typer.Argument(None, help="Experiment YAML, e.g. configs/smoke.yaml (optional with --resume)."),
+    config: Path | None = typer.Argument(None, help="Experiment YAML, e.g. configs/smoke.yaml (optional with "
+                                                    "--resume)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default: the config's output_dir)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set federation.rounds=2."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder that fedse created "

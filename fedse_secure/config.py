@@ -97,11 +97,14 @@ class ModelConfig(StrictModel):
                                     description="torch threads for this process; None keeps torch's default.")
 
 
+ModuleName = Annotated[str, Field(min_length=1)]
+
+
 class LoraSettings(StrictModel):
     r: int = Field(8, ge=1, le=256, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: Literal["all-linear"] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+    target_modules: Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1)] = Field(
         "all-linear", description="Modules that get LoRA: all-linear (the paper: every linear layer but the LM head) "
                                   "or a list of module names (each must name modules of the model, e.g. q_proj).",
     )

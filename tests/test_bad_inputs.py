@@ -162,10 +162,11 @@ def _coordinator(damage: Callable[[Path], None]) -> Callable[[Path], None]:
         exp = json.loads(json.dumps(SMOKE))
         exp["clients"] = [{"name": n, "env": "maze", "seed_demos": 2} for n in "abc"]
         pki = root / "pki"
-        cfg = {"experiment": exp, "tls": {"ca_cert": str(pki / "ca/ca.pem"), "cert": str(pki / "coordinator/superlink.pem"),
-                                          "key": str(pki / "coordinator/superlink.key")},
-               "institutions": [{"name": n, "node_auth_public_key": str(pki / f"institutions/{n}/node_auth.pub"),
-                                 "identity_public_key": str(pki / f"institutions/{n}/identity_ed25519.pub")} for n in "abc"],
+        tls = {"ca_cert": str(pki / "ca/ca.pem"), "cert": str(pki / "coordinator/superlink.pem"),
+               "key": str(pki / "coordinator/superlink.key")}
+        admitted = [{"name": n, "node_auth_public_key": str(pki / f"institutions/{n}/node_auth.pub"),
+                     "identity_public_key": str(pki / f"institutions/{n}/identity_ed25519.pub")} for n in "abc"]
+        cfg = {"experiment": exp, "tls": tls, "institutions": admitted,
                "state_dir": str(root / "state"), "superlink": {"port": 9},
                "timeouts": {"join_s": 1}}
         (root / "coordinator.yaml").write_text(yaml.safe_dump(cfg))
@@ -294,11 +295,12 @@ CASES: list[Case] = [
     Case("simulate-bad-config", S, _config(_set("training.learning_rate", float("inf")))),
     Case("simulate-name-dotdot-overwrite", ["simulate", "cfg.yaml", "--set", "name=..", "--overwrite", "-q"],
          _both(_config(), _files({"notes.txt": "my notes", "scripts/run.sh": "echo hi"}))),
-    Case("simulate-out-is-file", ["simulate", "cfg.yaml", "--out", "afile", "-q"], _both(_config(), _files({"afile": "x"}))),
+    Case("simulate-out-is-file", ["simulate", "cfg.yaml", "--out", "afile", "-q"],
+         _both(_config(), _files({"afile": "x"}))),
     Case("simulate-out-under-file", ["simulate", "cfg.yaml", "--out", "afile/run", "-q"],
          _both(_config(), _files({"afile": "x"}))),
-    Case("simulate-out-read-only", ["simulate", "cfg.yaml", "--out", "ro/run", "-q"], _both(_config(), _read_only("ro")),
-         needs_non_root=True),
+    Case("simulate-out-read-only", ["simulate", "cfg.yaml", "--out", "ro/run", "-q"],
+         _both(_config(), _read_only("ro")), needs_non_root=True),
     Case("simulate-out-disk-full", S, _config(), code=1, max_file_bytes=0, process=True),
     Case("simulate-out-name-too-long", ["simulate", "cfg.yaml", "--out", "r" * 300, "-q"], _config()),
     Case("simulate-out-dangling-symlink", S, _both(_config(), _symlink("out", "nowhere"))),
@@ -316,7 +318,7 @@ CASES: list[Case] = [
     Case("model-missing", S, _config(_set("model.name_or_path", "./no-such-model"))),
     Case("model-truncated-weights", S, _model_copy(_truncate("model.safetensors", 1000))),
     Case("model-corrupt-config", S, _model_copy(_truncate("config.json", 10))),
-    # -- simulate --resume ----------------------------------------------------------------------------------------------
+    # -- simulate --resume -----------------------------------------------------------------------------------------
     Case("resume-missing", ["simulate", "--resume", "nowhere", "-q"]),
     Case("resume-not-a-run", ["simulate", "--resume", "folder", "-q"], _files({"folder/notes.txt": "x"})),
     Case("resume-with-overwrite", ["simulate", "--resume", "run", "--overwrite", "-q"], _resumable_run()),
@@ -381,7 +383,7 @@ CASES: list[Case] = [
              (root / "coordinator.yaml").read_text() + "state_dir: elsewhere\n")), process=True),
     Case("node-config-missing", ["node", "start", "--config", "nope.yaml"], process=True),
     Case("keys-registry-bad-config", ["keys", "registry", "--config", "cfg.yaml", "--out", "r.json"], _text("[1]\n")),
-    # -- other commands -------------------------------------------------------------------------------------------------
+    # -- other commands --------------------------------------------------------------------------------------------
     Case("envs-check-unknown", ["envs", "check", "--env", "chess"]),
     Case("threats-unknown-protection", ["threats", "verify", "--disable", "moat"]),
     Case("sweep-bad-seeds", ["sweep", "cfg.yaml", "--seeds", "a,b"], _config()),
@@ -482,8 +484,8 @@ def test_bad_input_table(tmp_path, capsys):
     cases = _applicable([c for c in CASES if not c.process])
     failures = [f for f in (_run_case(c, tmp_path, as_process=False) for c in cases) if f]
     with capsys.disabled():
-        print(f"\nbad-input table (in-process): {len(cases) - len(failures)} of {len(cases)} cases gave one clear line, "
-              f"the expected non-zero exit and an untouched file system")
+        print(f"\nbad-input table (in-process): {len(cases) - len(failures)} of {len(cases)} cases gave one clear "
+              "line, the expected non-zero exit and an untouched file system")
     assert not failures, "\n".join(failures)
 
 

@@ -44,7 +44,8 @@ def _round_two_started(run: Path) -> bool:
 def _adapters(run: Path) -> dict[str, dict]:
     from fedse_secure.models.adapters import load_adapter_state
 
-    return {p.parent.name: load_adapter_state(p.parent) for p in sorted(run.glob("adapters/*/adapter_model.safetensors"))}
+    return {p.parent.name: load_adapter_state(p.parent)
+            for p in sorted(run.glob("adapters/*/adapter_model.safetensors"))}
 
 
 def _records(run: Path) -> list[tuple]:

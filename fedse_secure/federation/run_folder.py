@@ -365,8 +365,8 @@ class RunFolder:
 
     def _refuse_if_active(self, action: str) -> None:
         if self.is_active():
-            raise RunFolderError(f"cannot {action} {self.path}: a fedse process is still writing it ({self._holder()}); "
-                                 "wait for it to finish or stop it first")
+            raise RunFolderError(f"cannot {action} {self.path}: a fedse process is still writing it "
+                                 f"({self._holder()}); wait for it to finish or stop it first")
 
     def institution_dir(self, name: str) -> Path:
         return ensure_dir(self.path / "institutions" / name)
@@ -438,10 +438,11 @@ class RunFolder:
         except OSError:  # a name too long for the file system, a loop of links
             is_dir = False
         if not is_dir:
-            raise RunFolderError(f"{self.path}: no such run folder; pass the --out folder of an earlier `fedse simulate`")
+            raise RunFolderError(f"{self.path}: no such run folder; pass the --out folder of an earlier "
+                                 "`fedse simulate`")
         if not self.is_run_folder() or not (self.path / "config.yaml").is_file():
-            raise RunFolderError(f"{self.path} is not a run folder created by fedse ({MARKER} or config.yaml is missing); "
-                                 "pass the --out folder of an earlier `fedse simulate`")
+            raise RunFolderError(f"{self.path} is not a run folder created by fedse ({MARKER} or config.yaml is "
+                                 "missing); pass the --out folder of an earlier `fedse simulate`")
         self._refuse_if_active("resume")
 
     def rebuild_summary(self, config: ExperimentConfig, transport: str) -> tuple[RunSummary, list[RoundRecord]]:
@@ -486,7 +487,8 @@ class RunFolder:
         for name in clients:
             moved = _set_aside_buffer_lines(self.path / "institutions" / name / "buffer.jsonl", completed)
             if moved:
-                done.append(f"{name}: {moved} buffer line(s) of unrecorded rounds kept aside in buffer.unrecorded.jsonl")
+                done.append(f"{name}: {moved} buffer line(s) of unrecorded rounds kept aside in "
+                            "buffer.unrecorded.jsonl")
         return done
 
 

@@ -138,10 +138,12 @@ class Simulation:
         try:
             state = load_adapter_state(folder)
         except Exception as err:  # safetensors raises its own error types on a damaged file
-            raise RunFolderError(f"{folder}: the adapter of round {self.completed} is unreadable ({type(err).__name__}); "
-                                 "the run cannot be resumed from it: restore it from a backup or start a new run") from None
+            raise RunFolderError(f"{folder}: the adapter of round {self.completed} is unreadable "
+                                 f"({type(err).__name__}); the run cannot be resumed from it: restore it from a backup "
+                                 "or start a new run") from None
         if list(state) != list(self.initial_state):
-            raise RunFolderError(f"{folder}: the adapter does not match the model's LoRA layers; the run cannot be resumed")
+            raise RunFolderError(f"{folder}: the adapter does not match the model's LoRA layers; the run cannot be "
+                                 "resumed")
         return state
 
     def _evaluated(self) -> set[int]:
