@@ -45,6 +45,8 @@ class Case:
     process: bool = False
     #: The one line the failure must print (a prefix); `privacy verify` reports a failed check as FAILED.
     line: str = "error:"
+    #: Words that line must hold, where the problem is worth pinning down (it names the file, the cause).
+    says: str = ""
 
 
 def _config(mutate: Callable[[dict], None] | None = None, name: str = "cfg.yaml") -> Callable[[Path], None]:
@@ -222,16 +224,18 @@ CASES: list[Case] = [
     Case("config-a-scalar", V, _text("hello\n")),
     Case("config-bad-syntax", V, _text("name: [unclosed\n")),
     Case("config-tab-indent", V, _text("name: x\n\tseed: 1\n")),
-    Case("config-duplicate-key", V, _text((REPO / "configs" / "smoke.yaml").read_text() + "seed: 1\n")),
+    Case("config-duplicate-key", V, _text((REPO / "configs" / "smoke.yaml").read_text() + "seed: 1\n"),
+         says="key 'seed' appears twice"),
     Case("config-duplicate-nested-key", V,
          _text((REPO / "configs" / "smoke.yaml").read_text().replace("  rounds: 2\n", "  rounds: 2\n  rounds: 5\n"))),
     Case("config-deeply-nested", V, _text("name: " + "[" * 20000 + "]" * 20000 + "\n")),
     Case("config-unknown-field", V, _config(_set("federation.roundz", 3))),
-    Case("rounds-true", V, _config(_set("federation.rounds", True))),
+    Case("rounds-true", V, _config(_set("federation.rounds", True)), says="rounds: expected a number"),
     Case("rounds-zero", V, _config(_set("federation.rounds", 0))),
     Case("rounds-text", V, _config(_set("federation.rounds", "three"))),
     Case("rounds-float", V, _config(_set("federation.rounds", 2.5))),
-    Case("learning-rate-inf", V, _config(_set("training.learning_rate", float("inf")))),
+    Case("learning-rate-inf", V, _config(_set("training.learning_rate", float("inf"))),
+         says="training.learning_rate: Input should be a finite number"),
     Case("learning-rate-nan", V, _config(_set("training.learning_rate", float("nan")))),
     Case("learning-rate-negative", V, _config(_set("training.learning_rate", -1.0))),
     Case("clip-range-inf", V, _config(_set("federation.secure_aggregation", {"backend": "masking",
@@ -250,7 +254,7 @@ CASES: list[Case] = [
     Case("unknown-mode", V, _config(_set("federation.mode", "fedx"))),
     Case("unknown-privacy", V, _config(_set("privacy.mode", "laplace"))),
     Case("lora-targets-empty", V, _config(_set("lora.target_modules", []))),
-    Case("lora-target-typo", V, _config(_set("lora.target_modules", ["q_projj"]))),
+    Case("lora-target-typo", V, _config(_set("lora.target_modules", ["q_projj"])), says="name no module of"),
     Case("lora-target-empty-name", V, _config(_set("lora.target_modules", [""]))),
     Case("lora-rank-zero", V, _config(_set("lora.r", 0))),
     Case("seed-2-pow-70", V, _config(_set("seed", 2**70))),
@@ -263,7 +267,7 @@ CASES: list[Case] = [
     Case("client-name-dotdot", V, _config(_set("clients.0.name", ".."))),
     Case("client-name-hidden", V, _config(_set("clients.0.name", ".secret"))),
     Case("client-name-slash", V, _config(_set("clients.0.name", "a/b"))),
-    Case("client-names-case", V, _config(_set("clients.1.name", "MAZE-clinic"))),
+    Case("client-names-case", V, _config(_set("clients.1.name", "MAZE-clinic")), says="ignoring case"),
     Case("client-names-duplicate", V, _config(_set("clients.1.name", "maze-clinic"))),
     Case("client-name-300", V, _config(_set("clients.0.name", "x" * 300))),
     Case("name-dotdot", V, _config(_set("name", ".."))),
@@ -301,22 +305,24 @@ CASES: list[Case] = [
          _both(_config(), _files({"afile": "x"}))),
     Case("simulate-out-read-only", ["simulate", "cfg.yaml", "--out", "ro/run", "-q"],
          _both(_config(), _read_only("ro")), needs_non_root=True),
-    Case("simulate-out-disk-full", S, _config(), code=1, max_file_bytes=0, process=True),
+    # 200 bytes per file: Python's own start-up probes fit, the run folder's config.yaml does not.
+    Case("simulate-out-disk-full", S, _config(), code=1, max_file_bytes=200, process=True, says="the disk is full"),
     Case("simulate-out-name-too-long", ["simulate", "cfg.yaml", "--out", "r" * 300, "-q"], _config()),
     Case("simulate-out-dangling-symlink", S, _both(_config(), _symlink("out", "nowhere"))),
     Case("simulate-out-not-empty", S, _both(_config(), _files({"out/notes.txt": "mine"}))),
     Case("overwrite-foreign-folder", S + ["--overwrite"], _both(_config(), _files({"out/notes.txt": "mine"}))),
     Case("overwrite-project-folder", S + ["--overwrite"],
-         _both(_config(), _files({"out/config.yaml": "name: mine\n", "out/analysis.py": "print(1)\n"}))),
+         _both(_config(), _files({"out/config.yaml": "name: mine\n", "out/analysis.py": "print(1)\n"})),
+         says="not created by fedse"),
     Case("overwrite-working-folder", ["simulate", "../cfg.yaml", "--out", ".", "--overwrite", "-q"],
          _both(_config(), _files({"work/.fedse-run": "{}", "work/config.yaml": "x", "work/notes.txt": "mine"})),
-         cwd="work"),
+         cwd="work", says="working folder"),
     Case("overwrite-parent-folder", ["simulate", "../cfg.yaml", "--out", "..", "--overwrite", "-q"],
          _both(_config(), _files({".fedse-run": "{}", "work/notes.txt": "mine"})), cwd="work"),
     Case("overwrite-run-with-user-files", ["simulate", "cfg.yaml", "--out", "run", "--overwrite", "-q"],
          _both(_config(), _run_folder(), _files({"run/my-notes.md": "mine"}))),
     Case("model-missing", S, _config(_set("model.name_or_path", "./no-such-model"))),
-    Case("model-truncated-weights", S, _model_copy(_truncate("model.safetensors", 1000))),
+    Case("model-truncated-weights", S, _model_copy(_truncate("model.safetensors", 1000)), says="damaged or incomplete"),
     Case("model-corrupt-config", S, _model_copy(_truncate("config.json", 10))),
     # -- simulate --resume -----------------------------------------------------------------------------------------
     Case("resume-missing", ["simulate", "--resume", "nowhere", "-q"]),
@@ -325,7 +331,7 @@ CASES: list[Case] = [
     Case("resume-with-out", ["simulate", "--resume", "run", "--out", "x", "-q"], _resumable_run()),
     Case("resume-set-without-config", ["simulate", "--resume", "run", "--set", "seed=1", "-q"], _resumable_run()),
     Case("resume-changed-config", ["simulate", "cfg.yaml", "--resume", "run", "-q"],
-         _resumable_run(_set("federation.rounds", 5))),
+         _resumable_run(_set("federation.rounds", 5)), says="federation.rounds: 2 -> 5"),
     Case("resume-damaged-config", ["simulate", "--resume", "run", "-q"],
          _both(_resumable_run(), _files({"run/config.yaml": "name: [\n"}))),
     # -- report on damaged summaries ------------------------------------------------------------------------------
@@ -362,7 +368,7 @@ CASES: list[Case] = [
     Case("keys-name-dotdot", ["keys", "init", "--out", "pki", "-i", ".."]),
     Case("keys-name-slash", ["keys", "init", "--out", "pki", "-i", "a/b"]),
     Case("keys-dangling-symlink", ["keys", "init", "--out", "pki", "-i", "a"],
-         _symlink("pki/institutions/a/node_auth", "stolen-key")),
+         _symlink("pki/institutions/a/node_auth", "stolen-key"), says="is a symbolic link"),
     Case("keys-twice", ["keys", "init", "--out", "pki", "-i", "a"], _pki),
     Case("keys-registry-corrupt", ["keys", "init", "--out", "pki", "-i", "d"], _both(_pki, _files(
         {"pki/registry.json": "{not json"}))),
@@ -373,11 +379,13 @@ CASES: list[Case] = [
     Case("certs-name-dotdot", ["certs", "init", "--out", "pki", "-i", ".."]),
     Case("server-config-missing", ["server", "start", "--config", "nope.yaml"], process=True),
     Case("server-corrupt-cert", ["server", "start", "--config", "coordinator.yaml"],
-         _coordinator(_garble("pki/coordinator/superlink.pem")), process=True),
+         _coordinator(_garble("pki/coordinator/superlink.pem")), process=True, says="superlink.pem is damaged"),
     Case("server-corrupt-identity", ["server", "start", "--config", "coordinator.yaml"],
-         _coordinator(_garble("pki/institutions/a/identity_ed25519.pub", b"not a key")), process=True),
+         _coordinator(_garble("pki/institutions/a/identity_ed25519.pub", b"not a key")), process=True,
+         says="identity_ed25519.pub is damaged"),
     Case("server-corrupt-node-key", ["server", "start", "--config", "coordinator.yaml"],
-         _coordinator(_garble("pki/institutions/b/node_auth.pub", b"ecdsa-sha2-nistp384 AAAA")), process=True),
+         _coordinator(_garble("pki/institutions/b/node_auth.pub", b"ecdsa-sha2-nistp384 AAAA")), process=True,
+         says="node_auth.pub is damaged"),
     Case("server-duplicate-key", ["server", "start", "--config", "coordinator.yaml"],
          _coordinator(lambda root: (root / "coordinator.yaml").write_text(
              (root / "coordinator.yaml").read_text() + "state_dir: elsewhere\n")), process=True),
@@ -465,6 +473,8 @@ def _run_case(case: Case, base: Path, as_process: bool) -> str | None:
         problems.append(f"{len(errors)} lines starting {case.line!r}")
     if any("this is a bug" in line for line in errors):
         problems.append("an unexpected exception")
+    if case.says and not any(case.says in line for line in errors):
+        problems.append(f"the line does not say {case.says!r}")
     after = _snapshot(root)
     if after != before:
         changed = sorted(set(before) ^ set(after) | {k for k in before if k in after and before[k] != after[k]})

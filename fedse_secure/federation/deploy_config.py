@@ -202,8 +202,8 @@ class InstitutionDeployConfig(StrictModel):
 
 
 # -- loading -------------------------------------------------------------------------------------------------
-def _read_yaml(path: Path) -> dict[str, Any]:
-    data = read_yaml(path, example="configs/deploy/coordinator.yaml")
+def _read_yaml(path: Path, example: str = "configs/deploy/coordinator.yaml") -> dict[str, Any]:
+    data = read_yaml(path, example=example)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -242,7 +242,7 @@ def load_coordinator_config(path: str | Path) -> CoordinatorDeployConfig:
 
 def load_institution_config(path: str | Path) -> InstitutionDeployConfig:
     path = Path(path).resolve()
-    data = _read_yaml(path)
+    data = _read_yaml(path, example="configs/deploy/institution-maze-clinic.yaml")
     try:
         cfg = InstitutionDeployConfig.model_validate(data)
     except ValidationError as err:
