@@ -67,18 +67,21 @@ def keys_init(
 ) -> None:
     """Create each institution's Flower node-auth key pair and Ed25519 identity key pair, plus registry.json."""
     from fedse_secure.federation.flower import pki
-    from fedse_secure.secagg.masking.identity import PublicKeyRegistry
 
     try:
+        pki.read_registry(Path(out) / "registry.json")  # a damaged registry stops us before any key is made
         paths = pki.init_keys(out, institution, force=force)
     except _errors() as err:
         _fail(err)
-    registry = PublicKeyRegistry({n: pki.raw_public_bytes(pki.load_identity_public(pub))
-                                  for n, (_priv, pub) in paths.identity.items()})
-    (Path(out) / "registry.json").write_text(registry.to_json() + "\n")
+    try:
+        names = pki.merge_registry(Path(out) / "registry.json", {
+            n: pki.raw_public_bytes(pki.load_identity_public(pub)) for n, (_priv, pub) in paths.identity.items()})
+    except _errors() as err:
+        _fail(err)
     for name in institution:
         typer.echo(f"{name}: {paths.node_auth[name][0]} (+.pub), {paths.identity[name][0]} (+.pub)")
-    typer.echo(f"identity registry: {Path(out) / 'registry.json'} (give it to every institution out of band)")
+    typer.echo(f"identity registry: {Path(out) / 'registry.json'} ({', '.join(names)}; give it to every institution "
+               "out of band)")
 
 
 @keys_app.command("registry")
@@ -94,7 +97,12 @@ def keys_registry(
         reg = load_registry(load_coordinator_config(config))
     except _errors() as err:
         _fail(err)
-    out.write_text(reg.to_json() + "\n")
+    from fedse_secure.federation.flower import pki
+
+    try:
+        pki.write_public_file(out, (reg.to_json() + "\n").encode())
+    except _errors() as err:
+        _fail(err)
     typer.echo(f"wrote {out} ({', '.join(reg.names())})")
 
 
@@ -142,8 +150,6 @@ def federation_run(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Follow the run's log until it ends."),
 ) -> None:
     """Submit the run to the coordinator's SuperLink (which must be running: `fedse server start`)."""
-    import json
-
     from fedse_secure.federation.deploy_config import load_coordinator_config
     from fedse_secure.federation.flower.processes import coordinator_running, submit_run
 
@@ -155,12 +161,13 @@ def federation_run(
         code = submit_run(cfg, config, resume=resume, stream=stream)
     except _errors() as err:
         _fail(err)
-    summary = cfg.resolved_run_dir / "summary.json"
-    if stream and summary.is_file():
-        s = json.loads(summary.read_text())
-        typer.echo(f"run {s.get('status')}: {s.get('rounds_completed')} of {s.get('rounds_planned')} rounds; "
-                   f"{summary}")
-        if s.get("status") != "completed":
+    from fedse_secure.federation.run_folder import RunFolder
+
+    run = RunFolder(cfg.resolved_run_dir)
+    if stream and run.summary_path.is_file():
+        s = run.summary()
+        typer.echo(f"run {s.status}: {s.rounds_completed} of {s.rounds_planned} rounds; {run.summary_path}")
+        if s.status != "completed":
             raise typer.Exit(1)
     raise typer.Exit(code)
 

@@ -1,10 +1,54 @@
-"""The `fedse` command: a thin shell over the fedse_secure library (sub-apps live in their own modules)."""
+"""The `fedse` command: a thin shell over the fedse_secure library (sub-apps live in their own modules).
+
+Every command fails the same way: an expected failure (:class:`~fedse_secure.errors.FedseError`) or a file
+system error is one ``error:`` line naming the problem and the fix, with its exit code (2 = bad input); an
+unexpected exception is one line too, saying it is a bug. ``fedse --debug ...`` (or ``FEDSE_DEBUG=1``) shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
+import os
+
+import click
 import typer
+from typer.core import TyperGroup
 
 from fedse_secure import __version__
+
+_debug = {"on": os.environ.get("FEDSE_DEBUG", "") not in ("", "0")}
+
+
+class _OneLineErrors(TyperGroup):
+    """Turns whatever escapes a command into one line and an exit code, never a traceback (unless --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        from fedse_cli.progress import fail
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as err:
+            if _debug["on"]:
+                raise
+            from fedse_secure.errors import FedseError
+
+            if isinstance(err, FedseError):
+                fail(str(err) or type(err).__name__, code=err.exit_code)
+            if isinstance(err, BrokenPipeError):  # the reader went away (`fedse ... | head`): nothing to say
+                raise typer.Exit(141) from None
+            if isinstance(err, OSError):
+                from fedse_secure.io_utils import storage_error
+
+                fail(str(storage_error(err.filename, err, "use")) if err.filename else
+                     f"{err.strerror or err}; check the files and folders the command uses", code=1)
+            if isinstance(err, RecursionError):
+                fail("an input is nested too deeply to be read (a damaged or hostile file); check the files the "
+                     "command reads", code=2)
+            fail(f"unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (this is a bug in "
+                 "fedse; rerun with --debug for the traceback and report it)", code=1)
+
 
 app = typer.Typer(
     name="fedse",
@@ -12,6 +56,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_OneLineErrors,
 )
 
 
@@ -26,8 +71,11 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure (for bug reports)."),
 ) -> None:
     """Run, deploy and audit federated self-evolution of LLM agents with secure aggregation and DP."""
+    if debug:
+        _debug["on"] = True
 
 
 def _register_subcommands() -> None:

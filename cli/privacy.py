@@ -35,6 +35,12 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "inf" if math.isinf(x) else f"{x:.{digits}f}"
 
 
+def _check_delta(delta: float) -> float:
+    if not 0.0 < delta < 1.0:
+        _fail(f"--delta {delta:g}: δ must lie strictly between 0 and 1, e.g. --delta 1e-5")
+    return delta
+
+
 def _privacy_from(config: Path | None, overrides: list[str] | None = None):
     from fedse_secure.config import ConfigError, load_config
 
@@ -71,8 +77,10 @@ def report(
     from fedse_secure.privacy.report import build_report, plot_report
 
     privacy, _ = _privacy_from(config)
-    d = delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA)
+    d = _check_delta(delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA))
     b = budget if budget is not None else (privacy.epsilon_budget if privacy else None)
+    if b is not None and not (math.isfinite(b) and b > 0):
+        _fail(f"--budget {b:g}: an ε budget must be a positive finite number")
     led = _ledger(ledger)
     try:
         rep = build_report(led, d, b)
@@ -124,7 +132,7 @@ def verify(
     from fedse_secure.privacy.report import audit_ledger
 
     privacy, _ = _privacy_from(config)
-    d = delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA)
+    d = _check_delta(delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA))
     audit = audit_ledger(_ledger(ledger), d, expected_head=expect_head, cross_check=cross_check)
     if as_json:
         typer.echo(json.dumps(audit.to_dict()))
@@ -166,6 +174,16 @@ def plan(
     from fedse_secure.config import PrivacyConfig, TrainingConfig
     from fedse_secure.privacy import ACCOUNTANTS, AccountingError, epsilon, noise_multiplier_for_target, project_event
 
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        _fail(f"--target-epsilon {target_epsilon:g}: ε must be a positive finite number, e.g. --target-epsilon 8")
+    for flag, value in (("--rounds", rounds), ("--records", records), ("--expected-batch-size", expected_batch_size),
+                        ("--max-steps", max_steps)):
+        if value is not None and value < 1:
+            _fail(f"{flag} {value}: must be at least 1")
+    if epochs is not None and epochs < 0:
+        _fail(f"--epochs {epochs}: must be 0 or more")
+    if delta is not None and not 0.0 < delta < 1.0:
+        _fail(f"--delta {delta:g}: δ must lie strictly between 0 and 1, e.g. --delta 1e-5")
     cfg_privacy, cfg_training = None, None
     rounds_from_cfg = None
     if config is not None:

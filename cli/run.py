@@ -34,30 +34,43 @@ def _quiet_libraries() -> None:
 
 
 def simulate(
-    config: Path = typer.Argument(..., help="Experiment YAML, e.g. configs/smoke.yaml."),
+    config: Path | None = typer.Argument(None, help="Experiment YAML, e.g. configs/smoke.yaml (optional with "
+                                                    "--resume)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default: the config's output_dir)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set federation.rounds=2."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder that fedse created "
+                                   "(its privacy ledgers are kept in ledger-archive/)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue this run folder after its last completed "
+                                       "round, with its own config (a CONFIG given too must be the same)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run a whole federated experiment in one process (every institution, no network)."""
-    from fedse_secure.config import ConfigError, load_config
+    from fedse_secure.config import load_config
 
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as err:
-        fail(str(err))
+    if resume is not None:
+        if overwrite or out is not None:
+            fail("--resume continues the run folder it names; leave out --out and --overwrite")
+        if overrides and config is None:
+            fail("--set changes the experiment, and a resumed run keeps its own; leave out --set")
+    elif config is None:
+        fail("missing CONFIG: pass an experiment YAML (e.g. configs/smoke.yaml), or --resume RUN_DIR")
+    cfg = load_config(config, overrides) if config is not None else None
     _quiet_libraries()
     from fedse_secure.errors import FedseError
+    from fedse_secure.federation.simulation import resume as resume_simulation
     from fedse_secure.federation.simulation import simulate as run_simulation
 
-    out_dir = out or cfg.resolved_output_dir()
+    out_dir = resume if resume is not None else (out or cfg.resolved_output_dir())
     progress = RichProgress(enabled=not quiet)
     try:
         with progress:
-            summary = run_simulation(cfg, out_dir, overwrite=overwrite, progress=progress)
+            if resume is not None:
+                summary = resume_simulation(resume, cfg, progress=progress)
+            else:
+                summary = run_simulation(cfg, out_dir, overwrite=overwrite, progress=progress)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: {out_dir} holds every completed round (summary status 'interrupted')")
+        console.print(f"[yellow]interrupted[/]: {out_dir} holds every completed round (summary status 'interrupted'); "
+                      f"continue it with `fedse simulate --resume {out_dir}`")
         raise typer.Exit(130)
     except FedseError as err:
         if err.exit_code == 3:
@@ -81,17 +94,26 @@ def report(
     plot_dir: Path | None = typer.Option(None, "--plots", help="Where to write PNGs (default: the first run folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
-    """Table of success per environment (mean ± 95% CI over seeds) and PNG plots per round."""
-    from fedse_secure.errors import FedseError
+    """Table of success per environment (mean ± 95% CI over seeds) and PNG plots per round.
+
+    A run that has not completed is named with its status: a run whose process died shows as interrupted
+    (continue it with `fedse simulate --resume RUN`), a run in which no round completed as failed.
+    """
     from fedse_secure.report import final_table, load_summary, plot_runs
 
-    try:
-        summaries = [load_summary(d) for d in run_dirs]
-    except FedseError as err:
-        fail(str(err))
+    summaries = [load_summary(d) for d in run_dirs]
     table = final_table(summaries)
+    runs = [{"run": str(d), "status": s.status, "rounds_completed": s.rounds_completed,
+             "rounds_planned": s.rounds_planned, "error": s.error} for d, s in zip(run_dirs, summaries)]
+    for run in runs:
+        if run["status"] != "completed":
+            hint = (f"; continue it with `fedse simulate --resume {run['run']}`" if run["status"] == "interrupted"
+                    else "")
+            console.print(f"[yellow]note[/]: {run['run']} is {run['status']} after {run['rounds_completed']} of "
+                          f"{run['rounds_planned']} rounds" + (f" ({run['error']})" if run["error"] else "") + hint,
+                          highlight=False, soft_wrap=True)
     if as_json:
-        typer.echo(json.dumps(table))
+        typer.echo(json.dumps({**table, "runs": runs}))
     else:
         _print_table(table)
     written = plot_runs(summaries, plot_dir or run_dirs[0])

@@ -64,6 +64,8 @@ def sweep(
 
     _quiet_libraries()
     from fedse_secure.errors import FedseError
+    from fedse_secure.federation.run_folder import RunFolder
+    from fedse_secure.federation.simulation import resume as resume_simulation
     from fedse_secure.federation.simulation import simulate as run_simulation
     from fedse_secure.report import final_table, load_summary, plot_runs
 
@@ -74,11 +76,16 @@ def sweep(
         if _completed(run_dir) and not overwrite:
             console.print(f"seed {seed}: {run_dir} already completed, skipped (use --overwrite to rerun)")
             continue
-        console.print(f"seed {seed}: running into {run_dir}")
+        # A seed whose run stopped part-way continues after its last completed round (--overwrite: from scratch).
+        resuming = not overwrite and RunFolder(run_dir).is_run_folder() and (run_dir / "metrics.jsonl").is_file()
+        console.print(f"seed {seed}: {'resuming' if resuming else 'running into'} {run_dir}")
         progress = RichProgress(enabled=not quiet)
         try:
             with progress:
-                run_simulation(cfg, run_dir, overwrite=True, progress=progress)
+                if resuming:
+                    resume_simulation(run_dir, cfg, progress=progress)
+                else:
+                    run_simulation(cfg, run_dir, overwrite=True, progress=progress)
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/] at seed {seed}; rerun the same command to resume")
             raise typer.Exit(130)

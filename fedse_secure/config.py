@@ -31,6 +31,14 @@ class ConfigError(FedseError, ValueError):
     """A configuration problem, phrased as one line: the field, what is wrong, and the fix."""
 
 
+#: A name that becomes a path component (run folders, institutions' folders): never ``.``, ``..`` or hidden,
+#: short enough for any file system once embedded in a path.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: numpy, torch and Python's random all accept a 32-bit seed.
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+
+
 def _registered(registry_path: str, registry_name: str) -> AfterValidator:
     """Accept only names registered in ``registry_path.registry_name`` (imported when a config is validated)."""
 
@@ -85,21 +93,25 @@ class ModelConfig(StrictModel):
                     "current observation only, enough where an observation is the whole state, as in Maze). With a "
                     "window, SFT trains one example per turn on exactly that window.",
     )
-    num_threads: int | None = Field(None, ge=1, description="torch threads for this process; None keeps torch's default.")
+    num_threads: int | None = Field(None, ge=1, le=MAX_THREADS,
+                                    description="torch threads for this process; None keeps torch's default.")
+
+
+ModuleName = Annotated[str, Field(min_length=1)]
 
 
 class LoraSettings(StrictModel):
     r: int = Field(8, ge=1, le=256, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
+    target_modules: Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1)] = Field(
         "all-linear", description="Modules that get LoRA: all-linear (the paper: every linear layer but the LM head) "
-                                  "or a list of module names.",
+                                  "or a list of module names (each must name modules of the model, e.g. q_proj).",
     )
 
 
 class ClientConfig(StrictModel):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="The institution's name.")
+    name: str = Field(..., pattern=NAME_PATTERN, description="The institution's name (also its folder's name).")
     env: EnvName = Field(
         ..., description="Its private environment (a registered environment name).",
     )
@@ -232,9 +244,10 @@ class PrivacyConfig(StrictModel):
 
 
 class ExperimentConfig(StrictModel):
-    name: str = Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="The experiment's name.")
-    seed: int = Field(0, ge=0, description="Seed of every random choice except secrets (keys, DP noise).")
-    output_dir: str = Field("runs/{name}", description="Run folder; {name} is replaced by the experiment's name.")
+    name: str = Field("experiment", pattern=NAME_PATTERN, description="The experiment's name (also its run folder's).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice except secrets (keys, DP noise).")
+    output_dir: str = Field("runs/{name}", min_length=1,
+                            description="Run folder; {name} is replaced by the experiment's name.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The LoRA adapter.")
     clients: list[ClientConfig] = Field(..., min_length=1, description="The institutions, one environment each.")
@@ -247,11 +260,21 @@ class ExperimentConfig(StrictModel):
     @field_validator("clients")
     @classmethod
     def _unique_client_names(cls, clients: list[ClientConfig]) -> list[ClientConfig]:
-        names = [c.name for c in clients]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        # Each name is a folder: names equal but for case would share one on a case-insensitive disk.
+        folded = [c.name.casefold() for c in clients]
+        duplicates = sorted({c.name for c in clients if folded.count(c.name.casefold()) > 1})
         if duplicates:
-            raise ValueError(f"client names must be unique; {duplicates} appear more than once")
+            raise ValueError(f"client names must be unique, ignoring case; {duplicates} clash; rename one")
         return clients
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_template(cls, value: str) -> str:
+        try:
+            value.format(name="x")
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise ValueError(f"only {{name}} may appear in braces (got {value!r}); write e.g. runs/{{name}}") from None
+        return value
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> ExperimentConfig:
@@ -275,6 +298,7 @@ class ExperimentConfig(StrictModel):
             raise ValueError("federation.mode centralized pools raw demonstrations and applies no privacy mechanism; "
                              "set privacy.mode: none")
         MECHANISMS.get(self.privacy.mode).check(self)
+        _check_lora_targets(self.model.name_or_path, self.lora.target_modules)
         return self
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -283,6 +307,45 @@ class ExperimentConfig(StrictModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_lora_targets(model: str, targets: str | list[str]) -> None:
+    """Each listed LoRA target must name modules of the model (read from its weight files' headers, without
+    loading any weight; skipped when the model is not on disk yet)."""
+    if not isinstance(targets, list):
+        return
+    from fedse_secure.models.loading import module_names
+
+    names = module_names(model)
+    if names is None:
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+        raise ValueError(f"lora.target_modules {missing} name no module of {model}; use names such as "
+                         f"{', '.join(leaves[:8])}, or all-linear")
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+    """Fields whose values differ between two configs, one ``path: a -> b`` line each."""
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out or {prefix.rstrip("."): {}}
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out = {}
+            for i, v in enumerate(value):
+                out.update(flat(v, f"{prefix}{i}."))
+            return out
+        return {prefix.rstrip("."): value}
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    missing = object()
+    return [f"{k}: {fa.get(k, '(none)')!r} -> {fb.get(k, '(none)')!r}" for k in sorted(set(fa) | set(fb))
+            if fa.get(k, missing) != fb.get(k, missing)]
 
 
 @dataclass(frozen=True)
@@ -374,7 +437,8 @@ _FIX_HINTS = {
     "int_parsing": "use a whole number",
     "float_parsing": "use a number",
     "bool_parsing": "use true or false",
-    "string_pattern_mismatch": "use letters, digits, '.', '_' or '-' only",
+    "string_pattern_mismatch": "start with a letter or digit, then use letters, digits, '.', '_' or '-' only "
+                               "(at most 64 characters)",
     "too_short": "add at least one entry",
     "union_tag_not_found": "name the backend, e.g. backend: masking",
 }
@@ -382,19 +446,27 @@ _FIX_HINTS = {
 
 def _field_path(loc: tuple) -> str:
     # A discriminated union adds its tag to the location (federation.secure_aggregation.masking.threshold);
-    # the user wrote federation.secure_aggregation.threshold.
+    # the user wrote federation.secure_aggregation.threshold. A plain union adds the member's type
+    # (lora.target_modules.list[constrained-str]): also not something the user wrote.
     parts = [str(p) for p in loc]
     out = []
     for i, p in enumerate(parts):
         if i and parts[i - 1] == "secure_aggregation" and p not in ("backend",) and i + 1 < len(parts):
             continue
+        if "[" in p or p.startswith("function-"):
+            continue
         out.append(p)
     return ".".join(out)
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     """Turn pydantic's multi-line report into one line per problem: ``source: field.path: problem; fix``."""
-    lines = []
+    by_path: dict[str, list[tuple[str, str]]] = {}
     for e in err.errors():
         path = _field_path(e["loc"])
         msg = e["msg"]
@@ -402,16 +474,27 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
             msg = "unknown field"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
+        elif e["type"] == "string_pattern_mismatch":
+            msg = "not a valid name"
         elif e["type"] == "union_tag_invalid":
             from fedse_secure.secagg.backends import BACKENDS
 
             msg = BACKENDS.unknown(e["ctx"].get("tag")) if e.get("ctx") else msg
         hint = _FIX_HINTS.get(e["type"])
         got = e.get("input")
-        got_text = "" if e["type"] in ("missing", "union_tag_invalid") or isinstance(got, (dict, list)) \
-            else f" (got {got!r})"
+        got_text = "" if e["type"] in ("missing", "union_tag_invalid", "value_error") or isinstance(got, (dict, list)) \
+            else f" (got {_shown(got)})"
         where = f"{source}: {path}: " if path else f"{source}: "  # cross-field messages name their fields
-        lines.append(f"{where}{msg}{got_text}" + (f"; {hint}" if hint else ""))
+        line = f"{where}{msg}{got_text}" + (f"; {hint}" if hint else "")
+        by_path.setdefault(path, []).append((e["type"], line))
+    # A value that fits no member of a union fails once per member; the complaint of the member it resembles
+    # explains it (target_modules: [] is neither 'all-linear' nor a non-empty list -> "add an entry"), so a
+    # literal mismatch is dropped where another complaint about the same field exists.
+    lines = []
+    for path, found in by_path.items():
+        others = [ln for p, f in by_path.items() for t, ln in f
+                  if (p == path and t != "literal_error") or (p != path and p.startswith(path + "."))]
+        lines.extend(ln for t, ln in found if t != "literal_error" or not others)
     return "\n".join(lines)
 
 
@@ -422,8 +505,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. federation.rounds=2")
         key, raw = item.split("=", 1)
-        node: Any = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted field name, e.g. federation.rounds=2")
+        value = _override_value(key, raw)
+        node: Any = data
         for part in parts[:-1]:
             if isinstance(node, list):  # clients.0.seed_demos addresses a list entry by position
                 if not part.isdigit() or int(part) >= len(node):
@@ -440,12 +526,80 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ConfigError(f"override {key}: {last} is not an index of that list (0..{len(node) - 1})")
-            node[int(last)] = yaml.safe_load(raw)
+            node[int(last)] = value
         elif isinstance(node, dict):
-            node[last] = yaml.safe_load(raw)
+            node[last] = value
         else:
             raise ConfigError(f"override {key}: {parts[-2] if len(parts) > 1 else key} is not a section")
     return data
+
+
+def _override_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.load(raw, Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, RecursionError) as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"override {key}: the value {raw!r} is not valid YAML ({problem}); quote it, e.g. "
+                          f"{key}='\"text\"'") from None
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} appears twice (first on line {first_line}); keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    silently, so a typo'd duplicate would override a setting unnoticed). Merge keys (``<<``) may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if first is not None:
+                    raise _DuplicateKeyError(key, key_node.start_mark.line + 1, first)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, example: str = "configs/smoke.yaml") -> Any:
+    """The YAML document in ``path``; ConfigError (one line: the file, the problem, the fix) for anything that
+    is not a readable UTF-8 YAML file without duplicate keys."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; pass a YAML file such as {example}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; pass a YAML file such as {example}")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        kind = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "binary or not UTF-8"
+        raise ConfigError(f"{path} is not UTF-8 text ({kind}); save it as UTF-8 YAML") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path} holds NUL bytes, so it is not a text file; pass the YAML config itself")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', None) or err}); fix the "
+                          "syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config; fix the file") from None
 
 
 def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
@@ -455,18 +609,15 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config; fix the file") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; pass a YAML file such as configs/smoke.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    data = read_yaml(path)
     if overrides:
+        if not isinstance(data, (dict, type(None))):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         data = apply_overrides(data or {}, overrides)
     return parse_config(data, source=str(path))

@@ -10,13 +10,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fedse_secure.envs.trajectory import Trajectory
-from fedse_secure.io_utils import append_jsonl, read_jsonl
+from fedse_secure.io_utils import CorruptFileError, append_jsonl, read_jsonl
 
 
 class ExperienceBuffer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._items: list[Trajectory] = [Trajectory(**r) for r in read_jsonl(self.path)]
+        try:
+            self._items: list[Trajectory] = [Trajectory(**r) for r in read_jsonl(self.path)]
+        except TypeError as err:
+            raise CorruptFileError(f"{self.path}: a line is not a trajectory ({err}); the buffer was damaged: restore "
+                                   "it from a backup or move it away") from None
         self._keys = {t.content_key() for t in self._items}
 
     def __len__(self) -> int:

@@ -38,7 +38,14 @@ class AgentModel:
             task_type="CAUSAL_LM",
             bias="none",
         )
-        peft_model = get_peft_model(loaded.model, lora_cfg)
+        try:
+            peft_model = get_peft_model(loaded.model, lora_cfg)
+        except ValueError as err:  # peft: a target module that is missing or of a type LoRA cannot wrap
+            from fedse_secure.config import ConfigError
+
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise ConfigError(f"lora.target_modules {lora.target_modules}: peft cannot apply LoRA there ({reason}); "
+                              "name linear layers such as q_proj, or all-linear") from None
         peft_model.eval()
         return cls(model=peft_model, tokenizer=loaded.tokenizer, model_path=loaded.path)
 

@@ -17,20 +17,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from fedse_secure.config import (
     FEDERATED_MODES,
+    NAME_PATTERN,
     ClientConfig,
     ConfigError,
     ExperimentConfig,
     format_validation_error,
     parse_config,
+    read_yaml,
 )
 from fedse_secure.schema import StrictModel
 
-_NAME = r"^[A-Za-z0-9_.-]+$"
+_NAME = NAME_PATTERN
 
 
 def _addr(value: str) -> str:
@@ -201,13 +202,8 @@ class InstitutionDeployConfig(StrictModel):
 
 
 # -- loading -------------------------------------------------------------------------------------------------
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; see configs/deploy/ for examples")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+def _read_yaml(path: Path, example: str = "configs/deploy/coordinator.yaml") -> dict[str, Any]:
+    data = read_yaml(path, example=example)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -246,7 +242,7 @@ def load_coordinator_config(path: str | Path) -> CoordinatorDeployConfig:
 
 def load_institution_config(path: str | Path) -> InstitutionDeployConfig:
     path = Path(path).resolve()
-    data = _read_yaml(path)
+    data = _read_yaml(path, example="configs/deploy/institution-maze-clinic.yaml")
     try:
         cfg = InstitutionDeployConfig.model_validate(data)
     except ValidationError as err:

@@ -33,7 +33,7 @@ from fedse_secure.federation.run_folder import (
 )
 from fedse_secure.federation.transport import StageTransport
 from fedse_secure.federation.wire import BUDGET_EXHAUSTED, EVALUATE, StageRequest, run_key
-from fedse_secure.secagg.base import SecureAggregationError
+from fedse_secure.secagg.base import MessageRejected, RoundAbortedError, SecureAggregationError, ServerMachine
 from fedse_secure.secagg.driver import drive
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -43,6 +43,85 @@ class BudgetExhausted(FedseError, RuntimeError):
     """Every institution asked refused the round because its privacy budget cannot afford it: the run stops."""
 
     exit_code = 3
+
+
+class NoRoundCompleted(FedseError, RuntimeError):
+    """Every round of the run was aborted: there is no global adapter to show for it, so the run failed."""
+
+    exit_code = 1
+
+
+class _GuardedServer(ServerMachine):
+    """The backend's server machine, with every reply it cannot parse counted as a rejected message.
+
+    A reply comes from another organisation: whatever bytes it holds, the worst it may do is drop its sender
+    out of the round (the backend's contract is to raise MessageRejected; this holds even if a parser slips).
+    """
+
+    def __init__(self, inner: ServerMachine) -> None:
+        self.inner = inner
+
+    @property
+    def stage(self):
+        return self.inner.stage
+
+    @property
+    def result(self):
+        return self.inner.result
+
+    @property
+    def seconds(self):
+        return self.inner.seconds
+
+    def start(self):
+        return self.inner.start()
+
+    def receive(self, sender: str, data: bytes) -> None:
+        try:
+            self.inner.receive(sender, data)
+        except (MessageRejected, RoundAbortedError):
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure to parse a peer's bytes is that peer's fault
+            raise MessageRejected(f"unreadable reply ({type(err).__name__}: {err})") from None
+
+    def advance(self):
+        return self.inner.advance()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def report_problem(report: Any) -> str | None:
+    """Why an institution's round report cannot be recorded (None: it can). The coordinator only folds
+    numbers and short strings from it into the run's records, so those must have the expected types."""
+    if not isinstance(report, dict):
+        return "the report is not a mapping"
+    privacy = report.get("privacy", {})
+    if not isinstance(privacy, dict):
+        return "report.privacy is not a mapping"
+    eps = privacy.get("epsilon_spent")
+    if eps is not None and not (_number(eps) or eps == math.inf):
+        return "report.privacy.epsilon_spent is not a number"
+    if not isinstance(privacy.get("ledger_head", ""), (str, type(None))):
+        return "report.privacy.ledger_head is not text"
+    return None
+
+
+def evaluation_problem(report: Any) -> str | None:
+    """Why an evaluation reply cannot be recorded (None: it can)."""
+    if not isinstance(report, dict):
+        return "the evaluation is not a mapping"
+    tasks, wins, rate = report.get("test_tasks"), report.get("successes"), report.get("success_rate")
+    if not isinstance(report.get("env"), str):
+        return "evaluation.env is not text"
+    if not (isinstance(tasks, int) and not isinstance(tasks, bool) and tasks >= 0):
+        return "evaluation.test_tasks is not a count"
+    if not (isinstance(wins, int) and not isinstance(wins, bool) and 0 <= wins <= tasks):
+        return "evaluation.successes is not a count within test_tasks"
+    if rate is not None and not (_number(rate) and 0.0 <= rate <= 1.0):
+        return "evaluation.success_rate is not a fraction"
+    return None
 
 
 @dataclass(frozen=True)
@@ -111,17 +190,25 @@ class RoundDriver:
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self, participants: Callable[[int], tuple[list[str], set[str]]],
             after_round: Callable[[RoundRecord, Any], None] | None = None) -> None:
-        """The remaining rounds of the experiment (a resumed coordinator starts after its checkpoint).
+        """The remaining rounds of the experiment (a resumed run starts after its last completed round).
 
         ``participants(round_id)`` gives the institutions listed in the round and those actually asked (the
         others count as dropped at once); ``after_round(record, global_state)`` runs once a round's sum is
         released, before anything is written to the run folder (a deployment checkpoints there).
+        ``federation.rounds`` counts attempts: an aborted round is one of them (it is retried with the same id).
+        A resumed run first makes up an evaluation that was due but not recorded when it stopped. A run in which
+        no round completed raises :class:`NoRoundCompleted`.
         """
         exp = self.experiment
-        if self.coordinator.completed_rounds == 0 and exp.evaluation.include_initial:
-            listed, asked = participants(1)
-            self._evaluate(0, self.coordinator.global_state, set(asked))
-        for _ in range(self.coordinator.completed_rounds, exp.federation.rounds):
+        done = self.coordinator.completed_rounds
+        evaluated = {r.round for r in self.run_folder.records() if r.status in ("initial", "evaluated")}
+        pending = (0 if done == 0 and exp.evaluation.include_initial
+                   else done if done and self._evaluation_due(done) else None)
+        if pending is not None and pending not in evaluated:
+            self._evaluate(pending, self.coordinator.global_state, set(participants(done + 1)[1]))
+        attempts = done + len(self.summary.aborted_rounds)
+        while attempts < exp.federation.rounds:
+            attempts += 1
             listed, asked = participants(self.coordinator.completed_rounds + 1)
             record, state = self.run_round(listed, asked)
             if record.status == "completed":
@@ -131,13 +218,25 @@ class RoundDriver:
                 self.summary.final_adapter = str(self.run_folder.save_adapter("final", state, self.peft_config)
                                                  .relative_to(self.run_folder.path))
             self.run_folder.record(record, self.summary)
-            if record.status == "completed" and (exp.evaluation.every_round or record.round == exp.federation.rounds):
+            if record.status == "completed":
+                # Announced once it is durable: checkpoint (a deployment's after_round), adapters and record.
+                self.event("round_completed", round=record.round, survivors=record.survivors, dropped=record.dropped,
+                           seconds=record.timing["round_s"])
+            if record.status == "completed" and self._evaluation_due(record.round):
                 self._evaluate(record.round, state, set(record.survivors) | set(asked))
             if record.status == "aborted" and asked and all(
                     record.institutions[n].refusal == BUDGET_EXHAUSTED for n in asked):
                 reasons = "; ".join(record.institutions[n].reason for n in sorted(asked))
                 raise BudgetExhausted(f"round {record.round}: every institution refused it for its privacy budget: "
                                       f"{reasons}")
+        if self.coordinator.completed_rounds == 0:
+            reasons = "; ".join(f"round {a['round']}: {a['reason']}" for a in self.summary.aborted_rounds[-3:])
+            raise NoRoundCompleted(f"no round completed ({len(self.summary.aborted_rounds)} aborted; {reasons}); "
+                                   "nothing was released: fix the cause named there and run again")
+
+    def _evaluation_due(self, round_id: int) -> bool:
+        exp = self.experiment
+        return exp.evaluation.every_round or round_id == exp.federation.rounds
 
     # -- one round ----------------------------------------------------------------------------------------------
     def run_round(self, listed: list[str], asked: set[str]) -> tuple[RoundRecord, Any]:
@@ -180,6 +279,10 @@ class RoundDriver:
                     refused[name] = (rep.refusal, rep.error)
                     continue
                 if first:
+                    problem = report_problem(rep.report)
+                    if problem:
+                        self.log(f"round {round_id} {stage}: reply from {name} rejected: {problem}")
+                        continue
                     reports[name] = rep.report
                 if "reply" in rep.blobs:
                     out[name] = rep.blobs["reply"]
@@ -191,8 +294,9 @@ class RoundDriver:
         record = RoundRecord(round=round_id, status="completed", participants=participants)
         observer = _Observer(self, round_id)
         try:
-            server = self.backend.server(round_id, participants,
-                                         self.coordinator.rule.payload_size(start.global_state), self.registry)
+            server = _GuardedServer(self.backend.server(round_id, participants,
+                                                        self.coordinator.rule.payload_size(start.global_state),
+                                                        self.registry))
             t_agg = time.perf_counter()
             result = drive(server, exchange, observer)
         except SecureAggregationError as err:
@@ -210,8 +314,6 @@ class RoundDriver:
             record.released_sum_sha256 = hashlib.sha256(np.ascontiguousarray(result.total, "<f8").tobytes()).hexdigest()
             record.secure_aggregation = {"backend": self.backend.name, **outcome.measurements}
             record.timing["secure_aggregation_s"] = time.perf_counter() - t_agg - sum(first_stage_s)
-            self.event("round_completed", round=round_id, survivors=record.survivors, dropped=record.dropped,
-                       seconds=time.perf_counter() - t_round)
         record.timing["first_stage_s"] = sum(first_stage_s)
         record.timing["round_s"] = time.perf_counter() - t_round
         for name in participants:
@@ -237,11 +339,20 @@ class RoundDriver:
         evaluations, reasons = {}, {}
         for name in targets:
             rep = replies.get(name)
-            ok = rep is not None and not rep.error and (rep.stage, rep.round_id, rep.run_key) == (EVALUATE, round_id,
-                                                                                                  self.key)
-            evaluations[name] = rep.report if ok else None
-            if rep is not None and rep.error:
-                reasons[name] = rep.error
+            problem = None
+            if rep is None:
+                problem = "no evaluation received"
+            elif rep.error:
+                problem = rep.error
+            elif (rep.stage, rep.round_id, rep.institution, rep.run_key) != (EVALUATE, round_id, name, self.key):
+                problem = f"the reply is for {rep.institution}/{rep.run_key}/{rep.round_id}/{rep.stage}; rejected"
+            else:
+                problem = evaluation_problem(rep.report)
+            evaluations[name] = rep.report if problem is None else None
+            if problem is not None:
+                reasons[name] = problem
+                if rep is not None and not rep.error:
+                    self.log(f"evaluation of round {round_id}: reply from {name} rejected: {problem}")
         record = evaluation_record(round_id, evaluations, reasons)
         record.timing["evaluation_s"] = time.perf_counter() - t0
         self.event("evaluated", round=round_id, institutions=sorted(n for n, e in evaluations.items() if e))

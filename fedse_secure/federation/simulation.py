@@ -16,6 +16,11 @@ Modes (``federation.mode``), as the paper's experiments:
 * ``pretrained``  — the base model (LoRA B = 0), evaluated only.
 
 The three baselines never aggregate, so they run here directly, writing the same records.
+
+``fedse simulate --resume RUN`` (:func:`resume`) continues a run that stopped (killed, Ctrl-C, a full disk)
+after the last round recorded in its ``metrics.jsonl``, with the run's own config, buffers and ledgers. Every
+random choice is derived from the seed and the round, so the resumed run produces the same adapters as an
+uninterrupted one (without DP: DP noise is drawn from the OS CSPRNG on purpose).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from fedse_secure.config import FEDERATED_MODES, ExperimentConfig
+from fedse_secure.config import FEDERATED_MODES, ConfigError, ExperimentConfig, config_diff, load_config
 from fedse_secure.errors import FedseError
 from fedse_secure.federation.progress import NULL_PROGRESS, Progress
 from fedse_secure.federation.run_folder import (
     InstitutionRecord,
     RoundRecord,
     RunFolder,
+    RunFolderError,
     RunSummary,
     evaluation_record,
     round_label,
@@ -39,12 +45,16 @@ from fedse_secure.federation.run_folder import (
 
 class Simulation:
     def __init__(self, config: ExperimentConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
-                 progress: Progress = NULL_PROGRESS):
+                 progress: Progress = NULL_PROGRESS, resuming: bool = False):
         self.config = config
         self.progress = progress
         self.run = RunFolder(out_dir or config.resolved_output_dir())
         self.overwrite = overwrite
+        self.resuming = resuming
         self.summary = RunSummary.start(config, transport="in-process")
+        #: Rounds already completed (and recorded) when this process started: 0 for a new run.
+        self.completed = 0
+        self.records: list[RoundRecord] = []
 
     # ------------------------------------------------------------------------------------------------------------
     def run_all(self) -> RunSummary:
@@ -53,47 +63,105 @@ class Simulation:
 
         cfg = self.config
         started = time.time()
-        self.run.create(cfg, overwrite=self.overwrite)
-        self.run.write_summary(self.summary)
+        # Everything that can fail on the config alone fails before the run folder is touched.
+        preflight(cfg)
+        self._load_model()
+        if self.resuming:
+            self.run.check_resumable()
+            self.run.acquire()
+        else:
+            self.run.create(cfg, overwrite=self.overwrite)
+            self.run.acquire()
         try:
-            self._setup()
-            mode = cfg.federation.mode
-            if mode in FEDERATED_MODES:
-                self._run_federated()
-            elif mode == "local":
-                self._run_local()
-            elif mode == "centralized":
-                self._run_centralized()
-            else:
-                self._run_pretrained()
-            self.summary.status = "completed"
-        except KeyboardInterrupt:
-            self.summary.status = "interrupted"
-            raise
-        except (BudgetExhausted, BudgetExceededError) as err:
-            # Fail closed: the refused round never trained, so every completed round and the ledger stand.
-            self.summary.status, self.summary.error = "budget_exhausted", str(err)
-            raise
-        except Exception as err:
-            self.summary.status = "failed"
-            self.summary.error = str(err) if isinstance(err, FedseError) else f"{type(err).__name__}: {err}"
-            raise
-        finally:
-            self.summary.wall_s = round(time.time() - started, 3)
-            self.run.remove_partial_writes()
+            earlier_s = self._prepare_resume() if self.resuming else 0.0
             self.run.write_summary(self.summary)
+            try:
+                self._setup()
+                mode = cfg.federation.mode
+                if mode in FEDERATED_MODES:
+                    self._run_federated()
+                elif mode == "local":
+                    self._run_local()
+                elif mode == "centralized":
+                    self._run_centralized()
+                else:
+                    self._run_pretrained()
+                self.summary.status, self.summary.error = "completed", None
+            except KeyboardInterrupt:
+                self.summary.status = "interrupted"
+                self.summary.error = "stopped by the user (Ctrl-C)"
+                raise
+            except (BudgetExhausted, BudgetExceededError) as err:
+                # Fail closed: the refused round never trained, so every completed round and the ledger stand.
+                self.summary.status, self.summary.error = "budget_exhausted", str(err)
+                raise
+            except Exception as err:
+                self.summary.status = "failed"
+                self.summary.error = str(err) if isinstance(err, FedseError) else f"{type(err).__name__}: {err}"
+                raise
+            finally:
+                self.summary.wall_s = round(earlier_s + time.time() - started, 3)
+                self.run.remove_partial_writes()
+                self.run.write_summary(self.summary)
+        finally:
+            self.run.release()
         return self.summary
 
-    # ------------------------------------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def _prepare_resume(self) -> float:
+        """Read where the run stopped, discard what unrecorded rounds left, and set the summary to continue."""
+        summary, self.records = self.run.rebuild_summary(self.config, transport="in-process")
+        try:
+            earlier_s = float(self.run.summary().wall_s or 0.0)
+        except FedseError:
+            earlier_s = 0.0
+        self.completed = summary.rounds_completed if self.config.federation.mode != "pretrained" else 0
+        for line in self.run.discard_unrecorded(self.completed, [c.name for c in self.config.clients]):
+            self.progress.log(line)
+        if self.completed:
+            if self.config.federation.mode == "local":
+                summary.final_adapter = {c.name: str(Path("adapters") / c.name / "final") for c in self.config.clients}
+            else:
+                summary.final_adapter = str(Path("adapters") / "final")
+        summary.resumes.append({"time": time.time(), "after_round": self.completed})
+        summary.status, summary.error = "running", None
+        self.summary = summary
+        self.progress.log(f"resuming {self.run.path} after round {self.completed}")
+        return earlier_s
+
+    def _start_state(self, client: str | None = None):
+        """The adapter the run continues from: the initial one, or the last completed round's."""
+        from fedse_secure.models.adapters import load_adapter_state
+
+        if not self.completed:
+            return OrderedDict(self.initial_state)
+        folder = self.run.adapter_dir(round_label(self.completed), client)
+        try:
+            state = load_adapter_state(folder)
+        except Exception as err:  # safetensors raises its own error types on a damaged file
+            raise RunFolderError(f"{folder}: the adapter of round {self.completed} is unreadable "
+                                 f"({type(err).__name__}); the run cannot be resumed from it: restore it from a backup "
+                                 "or start a new run") from None
+        if list(state) != list(self.initial_state):
+            raise RunFolderError(f"{folder}: the adapter does not match the model's LoRA layers; the run cannot be "
+                                 "resumed")
+        return state
+
+    def _evaluated(self) -> set[int]:
+        return {r.round for r in self.records if r.status in ("initial", "evaluated")}
+
+    def _load_model(self) -> None:
         from fedse_secure.agent.policy import AgentModel
-        from fedse_secure.federation.institution import Institution, release_terms
 
         cfg = self.config
         self.progress.log(f"loading model {cfg.model.name_or_path}")
         self.agent = AgentModel.load(cfg.model, cfg.lora, cfg.seed)
         self.initial_state = self.agent.adapter_state()
         self.peft_config = self.agent.peft_config()
+
+    def _setup(self) -> None:
+        from fedse_secure.federation.institution import Institution, release_terms
+
+        cfg = self.config
         terms = release_terms(cfg)
         self.institutions = [Institution(cfg, c, self.run.institution_dir(c.name), self.agent, terms)
                              for c in cfg.clients]
@@ -130,7 +198,7 @@ class Simulation:
         endpoints = {inst.name: InstitutionEndpoint(inst, backend, identities[inst.name], registry, key=key,
                                                     progress=self.progress) for inst in self.institutions}
         transport = InProcessTransport(endpoints, backend.stages, cfg.federation.simulate_dropouts)
-        coordinator = Coordinator(cfg.federation.aggregation, self.initial_state)
+        coordinator = Coordinator(cfg.federation.aggregation, self._start_state(), self.completed)
         driver = RoundDriver(cfg, transport, self.run, self.summary, coordinator, peft_config=self.peft_config,
                              registry=registry, log=self.progress.log)
         everyone = [inst.name for inst in self.institutions]
@@ -141,10 +209,9 @@ class Simulation:
     def _run_local(self) -> None:
         """Each institution trains its own adapter on its static demonstrations; nothing is aggregated."""
         cfg = self.config
-        states = {inst.name: OrderedDict(self.initial_state) for inst in self.institutions}
-        if cfg.evaluation.include_initial:
-            self._evaluate(0, lambda inst: states[inst.name])
-        for r in range(1, cfg.federation.rounds + 1):
+        states = {inst.name: self._start_state(inst.name) for inst in self.institutions}
+        self._make_up_evaluation(lambda inst: states[inst.name])
+        for r in range(self.completed + 1, cfg.federation.rounds + 1):
             t0 = time.perf_counter()
             record = RoundRecord(round=r, status="completed", participants=[i.name for i in self.institutions])
             for inst in self.institutions:
@@ -160,6 +227,14 @@ class Simulation:
             if self._should_evaluate(r):
                 self._evaluate(r, lambda inst: states[inst.name])
 
+    def _make_up_evaluation(self, state_of) -> None:
+        """The evaluation due before the first round this process runs, unless it is already recorded (round 0
+        for a new run with include_initial; the last completed round's for a run resumed before evaluating it)."""
+        due = 0 if not self.completed and self.config.evaluation.include_initial else (
+            self.completed if self.completed and self._should_evaluate(self.completed) else None)
+        if due is not None and due not in self._evaluated():
+            self._evaluate(due, state_of)
+
     def _run_centralized(self) -> None:
         """All demonstrations pooled into one training set (the paper's non-private reference point)."""
         from fedse_secure.agent.sft import encode_for_experiment, train_lora
@@ -169,10 +244,9 @@ class Simulation:
         pooled = [t for inst in self.institutions for t in inst.buffer]
         tok = self.agent.tokenizer
         examples = encode_for_experiment(tok, pooled, cfg)
-        state = self.initial_state
-        if cfg.evaluation.include_initial:
-            self._evaluate(0, lambda _i: state)
-        for r in range(1, cfg.federation.rounds + 1):
+        state = self._start_state()
+        self._make_up_evaluation(lambda _i: state)
+        for r in range(self.completed + 1, cfg.federation.rounds + 1):
             t0 = time.perf_counter()
             self.agent.load_adapter_state(state)
             bar = self.progress.task("centralized: train", total=None)
@@ -192,13 +266,51 @@ class Simulation:
                 self._evaluate(r, lambda _i: state)
 
     def _run_pretrained(self) -> None:
-        self._evaluate(1, lambda _i: self.initial_state)
+        if 1 not in self._evaluated():
+            self._evaluate(1, lambda _i: self.initial_state)
         self.summary.rounds_completed = 1
         self.summary.final_adapter = str(self.run.save_adapter("final", self.initial_state, self.peft_config)
                                          .relative_to(self.run.path))
+
+
+def preflight(config: ExperimentConfig) -> None:
+    """What can only be checked by building it, checked before a run folder is touched or the model loads: every
+    institution's environment accepts its options, and the model is on disk."""
+    from fedse_secure.envs import ENVIRONMENTS
+    from fedse_secure.models.loading import resolve_model_path
+
+    for i, client in enumerate(config.clients):
+        try:
+            ENVIRONMENTS.get(client.env).make(**client.env_options)
+        except FedseError:
+            raise
+        except (TypeError, ValueError, KeyError, OSError) as err:
+            raise ConfigError(f"clients.{i}.env_options ({client.name}): environment {client.env!r} rejects them "
+                              f"({type(err).__name__}: {err}); fix the options") from None
+    resolve_model_path(config.model.name_or_path)
 
 
 def simulate(config: ExperimentConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
              progress: Progress = NULL_PROGRESS) -> RunSummary:
     """Run a whole experiment in-process and return its summary (also written to ``summary.json``)."""
     return Simulation(config, out_dir, overwrite=overwrite, progress=progress).run_all()
+
+
+def resume(run_dir: str | Path, config: ExperimentConfig | None = None, *,
+           progress: Progress = NULL_PROGRESS) -> RunSummary:
+    """Continue the run in ``run_dir`` after its last recorded round, with its own config.
+
+    ``config``, if given, must equal the run's (a changed experiment is a new run): otherwise ConfigError lists
+    the fields that differ. A run whose process is still alive is refused, and so is a folder fedse did not
+    create.
+    """
+    folder = RunFolder(run_dir)
+    folder.check_resumable()
+    saved = load_config(folder.path / "config.yaml")
+    if config is not None:
+        diff = config_diff(saved, config)
+        if diff:
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise ConfigError(f"--resume {folder.path}: the config differs from the run's own ({shown}); resume "
+                              "without a config (the run's config.yaml is used), or start a new run with another --out")
+    return Simulation(saved, folder.path, progress=progress, resuming=True).run_all()

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from fedse_secure.errors import FedseError
 from fedse_secure.federation.endpoint import InstitutionEndpoint
-from fedse_secure.federation.wire import StageReply, StageRequest, pack, unpack
+from fedse_secure.federation.wire import StageReply, StageRequest, WireError, decode_reply, decode_request, encode
 
 
 class StageTransport(Protocol):
@@ -54,7 +54,9 @@ class InProcessTransport:
         for name, req in requests.items():
             if name not in self.endpoints or self._silent(name, req.stage):
                 continue
-            delivered = StageRequest.from_parts(*unpack(pack(req.header(), req.blobs)))
-            reply = self.endpoints[name].handle(delivered)
-            replies[name] = StageReply.from_parts(*unpack(pack(reply.header(), reply.blobs)))
+            reply = self.endpoints[name].handle(decode_request(encode(req)))
+            try:
+                replies[name] = decode_reply(encode(reply))
+            except WireError:
+                continue  # a reply that does not decode is no reply: that institution drops out of the stage
         return replies

@@ -66,14 +66,13 @@ class StageRequest:
 
     @classmethod
     def from_parts(cls, header: dict[str, Any], blobs: dict[str, bytes]) -> StageRequest:
-        try:
-            if header.get("kind") != "request":
-                raise KeyError("kind")
-            return cls(stage=str(header["stage"]), round_id=int(header["round_id"]), run_key=str(header["run_key"]),
-                       experiment_json=str(header.get("experiment_json", "")),
-                       train=bool(header.get("train", False)), blobs=blobs)
-        except (KeyError, TypeError, ValueError) as err:
-            raise WireError(f"malformed stage request header ({err})") from None
+        """The request in a decoded header and blobs; :class:`WireError` (only) for anything malformed."""
+        with _malformed("stage request"):
+            _expect_kind(header, "request")
+            return cls(stage=_field(header, "stage", str), round_id=_round_id(header),
+                       run_key=_field(header, "run_key", str),
+                       experiment_json=_field(header, "experiment_json", str, ""),
+                       train=_field(header, "train", bool, False), blobs=_blobs(blobs))
 
 
 @dataclass
@@ -99,18 +98,83 @@ class StageReply:
 
     @classmethod
     def from_parts(cls, header: dict[str, Any], blobs: dict[str, bytes]) -> StageReply:
-        try:
-            if header.get("kind") != "reply":
-                raise KeyError("kind")
-            report = json.loads(header.get("report_json") or "{}")
-            if not isinstance(report, dict):
-                raise TypeError("report must be a mapping")
-            return cls(stage=str(header["stage"]), round_id=int(header["round_id"]),
-                       institution=str(header["institution"]), run_key=str(header.get("run_key", "")),
-                       report=report, blobs=blobs, error=str(header.get("error", "")),
-                       refusal=str(header.get("refusal", "")))
-        except (KeyError, TypeError, ValueError, RecursionError) as err:
-            raise WireError(f"malformed stage reply header ({err})") from None
+        """The reply in a decoded header and blobs; :class:`WireError` (only) for anything malformed."""
+        with _malformed("stage reply"):
+            _expect_kind(header, "reply")
+            report_json = _field(header, "report_json", str, "") or "{}"
+            if len(report_json) > MAX_HEADER_BYTES:
+                raise WireError(f"report of {len(report_json)} characters exceeds {MAX_HEADER_BYTES}")
+            report = _json_object(report_json, "report_json")
+            return cls(stage=_field(header, "stage", str), round_id=_round_id(header),
+                       institution=_field(header, "institution", str), run_key=_field(header, "run_key", str, ""),
+                       report=report, blobs=_blobs(blobs), error=_field(header, "error", str, ""),
+                       refusal=_field(header, "refusal", str, ""))
+
+
+_MISSING = object()
+
+
+class _malformed:
+    """Any failure while decoding an untrusted message becomes one :class:`WireError`: a peer must never be
+    able to make the receiver raise anything else (a crash of the coordinator would end everyone's run)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, _tb) -> bool:
+        if err is None or kind is None or not issubclass(kind, Exception):
+            return False
+        if isinstance(err, WireError):
+            raise WireError(f"malformed {self.what}: {err}") from None
+        raise WireError(f"malformed {self.what} ({type(err).__name__})") from None
+
+
+def _expect_kind(header: Any, kind: str) -> None:
+    if not isinstance(header, dict):
+        raise WireError(f"the header is a {type(header).__name__}, not a mapping")
+    if header.get("kind") != kind:
+        raise WireError(f"kind is {header.get('kind')!r}, expected {kind!r}")
+
+
+def _field(header: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    value = header.get(name, default)
+    if value is _MISSING:
+        raise WireError(f"{name} is missing")
+    # bool is an int in Python: a field of one kind must not accept the other.
+    if type(value) is not kind:
+        raise WireError(f"{name} is a {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def _round_id(header: dict[str, Any]) -> int:
+    value = _field(header, "round_id", int)
+    if not -(2**31) <= value < 2**31:  # -1: a refusal of a request that named no round
+        raise WireError(f"round_id {value} is out of range")
+    return value
+
+
+def _blobs(blobs: Any) -> dict[str, bytes]:
+    if not isinstance(blobs, dict):
+        raise WireError(f"blobs are a {type(blobs).__name__}, not a mapping")
+    out = {}
+    for name, data in blobs.items():
+        if not isinstance(name, str) or not isinstance(data, (bytes, bytearray, memoryview)):
+            raise WireError(f"blob {name!r} is not named bytes")
+        out[name] = bytes(data)
+    return out
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise WireError(f"{what} is not JSON ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise WireError(f"{what} must be a JSON object")
+    return value
 
 
 def _jsonable(v: Any) -> Any:
@@ -132,21 +196,49 @@ def pack(header: dict[str, Any], blobs: dict[str, bytes]) -> list[bytes]:
 
 
 def unpack_header(frame: bytes) -> tuple[dict[str, Any], list[str]]:
+    """The header frame: a JSON object and its blob names. :class:`WireError` (only) for anything else."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise WireError(f"the header frame is a {type(frame).__name__}, not bytes")
     if len(frame) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}; rejected")
     try:
-        header = json.loads(frame.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise WireError(f"header is not JSON ({err})") from None
-    if not isinstance(header, dict) or not isinstance(header.get("blob_names", []), list):
-        raise WireError("header must be a JSON object with a blob_names list")
-    names = [str(n) for n in header.pop("blob_names", [])]
+        header = json.loads(bytes(frame).decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise WireError(f"header is not JSON ({type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError("header must be a JSON object")
+    names = header.pop("blob_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WireError("the header's blob_names must be a list of names")
+    if len(set(names)) != len(names):
+        raise WireError("the header names a blob twice; rejected")
     return header, names
 
 
 def unpack(frames: list[bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The inverse of :func:`pack`."""
+    """The inverse of :func:`pack`; :class:`WireError` (only) for any other sequence of frames."""
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise WireError("a message needs at least its header frame")
     header, names = unpack_header(frames[0])
     if len(names) != len(frames) - 1:
         raise WireError(f"the header names {len(names)} blobs but {len(frames) - 1} followed; rejected")
-    return header, dict(zip(names, frames[1:]))
+    blobs = {}
+    for name, frame in zip(names, frames[1:]):
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise WireError(f"blob {name!r} is a {type(frame).__name__}, not bytes")
+        blobs[name] = bytes(frame)
+    return header, blobs
+
+
+def decode_request(frames: list[bytes]) -> StageRequest:
+    """A :class:`StageRequest` from its frames; :class:`WireError` for any byte strings that are not one."""
+    return StageRequest.from_parts(*unpack(frames))
+
+
+def decode_reply(frames: list[bytes]) -> StageReply:
+    """A :class:`StageReply` from its frames; :class:`WireError` for any byte strings that are not one."""
+    return StageReply.from_parts(*unpack(frames))
+
+
+def encode(message: StageRequest | StageReply) -> list[bytes]:
+    return pack(message.header(), message.blobs)

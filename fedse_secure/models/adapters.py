@@ -34,12 +34,15 @@ def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
 def save_adapter(state: dict[str, torch.Tensor], peft_config: dict, folder: str | Path) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` exactly as peft's save_pretrained does,
     atomically (temporary folder + rename), so ``PeftModel.from_pretrained(base, folder)`` loads it."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from fedse_secure.io_utils import atomic_folder
 
     def build(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        # Serialised in memory, written by Python: a failed write (a full disk) is then an OSError that names the
+        # file, where safetensors' own writer raises its own error type.
+        data = save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+        (tmp / ADAPTER_WEIGHTS).write_bytes(data)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
 
     return atomic_folder(folder, build, replace=True)

@@ -151,6 +151,47 @@ def resolve_model_path(name_or_path: str) -> Path | str:
     )
 
 
+def _prepared_path(name_or_path: str) -> Path | None:
+    """Where the model's files already are on disk, without preparing or downloading anything."""
+    if name_or_path == DEFAULT_MODEL:
+        path = cache_dir() / "models" / DEFAULT_MODEL
+    elif name_or_path == TINY_MODEL:
+        tag = "-".join(f"{k}{v}" for k, v in sorted(_TINY_SPEC.items()))
+        path = cache_dir() / "models" / f"{TINY_MODEL}-{_stable_tag(tag)}"
+    else:
+        path = Path(name_or_path).expanduser()
+    return path if (path / "config.json").is_file() else None
+
+
+def module_names(name_or_path: str) -> set[str] | None:
+    """Names of the model's modules that hold weights, read from its safetensors headers (no weight is loaded,
+    torch is not imported); None when that cannot be known without loading the model."""
+    import struct
+
+    folder = _prepared_path(name_or_path)
+    if folder is None:
+        return None
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            keys = set(json.loads(index.read_text())["weight_map"])
+        elif (folder / "model.safetensors").is_file():
+            with open(folder / "model.safetensors", "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                if size > 100_000_000:
+                    return None
+                keys = set(json.loads(fh.read(size))) - {"__metadata__"}
+        else:
+            return None
+        tied = bool(json.loads((folder / "config.json").read_text()).get("tie_word_embeddings"))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None  # a damaged model folder is reported when it is loaded
+    names = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    if tied:
+        names.add("lm_head")
+    return names
+
+
 @dataclass
 class LoadedModel:
     model: object
@@ -171,6 +212,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> Loade
         raise ModelNotAvailableError(
             f"could not load {name_or_path!r} offline ({err.__class__.__name__}); put the model in a local folder "
             f"or the HF cache, or use {DEFAULT_MODEL!r}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - safetensors, tokenizers and json raise their own types on damaged files
+        raise ModelNotAvailableError(
+            f"the model files in {path} are damaged or incomplete ({type(err).__name__}); delete that folder and "
+            f"prepare it again (`fedse model prepare`), or point model.name_or_path at an intact copy"
         ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

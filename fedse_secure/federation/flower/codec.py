@@ -20,17 +20,27 @@ def _to_record(header: dict[str, Any], blobs: dict[str, bytes]) -> RecordDict:
 
 
 def _from_record(content: RecordDict) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Header and blobs of a received message; :class:`WireError` (only) for anything that is not ours: the
+    content comes from another organisation's process, so nothing in it may crash the receiver."""
     try:
-        header = dict(content.config_records[HEADER])
+        header = content.config_records[HEADER]
         arrays = content.array_records[BLOBS]
     except KeyError as err:
         raise WireError(f"Flower message lacks the {err} record; not a fedse message") from None
-    blobs = {}
-    for name in arrays.keys():
-        arr = arrays[name].numpy()
-        if arr.dtype != np.uint8 or arr.ndim != 1:
-            raise WireError(f"blob {name!r} is {arr.dtype}{list(arr.shape)}, expected a flat uint8 array")
-        blobs[name] = arr.tobytes()
+    except Exception as err:
+        raise WireError(f"not a Flower RecordDict ({type(err).__name__})") from None
+    try:
+        header = dict(header)
+        blobs = {}
+        for name in arrays.keys():
+            arr = arrays[name].numpy()
+            if not isinstance(name, str) or arr.dtype != np.uint8 or arr.ndim != 1:
+                raise WireError(f"blob {name!r} is {arr.dtype}{list(arr.shape)}, expected a flat uint8 array")
+            blobs[name] = arr.tobytes()
+    except WireError:
+        raise
+    except Exception as err:
+        raise WireError(f"unreadable blobs in the Flower message ({type(err).__name__})") from None
     return header, blobs
 
 

@@ -89,6 +89,7 @@ class CoordinatorRun:
             self.log("--resume: no checkpoint yet, starting at round 1")
         if not (run_folder.path / "config.yaml").exists():
             run_folder.create(exp, overwrite=False)
+        run_folder.acquire()  # released when this process ends: a dead coordinator's run reads as interrupted
         run_folder.write_summary(summary)
         backend = exp.federation.backend()
         driver = RoundDriver(
@@ -117,6 +118,7 @@ class CoordinatorRun:
             raise
         finally:
             run_folder.write_summary(summary)
+            run_folder.release()
         return summary
 
     # ------------------------------------------------------------------------------------------------------

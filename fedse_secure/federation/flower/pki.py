@@ -61,21 +61,84 @@ class KeyPaths:
 
 
 def _write_private(path: Path, data: bytes, force: bool) -> None:
-    if path.exists() and not force:
-        raise PkiError(f"{path} already exists; pass --force to overwrite it (this invalidates the old key)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Create with 0600 from the start: a private key must never be readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
+    _write_key_file(path, data, force, 0o600, "pass --force to overwrite it (this invalidates the old key)")
 
 
 def _write_public(path: Path, data: bytes, force: bool) -> None:
-    if path.exists() and not force:
-        raise PkiError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    _write_key_file(path, data, force, 0o644, "pass --force to overwrite it")
+
+
+def write_public_file(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (0644, atomically, never through a link): registries, public keys."""
+    _write_key_file(Path(path), data, True, 0o644, "")
+
+
+def _write_key_file(path: Path, data: bytes, force: bool, mode: int, fix: str) -> None:
+    """Write ``data`` to ``path`` with exactly ``mode``, whatever the umask, and never through a symbolic link.
+
+    The file is created under a temporary name with O_EXCL|O_NOFOLLOW (so nothing else can sit there), given
+    its mode before it holds a byte, fsynced and renamed over ``path``: a rename replaces a link itself, never
+    its target, so a (dangling) symlink planted at a key path cannot redirect a private key elsewhere.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise PkiError(f"{path} is a symbolic link (to {os.readlink(path)}); a key is never written through a link: "
+                       "remove the link or choose another --out")
+    if os.path.lexists(path) and not force:
+        raise PkiError(f"{path} already exists; {fix}")
+    make_public_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.lexists(tmp) and not os.path.islink(tmp):
+            os.unlink(tmp)
+        raise PkiError(f"cannot write {path}: {err.strerror}; choose a writable --out") from None
+
+
+def make_public_dirs(folder: str | Path) -> Path:
+    """``mkdir -p`` whose new folders are 0755 whatever the umask (never world-writable: a key written there
+    could be swapped by anyone)."""
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o755)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise PkiError(f"cannot create {d}: {err.strerror}; choose a writable --out") from None
+        os.chmod(d, 0o755)
+    if not folder.is_dir():
+        raise PkiError(f"{folder} is not a folder; choose another --out")
+    return folder
+
+
+def _parse(path: str | Path, what: str, load):
+    """``load(bytes)`` on the file's content; PkiError naming the file if it is unreadable or malformed."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise PkiError(f"{what} {path} cannot be read ({err.strerror}); check the path in the config") from None
+    try:
+        return load(data)
+    except Exception as err:  # noqa: BLE001 - cryptography raises ValueError, TypeError or UnsupportedAlgorithm
+        raise PkiError(f"{what} {path} is damaged or not in the expected format ({type(err).__name__}); restore it, "
+                       "or create it again with `fedse certs init` / `fedse keys init`") from None
 
 
 def _now() -> _dt.datetime:
@@ -158,8 +221,8 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
     if not cert_path.is_file() or not key_path.is_file():
         raise PkiError(f"no CA in {ca_dir}; run `fedse certs init` first (or drop your own ca.pem/ca.key there)")
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    cert = _parse(cert_path, "CA certificate", x509.load_pem_x509_certificate)
+    key = _parse(key_path, "CA key", lambda b: serialization.load_pem_private_key(b, password=None))
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{key_path}: expected an EC private key for the CA")
     return cert, key
@@ -177,6 +240,8 @@ def init_certs(
     An existing CA is reused so that adding an institution later does not invalidate the others' trust.
     """
     out = Path(out_dir)
+    for name in institutions:  # every name before any file: a bad one must not leave a CA behind
+        _check_name(name)
     ca_dir = out / "ca"
     if (ca_dir / "ca.pem").exists() and not force:
         ca_cert, ca_key = _load_ca(ca_dir)
@@ -237,8 +302,11 @@ def init_certs(
 def _check_name(name: str) -> None:
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise PkiError(f"institution name {name!r}: use letters, digits, '.', '_' or '-' only")
+    from fedse_secure.config import NAME_PATTERN
+
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise PkiError(f"institution name {name!r}: start with a letter or digit, then use letters, digits, '.', '_' "
+                       "or '-' only (at most 64 characters)")
 
 
 def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = False) -> KeyPaths:
@@ -246,8 +314,9 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
     out = Path(out_dir)
     node_auth: dict[str, tuple[Path, Path]] = {}
     identity: dict[str, tuple[Path, Path]] = {}
-    for name in institutions:
+    for name in institutions:  # every name before any file: a bad one must not leave half the keys behind
         _check_name(name)
+    for name in institutions:
         d = out / "institutions" / name
         # Flower 1.42's SuperNode loads an OpenSSH-format NIST-curve EC key (`--auth-supernode-private-key`),
         # and `flwr supernode register` takes the OpenSSH public key.
@@ -283,12 +352,34 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
     return KeyPaths(node_auth=node_auth, identity=identity)
 
 
+def read_registry(path: str | Path):
+    """The identity registry in ``path`` (empty if there is none); PkiError if it is damaged."""
+    from fedse_secure.secagg.masking.identity import PublicKeyRegistry
+
+    path = Path(path)
+    if not os.path.lexists(path):
+        return PublicKeyRegistry()
+    return _parse(path, "identity registry", lambda data: PublicKeyRegistry.from_json(data.decode("utf-8")))
+
+
+def merge_registry(path: str | Path, keys: dict[str, bytes]) -> list[str]:
+    """Add (or, for a name already there, replace) identity public keys in the registry file at ``path``,
+    keeping every other institution's entry; written atomically, 0644. Returns the names now registered."""
+    from fedse_secure.secagg.masking.identity import PublicKeyRegistry
+
+    registry = read_registry(path)
+    for name, raw in keys.items():
+        registry.add(name, raw)
+    write_public_file(path, (registry.to_json() + "\n").encode())
+    return registry.names()
+
+
 # -- loading and checking (used before any process starts, so a bad file fails with a clear message) ---------
 def load_identity_private(path: str | Path) -> ed25519.Ed25519PrivateKey:
     path = Path(path)
     if not path.is_file():
         raise PkiError(f"identity key {path} not found; create it with `fedse keys init` or fix identity_key")
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    key = _parse(path, "identity key", lambda b: serialization.load_pem_private_key(b, password=None))
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise PkiError(f"{path}: expected an Ed25519 private key (PKCS8 PEM), got {type(key).__name__}")
     return key
@@ -298,7 +389,7 @@ def load_identity_public(path: str | Path) -> ed25519.Ed25519PublicKey:
     path = Path(path)
     if not path.is_file():
         raise PkiError(f"identity public key {path} not found; copy the institution's identity_ed25519.pub there")
-    key = serialization.load_pem_public_key(path.read_bytes())
+    key = _parse(path, "identity public key", serialization.load_pem_public_key)
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise PkiError(f"{path}: expected an Ed25519 public key (PEM), got {type(key).__name__}")
     return key
@@ -312,10 +403,7 @@ def check_node_auth_public(path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise PkiError(f"node-auth public key {path} not found; copy the institution's node_auth.pub there")
-    try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except ValueError as err:
-        raise PkiError(f"{path}: not an OpenSSH public key ({err}); use the node_auth.pub `fedse keys init` wrote")
+    key = _parse(path, "node-auth public key", serialization.load_ssh_public_key)
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise PkiError(f"{path}: Flower node authentication needs a NIST EC key (P-384), got {type(key).__name__}")
 
@@ -324,10 +412,8 @@ def check_node_auth_private(path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise PkiError(f"node-auth key {path} not found; create it with `fedse keys init` or fix node_auth_key")
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as err:
-        raise PkiError(f"{path}: not an unencrypted OpenSSH private key ({err})")
+    key = _parse(path, "node-auth key (an unencrypted OpenSSH private key)",
+                 lambda b: serialization.load_ssh_private_key(b, password=None))
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{path}: Flower node authentication needs a NIST EC key (P-384), got {type(key).__name__}")
 
@@ -337,8 +423,8 @@ def check_server_cert(ca_path: str | Path, cert_path: str | Path, key_path: str 
     for p, what in ((ca_path, "CA certificate"), (cert_path, "certificate"), (key_path, "private key")):
         if not Path(p).is_file():
             raise PkiError(f"{what} {p} not found; run `fedse certs init` or fix the path in the config")
-    ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
-    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    ca = _parse(ca_path, "CA certificate", x509.load_pem_x509_certificate)
+    cert = _parse(cert_path, "certificate", x509.load_pem_x509_certificate)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, Exception) as err:  # InvalidSignature has no common base worth naming
@@ -352,7 +438,7 @@ def check_server_cert(ca_path: str | Path, cert_path: str | Path, key_path: str 
     names = {str(v) for v in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
     if host not in names:
         raise PkiError(f"{cert_path} is not valid for {host} (it names {sorted(names)}); reissue it with --host {host}")
-    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    key = _parse(key_path, "private key", lambda b: serialization.load_pem_private_key(b, password=None))
     if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ) != cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
