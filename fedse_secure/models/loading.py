@@ -34,6 +34,10 @@ class ModelNotAvailableError(FedseError, RuntimeError):
     """The requested model cannot be found locally; the message says how to make it available."""
 
 
+class ModelDoesNotFitError(FedseError, RuntimeError):
+    """The model does not fit the device's memory in the requested precision; the message names the levers."""
+
+
 def cache_dir() -> Path:
     root = os.environ.get("FEDSE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fedse-secure")
     return Path(root)
@@ -156,25 +160,54 @@ class LoadedModel:
     model: object
     tokenizer: object
     path: str
+    #: The torch.device and torch.dtype the base model was placed in.
+    device: object = None
+    dtype: object = None
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> LoadedModel:
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: str = "auto", device: str = "auto", quantization: str = "none"
+) -> LoadedModel:
+    """The base model on ``device`` in ``dtype`` (``models.device`` resolves ``auto``), frozen and in eval mode.
+
+    With ``quantization="nf4"`` the linear weights are stored in 4-bit NormalFloat (bitsandbytes) and compute in
+    ``dtype``. Off the CPU the weights are loaded straight onto the device, never as a whole CPU copy first.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedse_secure.models.device import placement
+
     path = resolve_model_path(name_or_path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    where = placement(device, dtype)
+    kwargs: dict = {"dtype": where.dtype, "local_files_only": True}
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=where.dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    elif quantization != "none":
+        raise ValueError(f"model.quantization {quantization!r}: use none or nf4")
+    if quantization != "none" or where.device.type != "cpu":
+        kwargs["device_map"] = {"": where.device}
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except OSError as err:
         raise ModelNotAvailableError(
             f"could not load {name_or_path!r} offline ({err.__class__.__name__}); put the model in a local folder "
             f"or the HF cache, or use {DEFAULT_MODEL!r}"
+        ) from None
+    except torch.cuda.OutOfMemoryError:
+        raise ModelDoesNotFitError(
+            f"{name_or_path!r} does not fit in {where.device}'s memory in {where.describe()}; free the GPU, use "
+            "model.quantization: nf4, or a smaller model (fedse doctor shows the free memory)"
         ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     # Batched generation needs left padding so every row's next token sits at the last position.
     tok.padding_side = "left"
     model.eval()
-    return LoadedModel(model=model, tokenizer=tok, path=str(path))
+    return LoadedModel(model=model, tokenizer=tok, path=str(path), device=where.device, dtype=where.dtype)
