@@ -41,14 +41,13 @@ def check_device(spec: str) -> None:
 
     found = cuda_devices()
     if not found:
-        why = ("this torch is the CPU build" if not torch.version.cuda
-               else f"torch (CUDA {torch.version.cuda}) finds no usable GPU")
-        raise ValueError(f"{spec} asked for, but {why}; use auto or cpu on this machine (fedse doctor shows what "
-                         "it has)")
+        why = "this torch is the CPU build" if not torch.version.cuda else f"torch {torch.__version__} finds no GPU"
+        raise ValueError(f"no CUDA device on this machine ({why}); use auto or cpu here (fedse doctor shows what "
+                         "this machine has)")
     index = int(spec.split(":")[1]) if ":" in spec else 0
     if index >= len(found):
-        raise ValueError(f"{spec} asked for, but this machine has {len(found)} CUDA device(s) (cuda:0.."
-                         f"cuda:{len(found) - 1}); pick one of those")
+        raise ValueError(f"this machine has {len(found)} CUDA device(s), cuda:0..cuda:{len(found) - 1}; use one of "
+                         "those or auto")
 
 
 def resolve_device(spec: str = "auto"):

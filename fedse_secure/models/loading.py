@@ -95,8 +95,7 @@ def prepare_default_model() -> Path:
 
 def prepare_tiny_model() -> Path:
     """A random Llama (about 3.2M parameters) with SmolLM2's tokenizer, for tests; deterministic weights."""
-    tag = "-".join(f"{k}{v}" for k, v in sorted(_TINY_SPEC.items()))
-    final = cache_dir() / "models" / f"{TINY_MODEL}-{_stable_tag(tag)}"
+    final = tiny_model_dir()
     if (final / "config.json").is_file():
         return final
 
@@ -118,6 +117,12 @@ def prepare_tiny_model() -> Path:
         tok.save_pretrained(str(tmp))
 
     return atomic_folder(final, build)
+
+
+def tiny_model_dir() -> Path:
+    """Where :func:`prepare_tiny_model` keeps the tiny model (named by its spec, so a new spec is a new folder)."""
+    tag = "-".join(f"{k}{v}" for k, v in sorted(_TINY_SPEC.items()))
+    return cache_dir() / "models" / f"{TINY_MODEL}-{_stable_tag(tag)}"
 
 
 def _stable_tag(text: str) -> str:
