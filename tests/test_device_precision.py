@@ -299,3 +299,16 @@ def test_an_nf4_base_trains_its_adapter_with_sft_and_dp_sgd(examples):
     res = train_dp_sgd(agent.model, examples, TrainingConfig(learning_rate=1e-3, max_steps_per_round=2),
                        PrivacyConfig(mode="dp-sgd", expected_batch_size=3), agent.tokenizer.pad_token_id, 0)
     assert res.steps == 2 and _max_diff(start, agent.adapter_state()) > 1e-5
+
+
+def test_a_float16_base_trains_with_loss_scaling(examples):
+    from fedse_secure.agent.policy import AgentModel
+    from fedse_secure.agent.sft import train_lora
+
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu", dtype="float16"), LoraSettings(), 0)
+    start = agent.adapter_state()
+    stats = train_lora(agent.model, examples, TrainingConfig(learning_rate=1e-3, batch_size=2, max_steps_per_round=2,
+                                                             micro_batch_size=1), agent.tokenizer.pad_token_id, 0)
+    after = agent.adapter_state()
+    assert all(torch.isfinite(torch.tensor(stats.losses))) and _max_diff(start, after) > 1e-5
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
