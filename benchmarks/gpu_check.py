@@ -126,7 +126,8 @@ def check_sft_memory(torch, model: str, gpu, examples_of) -> dict | None:
     from fedse_secure.agent.sft import train_lora
     from fedse_secure.config import TrainingConfig
 
-    settings = {"plain": {}, "micro_batch_1": {"micro_batch_size": 1}, "checkpointing": {"gradient_checkpointing": True},
+    settings = {"plain": {}, "micro_batch_1": {"micro_batch_size": 1},
+                "checkpointing": {"gradient_checkpointing": True},
                 "checkpointing_micro_batch_1": {"gradient_checkpointing": True, "micro_batch_size": 1}}
     quantizations = ["none"] + (["nf4"] if importlib.util.find_spec("bitsandbytes") else [])
     out = {"batch": 4}

@@ -15,8 +15,15 @@ import pytest
 import torch
 import yaml
 
-from fedse_secure.config import ConfigError, ExperimentConfig, LoraSettings, ModelConfig, PrivacyConfig, \
-    TrainingConfig, parse_config
+from fedse_secure.config import (
+    ConfigError,
+    ExperimentConfig,
+    LoraSettings,
+    ModelConfig,
+    PrivacyConfig,
+    TrainingConfig,
+    parse_config,
+)
 from fedse_secure.models import device as dev
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +127,8 @@ def test_nf4_without_bitsandbytes_is_a_one_line_error(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     data = _smoke()
     data["model"]["quantization"] = "nf4"
     with pytest.raises(ConfigError, match=r"model.quantization: nf4 needs bitsandbytes; install the extra with "
@@ -129,7 +137,8 @@ def test_nf4_without_bitsandbytes_is_a_one_line_error(monkeypatch):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"training": {"gradient_checkpointing": True}}, "training.gradient_checkpointing cannot be used with privacy.mode dp-sgd"),
+    ({"training": {"gradient_checkpointing": True}},
+     "training.gradient_checkpointing cannot be used with privacy.mode dp-sgd"),
     ({"model": {"dtype": "float16"}}, "model.dtype float16 cannot be used with privacy.mode dp-sgd"),
 ])
 def test_dp_sgd_refuses_what_would_skip_or_break_clipping(override, message):

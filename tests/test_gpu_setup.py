@@ -124,4 +124,5 @@ def test_the_script_refuses_a_bad_variant_in_one_line():
     proc = subprocess.run([sys.executable, str(REPO / "fedse_secure" / "torch_build.py"), "detect"],
                           capture_output=True, text=True, env={**os.environ, "TORCH_VARIANT": "rocm"}, timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: TORCH_VARIANT=rocm: use one of cpu, cuda (or leave it unset to follow the machine)"
+    assert proc.stderr.strip() == ("error: TORCH_VARIANT=rocm: use one of cpu, cuda (or leave it unset to follow the "
+                                   "machine)")

@@ -125,8 +125,8 @@ def check_single_device(model) -> None:
         where = {}
         for name, p in model.named_parameters():
             where.setdefault(p.device, name)
-        raise RuntimeError(f"model parameters are on several devices ({', '.join(f'{d}: e.g. {n}' for d, n in where.items())}); "
-                           "this is a bug in model placement")
+        spread = ", ".join(f"{d}: e.g. {n}" for d, n in where.items())
+        raise RuntimeError(f"model parameters are on several devices ({spread}); this is a bug in model placement")
 
 
 def accelerator_memory(device) -> dict[str, float] | None:
