@@ -123,14 +123,16 @@ def config_fit(cfg, machine: dict[str, Any]) -> dict[str, Any]:
     weights = sum(counts.values()) if counts else None
     compute = dtype_name(where.dtype)
     out: dict[str, Any] = {"model": name, "device": str(where.device), "dtype": dtype_name(where.dtype),
-                           "quantization": cfg.model.quantization, "weights": weights, "weights_gib": None,
+                           "quantization": cfg.model.quantization, "weights": weights, "weights_bytes": None,
+                           "weights_gib": None,
                            "fits": None, "notes": []}
     if weights is None:
         out["notes"].append(f"no safetensors files found for {name}: weight memory not estimated (run `fedse model "
                             "prepare` for the built-in models, or point model.name_or_path at an HF model folder)")
         return out
     linear_bytes = BYTES_PER_WEIGHT["nf4" if cfg.model.quantization == "nf4" else compute]
-    gib = (counts["linear"] * linear_bytes + counts["other"] * BYTES_PER_WEIGHT[compute]) / 2**30
+    out["weights_bytes"] = int(counts["linear"] * linear_bytes + counts["other"] * BYTES_PER_WEIGHT[compute])
+    gib = out["weights_bytes"] / 2**30
     out["weights_gib"] = round(gib, 2)
     if where.device.type == "cuda":
         free = next((g["free_gib"] for g in machine["gpus"] if g["index"] == (where.device.index or 0)), None)

@@ -196,7 +196,7 @@ def load_model_and_tokenizer(
     elif quantization != "none":
         raise ValueError(f"model.quantization {quantization!r}: use none or nf4")
     if quantization != "none" or where.device.type != "cpu":
-        kwargs["device_map"] = {"": where.device}
+        kwargs["device_map"] = {"": str(where.device)}
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
