@@ -92,7 +92,7 @@ def _sft_step(torch, agent, batch, optimizer):
     return float(loss.detach())
 
 
-def check_sft(torch, model: str, gpu, examples_of, batch_size: int, repeats: int) -> dict:
+def check_sft(torch, model: str, gpu, examples_of, batch_size: int, repeats: dict[str, int]) -> dict:
     """One SFT step on the same batch on each device: seconds, ratio, and the loss before any update."""
     out = {"batch": batch_size}
     for name, device in (("gpu", gpu), ("cpu", torch.device("cpu"))):
@@ -109,7 +109,7 @@ def check_sft(torch, model: str, gpu, examples_of, batch_size: int, repeats: int
         params = [p for p in agent.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5)
         agent.model.train()
-        out[f"{name}_step_s"] = _timed(torch, device, lambda: _sft_step(torch, agent, batch, opt), repeats)
+        out[f"{name}_step_s"] = _timed(torch, device, lambda: _sft_step(torch, agent, batch, opt), repeats[name])
         out[f"{name}_dtype"] = str(agent.dtype).removeprefix("torch.")
         out["tokens"] = sum(len(e.input_ids) for e in batch)
         del agent, opt
@@ -117,40 +117,13 @@ def check_sft(torch, model: str, gpu, examples_of, batch_size: int, repeats: int
     return out
 
 
-def check_sft_memory(torch, model: str, gpu, examples_of) -> dict | None:
-    """Peak GPU memory of one SFT step (batch 4 of the longest examples) per memory setting."""
+def check_sft_memory(torch, model: str, gpu) -> dict | None:
+    """Peak GPU memory of one SFT step per memory setting (benchmarks/train_memory.py, in this process)."""
     if gpu is None:
         return None
-    import importlib.util
+    from train_memory import measure_all
 
-    from fedse_secure.agent.sft import train_lora
-    from fedse_secure.config import TrainingConfig
-
-    settings = {"plain": {}, "micro_batch_1": {"micro_batch_size": 1},
-                "checkpointing": {"gradient_checkpointing": True},
-                "checkpointing_micro_batch_1": {"gradient_checkpointing": True, "micro_batch_size": 1}}
-    quantizations = ["none"] + (["nf4"] if importlib.util.find_spec("bitsandbytes") else [])
-    out = {"batch": 4}
-    for quantization in quantizations:
-        agent = _load(model, str(gpu), quantization=quantization)
-        batch = sorted(examples_of(agent.tokenizer), key=lambda e: -len(e.input_ids))[:4]
-        out["tokens_per_sequence"] = [len(e.input_ids) for e in batch]
-        for name, options in settings.items():
-            if quantization == "nf4" and name != "checkpointing_micro_batch_1":
-                continue
-            cfg = TrainingConfig(learning_rate=1e-5, epochs_per_round=1, batch_size=4, max_steps_per_round=1,
-                                 max_seq_len=4096, **options)
-            torch.cuda.synchronize(gpu)
-            torch.cuda.reset_peak_memory_stats(gpu)
-            base = torch.cuda.memory_allocated(gpu)
-            train_lora(agent.model, batch, cfg, agent.tokenizer.pad_token_id, seed=0)
-            torch.cuda.synchronize(gpu)
-            key = name if quantization == "none" else f"nf4_{name}"
-            out[key] = {"peak_gib": torch.cuda.max_memory_allocated(gpu) / 2**30,
-                        "weights_and_adapter_gib": base / 2**30}
-        del agent
-        torch.cuda.empty_cache()
-    return out
+    return measure_all(torch, model, str(gpu), "auto", batch=4, max_seq_len=4096)
 
 
 def check_rollouts(torch, model: str, device, episodes: int, max_new_tokens: int) -> dict:
@@ -284,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": {k: machine[k] for k in ("platform", "torch", "gpus", "auto", "cpu")}}
     sections = [
         ("sft", lambda: check_sft(torch, model, gpu, examples_of, batch_size=2 if reduced else 4,
-                                  repeats=1 if reduced else 5)),
-        ("sft_memory", lambda: check_sft_memory(torch, model, gpu, examples_of)),
+                                  repeats={"gpu": 5, "cpu": 1 if reduced else 2})),
+        ("sft_memory", lambda: check_sft_memory(torch, model, gpu)),
         ("rollouts", lambda: check_rollouts(torch, model, gpu or torch.device("cpu"), episodes=4 if reduced else 16,
                                             max_new_tokens=12 if reduced else 64)),
         ("dp_sgd", lambda: check_dp_sgd(torch, model, gpu, examples_of, records=6 if reduced else 12)),
