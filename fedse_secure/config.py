@@ -84,7 +84,24 @@ class ModelConfig(StrictModel):
                     "(random, for tests), a local folder with an HF causal LM, or a hub name already in the local HF "
                     "cache (never downloaded).",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Precision of the base model's weights.")
+    device: str = Field(
+        "auto",
+        description="Where the model runs: auto (the first CUDA device if there is one, else the CPU), cpu, cuda or "
+                    "cuda:N. The policy, rollouts, SFT, DP-SGD and evaluation run there; secure aggregation and the "
+                    "privacy ledger always run on the CPU. Asking for a CUDA device this machine lacks is an error.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Precision of the base model's weights and activations: auto (bfloat16 on a GPU that computes in "
+                    "it natively, Ampere or later; float32 otherwise), float32, bfloat16 or float16. LoRA adapters are "
+                    "always trained and exchanged in float32.",
+    )
+    quantization: Literal["none", "nf4"] = Field(
+        "none",
+        description="none, or nf4: the frozen base model in 4-bit NormalFloat (QLoRA, bitsandbytes: `make venv "
+                    "EXTRAS=quant`), computing in model.dtype; cuts a 7B base from about 15 GB to about 5 GB so it "
+                    "trains on a 24 GB GPU. The LoRA adapter stays float32.",
+    )
     max_context_tokens: int = Field(1024, ge=128, le=32768, description="Longest prompt the agent is given.")
     history_turns: int | None = Field(
         None, ge=0,
@@ -95,6 +112,27 @@ class ModelConfig(StrictModel):
     )
     num_threads: int | None = Field(None, ge=1, le=MAX_THREADS,
                                     description="torch threads for this process; None keeps torch's default.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists_here(cls, device: str, info) -> str:
+        from fedse_secure.models.device import check_device, parse_device
+
+        parse_device(device)
+        # A coordinator validates an experiment that runs on the institutions' machines, not its own.
+        if (info.context or {}).get("check_local_device", True):
+            check_device(device)
+        return device
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_available(cls, quantization: str) -> str:
+        import importlib.util
+
+        if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"{quantization} needs bitsandbytes; install the extra with `make venv EXTRAS=quant` (or "
+                             "pip install 'fedse-secure[quant]'), or set none")
+        return quantization
 
 
 ModuleName = Annotated[str, Field(min_length=1)]
@@ -166,6 +204,19 @@ class TrainingConfig(StrictModel):
         None, ge=1, description="Cap on optimiser steps per round (keeps CPU runs bounded); None = full epochs.",
     )
     grad_clip_norm: float | None = Field(1.0, gt=0.0, description="Gradient-norm clipping for non-DP training.")
+    micro_batch_size: int | None = Field(
+        None, ge=1,
+        description="Sequences per forward/backward pass; an optimiser step accumulates gradients over as many passes "
+                    "as its batch needs, with the same result as one pass (DP-SGD: the Poisson batch is split the "
+                    "same way, clipped per sequence, noised once). None = the whole batch in one pass. Lower it when "
+                    "a long context does not fit the GPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass instead of keeping them: much "
+                    "less activation memory for about a third more compute. Not with privacy.mode dp-sgd (Opacus's "
+                    "per-sample hooks miss recomputed layers; use micro_batch_size there).",
+    )
 
 
 class EvaluationConfig(StrictModel):

@@ -16,6 +16,9 @@ class AgentModel:
     model: object
     tokenizer: object
     model_path: str
+    #: torch.device and torch.dtype of the base model (the LoRA adapter is float32 on the same device).
+    device: object = None
+    dtype: object = None
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, lora: LoraSettings, seed: int) -> AgentModel:
@@ -23,12 +26,15 @@ class AgentModel:
         from peft import LoraConfig, get_peft_model
 
         from fedse_secure.models import load_model_and_tokenizer
+        from fedse_secure.models.device import check_single_device
 
         if model_cfg.num_threads:
             torch.set_num_threads(model_cfg.num_threads)
-        loaded = load_model_and_tokenizer(model_cfg.name_or_path, model_cfg.dtype)
+        loaded = load_model_and_tokenizer(model_cfg.name_or_path, model_cfg.dtype, model_cfg.device,
+                                          model_cfg.quantization)
         # The initial A matrices are random: seed them so every institution (and every rerun) starts from the
-        # same global adapter.
+        # same global adapter. peft draws them on the CPU and then moves them next to their base layer, so the
+        # initial adapter is the same whatever the device.
         torch.manual_seed(seed)
         lora_cfg = LoraConfig(
             r=lora.r,
@@ -38,6 +44,8 @@ class AgentModel:
             task_type="CAUSAL_LM",
             bias="none",
         )
+        # The base model is on its device before peft wraps it, so each adapter is created beside its layer
+        # (opacus#820: adapters left behind on the CPU corrupted DP-SGD updates silently).
         try:
             peft_model = get_peft_model(loaded.model, lora_cfg)
         except ValueError as err:  # peft: a target module that is missing or of a type LoRA cannot wrap
@@ -46,8 +54,10 @@ class AgentModel:
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise ConfigError(f"lora.target_modules {lora.target_modules}: peft cannot apply LoRA there ({reason}); "
                               "name linear layers such as q_proj, or all-linear") from None
+        check_single_device(peft_model)
         peft_model.eval()
-        return cls(model=peft_model, tokenizer=loaded.tokenizer, model_path=loaded.path)
+        return cls(model=peft_model, tokenizer=loaded.tokenizer, model_path=loaded.path, device=loaded.device,
+                   dtype=loaded.dtype)
 
     def adapter_state(self):
         return get_adapter_state(self.model)

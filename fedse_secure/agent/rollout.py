@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.envs.base import TextEnv
+from fedse_secure.models.device import model_device
 
 
 @dataclass
@@ -206,6 +207,7 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
     compute alone (up to floating-point summation order).
     """
     n_rows = len(prompt_ids)
+    device = model_device(model)
     reuse = []
     for ids, cache in zip(prompt_ids, caches):
         p = _common_prefix(cache.ids, ids) if cache.kv is not None else 0
@@ -238,7 +240,8 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
         mask[row, C + D - d : C + D] = 1
         input_ids[row, D - d :] = torch.tensor(f, dtype=torch.long)
         positions[row, D - d :] = torch.arange(p, p + d)
-    next_pos = torch.tensor([p + len(f) for p, f in zip(reuse, fresh)], dtype=torch.long)
+    next_pos = torch.tensor([p + len(f) for p, f in zip(reuse, fresh)], dtype=torch.long, device=device)
+    mask, input_ids, positions = mask.to(device), input_ids.to(device), positions.to(device)
     logits = model(input_ids=input_ids, attention_mask=mask[:, : C + D], position_ids=positions,
                    past_key_values=kv_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     generated: list[list[int]] = [[] for _ in range(n_rows)]
@@ -253,7 +256,7 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
         if all(done) or t == T - 1:
             break
         # Finished rows keep stepping (outputs discarded): dropping them would copy the whole cache each time.
-        feed = torch.where(torch.tensor(done), torch.full_like(token, pad), token)
+        feed = torch.where(torch.tensor(done, device=device), torch.full_like(token, pad), token)
         mask[:, C + D + t] = 1
         logits = model(input_ids=feed[:, None], attention_mask=mask[:, : C + D + t + 1],
                        position_ids=(next_pos + t)[:, None], past_key_values=kv_cache, use_cache=True,
@@ -262,7 +265,7 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
     # Keep, per row, the KV of its real tokens: the prompt and every generated token that was fed back.
     for row, (cache, p, f, gen) in enumerate(zip(caches, reuse, fresh, generated)):
         fed = len(gen) - 1
-        index = torch.cat([torch.arange(C - p, C), torch.arange(C + D - len(f), C + D + fed)])
+        index = torch.cat([torch.arange(C - p, C), torch.arange(C + D - len(f), C + D + fed)]).to(device)
         cache.kv = [(layer.kbuf[row].index_select(1, index), layer.vbuf[row].index_select(1, index))
                     for layer in layers]
         cache.ids = list(prompt_ids[row]) + gen[:fed]
@@ -311,6 +314,7 @@ def candidate_log_likelihoods(model, tokenizer, prompts: list[str], candidates: 
             cand_ids.append(tokenizer(SCORE_TEMPLATE.format(action=a), add_special_tokens=False)["input_ids"])
             owners.append(k)
     full = [p + c for p, c in zip(prompt_ids, cand_ids)]
+    device = model_device(model)
     width = max(len(x) for x in full)
     keep = max(len(c) for c in cand_ids) + 1
     ids = torch.full((len(full), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -318,15 +322,16 @@ def candidate_log_likelihoods(model, tokenizer, prompts: list[str], candidates: 
     for r, x in enumerate(full):
         ids[r, width - len(x) :] = torch.tensor(x)
         mask[r, width - len(x) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
     logp = torch.log_softmax(logits.float(), dim=-1)  # position j predicts token at width - keep + j + 1
-    scores = torch.empty(len(full))
+    scores = torch.empty(len(full), device=device)
     for r, c in enumerate(cand_ids):
         # The candidate's tokens are the last len(c) tokens; their predictions are the len(c) positions before.
         preds = logp[r, keep - 1 - len(c) : keep - 1]
-        scores[r] = preds.gather(1, torch.tensor(c)[:, None]).sum()
-    owners_t = torch.tensor(owners)
+        scores[r] = preds.gather(1, torch.tensor(c, device=device)[:, None]).sum()
+    owners_t = torch.tensor(owners, device=device)
     return [scores[owners_t == k] for k in range(len(candidates))]
 
 
@@ -359,7 +364,8 @@ def run_episodes(
 
     start = time.perf_counter()
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    # Sampling draws on the model's device, where the logits are.
+    generator = torch.Generator(device=model_device(model)).manual_seed(seed)
     stats = RolloutStats()
     count = TokenCounter(tokenizer)
     budget = settings.max_context_tokens - settings.max_new_tokens

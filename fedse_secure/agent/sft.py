@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -250,14 +251,39 @@ def target_token_loss(model, input_ids: torch.Tensor, attention: torch.Tensor, l
     ``labels=`` loss (tested). Falls back to it for models without the usual decoder/lm_head split.
     """
     parts = decoder_and_head(model)
+    # No KV cache while training: nothing reads it, and it would hold every layer's keys and values.
     if parts is None:
-        return model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        return model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False).loss
     decoder, head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    hidden = decoder(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][picked]).float()
     return torch.nn.functional.cross_entropy(logits, targets[picked])
+
+
+def micro_batches(batch: Sequence[EncodedExample], micro_batch_size: int | None) -> list[list[EncodedExample]]:
+    """``batch`` in consecutive passes of at most ``micro_batch_size`` sequences (one pass without a size)."""
+    size = micro_batch_size or len(batch)
+    return [list(batch[i : i + size]) for i in range(0, len(batch), size)]
+
+
+@contextmanager
+def training_mode(model, cfg: TrainingConfig):
+    """The model in train mode, with gradient checkpointing if configured; back in eval mode without it after.
+
+    Checkpointing is non-reentrant: it needs no gradient on the (frozen) inputs, and HF applies it only in train
+    mode, so rollouts and evaluation never pay for it.
+    """
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.eval()
 
 
 def train_lora(
@@ -270,9 +296,14 @@ def train_lora(
 ) -> TrainStats:
     """Non-private SFT of the trainable (LoRA) parameters: AdamW, the configured schedule, shuffled epochs.
 
-    The base model stays frozen: only parameters with ``requires_grad`` (the LoRA tensors) are optimised.
+    The base model stays frozen: only parameters with ``requires_grad`` (the LoRA tensors) are optimised, on the
+    model's device. A batch is processed in ``cfg.micro_batch_size`` passes whose losses are weighted by their
+    share of the batch's target tokens, so the accumulated gradient is the whole batch's. A float16 base model
+    trains with loss scaling (its activation gradients would underflow otherwise); float32 and bfloat16 need none.
     """
     import time
+
+    from fedse_secure.models.device import model_device
 
     start = time.perf_counter()
     stats = TrainStats(examples=len(examples))
@@ -286,28 +317,38 @@ def train_lora(
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_steps))
     generator = torch.Generator().manual_seed(seed)
-    model.train()
+    device = model_device(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=getattr(model, "dtype", None) == torch.float16)
     step = 0
-    while step < total_steps:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for i in range(0, len(order), cfg.batch_size):
-            if step >= total_steps:
-                break
-            batch = [examples[j] for j in order[i : i + cfg.batch_size]]
-            input_ids, attention, labels = collate_examples(batch, pad_token_id)
-            loss = target_token_loss(model, input_ids, attention, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            stats.losses.append(float(loss.detach()))
-            stats.target_tokens += sum(e.num_target_tokens for e in batch)
-            if on_step is not None:
-                on_step(step, total_steps, stats.losses[-1])
-    model.eval()
+    with training_mode(model, cfg):
+        while step < total_steps:
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for i in range(0, len(order), cfg.batch_size):
+                if step >= total_steps:
+                    break
+                batch = [examples[j] for j in order[i : i + cfg.batch_size]]
+                passes = [collate_examples(chunk, pad_token_id) for chunk in micro_batches(batch, cfg.micro_batch_size)]
+                counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, _, labels in passes]
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss = 0.0
+                for (input_ids, attention, labels), count in zip(passes, counts):
+                    if count == 0:
+                        continue
+                    loss = target_token_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
+                    loss = loss * (count / sum(counts))
+                    scaler.scale(loss).backward()
+                    batch_loss += float(loss.detach())
+                if cfg.grad_clip_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                stats.losses.append(batch_loss)
+                stats.target_tokens += sum(e.num_target_tokens for e in batch)
+                if on_step is not None:
+                    on_step(step, total_steps, stats.losses[-1])
     stats.steps = step
     stats.seconds = time.perf_counter() - start
     return stats

@@ -34,6 +34,10 @@ class ModelNotAvailableError(FedseError, RuntimeError):
     """The requested model cannot be found locally; the message says how to make it available."""
 
 
+class ModelDoesNotFitError(FedseError, RuntimeError):
+    """The model does not fit the device's memory in the requested precision; the message names the levers."""
+
+
 def cache_dir() -> Path:
     root = os.environ.get("FEDSE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fedse-secure")
     return Path(root)
@@ -91,8 +95,7 @@ def prepare_default_model() -> Path:
 
 def prepare_tiny_model() -> Path:
     """A random Llama (about 3.2M parameters) with SmolLM2's tokenizer, for tests; deterministic weights."""
-    tag = "-".join(f"{k}{v}" for k, v in sorted(_TINY_SPEC.items()))
-    final = cache_dir() / "models" / f"{TINY_MODEL}-{_stable_tag(tag)}"
+    final = tiny_model_dir()
     if (final / "config.json").is_file():
         return final
 
@@ -114,6 +117,12 @@ def prepare_tiny_model() -> Path:
         tok.save_pretrained(str(tmp))
 
     return atomic_folder(final, build)
+
+
+def tiny_model_dir() -> Path:
+    """Where :func:`prepare_tiny_model` keeps the tiny model (named by its spec, so a new spec is a new folder)."""
+    tag = "-".join(f"{k}{v}" for k, v in sorted(_TINY_SPEC.items()))
+    return cache_dir() / "models" / f"{TINY_MODEL}-{_stable_tag(tag)}"
 
 
 def _stable_tag(text: str) -> str:
@@ -197,21 +206,50 @@ class LoadedModel:
     model: object
     tokenizer: object
     path: str
+    #: The torch.device and torch.dtype the base model was placed in.
+    device: object = None
+    dtype: object = None
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> LoadedModel:
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: str = "auto", device: str = "auto", quantization: str = "none"
+) -> LoadedModel:
+    """The base model on ``device`` in ``dtype`` (``models.device`` resolves ``auto``), frozen and in eval mode.
+
+    With ``quantization="nf4"`` the linear weights are stored in 4-bit NormalFloat (bitsandbytes) and compute in
+    ``dtype``. Off the CPU the weights are loaded straight onto the device, never as a whole CPU copy first.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedse_secure.models.device import placement
+
     path = resolve_model_path(name_or_path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    where = placement(device, dtype)
+    kwargs: dict = {"dtype": where.dtype, "local_files_only": True}
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=where.dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    elif quantization != "none":
+        raise ValueError(f"model.quantization {quantization!r}: use none or nf4")
+    if quantization != "none" or where.device.type != "cpu":
+        kwargs["device_map"] = {"": str(where.device)}
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except OSError as err:
         raise ModelNotAvailableError(
             f"could not load {name_or_path!r} offline ({err.__class__.__name__}); put the model in a local folder "
             f"or the HF cache, or use {DEFAULT_MODEL!r}"
+        ) from None
+    except torch.cuda.OutOfMemoryError:
+        raise ModelDoesNotFitError(
+            f"{name_or_path!r} does not fit in {where.device}'s memory in {where.describe()}; free the GPU, use "
+            "model.quantization: nf4, or a smaller model (fedse doctor shows the free memory)"
         ) from None
     except Exception as err:  # noqa: BLE001 - safetensors, tokenizers and json raise their own types on damaged files
         raise ModelNotAvailableError(
@@ -223,4 +261,4 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> Loade
     # Batched generation needs left padding so every row's next token sits at the last position.
     tok.padding_side = "left"
     model.eval()
-    return LoadedModel(model=model, tokenizer=tok, path=str(path))
+    return LoadedModel(model=model, tokenizer=tok, path=str(path), device=where.device, dtype=where.dtype)

@@ -18,6 +18,13 @@ Pitfalls handled (shared/research/deps.md §3b):
   accountant still counts (skipping them would change the mechanism).
 * Before every noisy step we check that every trainable parameter holds a per-sample gradient for exactly the
   sampled batch, and after it that the accountant counted the step: clipping cannot be skipped silently.
+* Devices (opacus#820, where LoRA updates were silently corrupted when adapters and base layers sat on
+  different devices): every parameter must be on one device, batches and noise go there, and after training
+  the LoRA weights must be finite and must have moved whenever a step saw data or added noise.
+* Memory: a Poisson batch may be processed in ``training.micro_batch_size`` passes: each pass's per-sample
+  gradients are clipped and summed (Opacus's skip-step accumulation, as its ``BatchMemoryManager``), and the
+  noise is added once per logical step, so the mechanism and the accounting are those of the whole batch.
+  Gradient checkpointing is refused: Opacus's hooks miss the layers it recomputes.
 
 Afterwards the model is the same peft model object, without Opacus hooks or per-sample attributes, ready to be
 saved or aggregated.
@@ -131,12 +138,12 @@ def per_sequence_loss(model, input_ids, attention_mask, labels, reduction: str =
         # Only with a frozen head: Opacus's per-sample hooks on a trainable head would see the gathered rows,
         # not one row per sequence. The decoder's hooks still see [batch, time, ...] activations.
         decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
         picked = shift_labels != IGNORE_INDEX
         tok = hidden.new_zeros(shift_labels.shape, dtype=torch.float32)
         tok[picked] = F.cross_entropy(head(hidden[picked]).float(), shift_labels[picked], reduction="none")
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         shift_logits = logits[:, :-1, :]
         tok = F.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]).float(), shift_labels.reshape(-1),
@@ -168,6 +175,18 @@ def _generator(seed: int | None, device=None):
     g = torch.Generator(device=device) if device is not None else torch.Generator()
     g.manual_seed(seed if seed is not None else secrets.randbits(63))
     return g
+
+
+def _check_lora_update(before, params, *, moved_expected: bool) -> None:
+    """The LoRA-update sanity check (opacus#820): every adapter weight finite, and some moved when they should."""
+    import torch
+
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise DPTrainingError("DP-SGD left non-finite LoRA weights (an overflow in the model's dtype); do not "
+                              "release this adapter; use model.dtype float32 or a lower learning rate")
+    if moved_expected and all(torch.equal(b, p.detach()) for b, p in zip(before, params)):
+        raise DPTrainingError(f"DP-SGD ran steps with data or noise but no LoRA weight changed on {params[0].device}; "
+                              "the update was lost (opacus#820); do not release this adapter")
 
 
 def train_dp_sgd(
@@ -217,6 +236,16 @@ def train_dp_sgd(
             f"(e.g. {not_lora[:3]}); wrap the model with peft.get_peft_model or freeze them"
         )
     params = [p for _, p in named]
+    if getattr(model, "is_gradient_checkpointing", False):
+        raise DPTrainingError("gradient checkpointing is on, and Opacus's per-sample hooks miss the layers it "
+                              "recomputes; set training.gradient_checkpointing: false (training.micro_batch_size "
+                              "cuts memory instead)")
+    if getattr(model, "dtype", None) == torch.float16:
+        raise DPTrainingError("DP-SGD on a float16 model would need loss scaling inside the per-sample clipping; use "
+                              "model.dtype bfloat16 or float32")
+    from fedse_secure.models.device import check_single_device
+
+    check_single_device(model)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise DPTrainingError(f"Opacus cannot compute per-sample gradients for this model: {errors}")
@@ -234,8 +263,10 @@ def train_dp_sgd(
         warnings.warn("DP-SGD noise derived from the seed: anyone who knows the seed can remove it; "
                       "use only for tests", stacklevel=2)
     sample_gen = _generator(seed * 2 + 1 if reproducible_noise else None)
+    device = params[0].device
     # The noise is drawn on the parameters' device (Opacus samples it like the gradient it is added to).
-    noise_gen = _generator(seed * 2 + 2 if reproducible_noise else None, device=params[0].device)
+    noise_gen = _generator(seed * 2 + 2 if reproducible_noise else None, device=device)
+    before = [p.detach().clone() for p in params]
 
     was_training = model.training
     hooks_before = _hook_count(model)
@@ -243,7 +274,7 @@ def train_dp_sgd(
     # The same schedule as non-DP SFT, so that DP and non-DP rounds differ only in clipping and noise.
     scheduler = LambdaLR(optimizer, lr_lambda(training.lr_schedule, steps, training.warmup_steps))
     gsm = None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         try:
             gsm = wrap_for_per_sample_grads(model)
@@ -266,24 +297,34 @@ def train_dp_sgd(
                     result.losses.append(math.nan)
                     result.empty_batches += 1
                 else:
-                    batch = [examples[i] for i in indices]
-                    input_ids, attention_mask, labels = collate(batch, pad_token_id)
-                    device = params[0].device
-                    loss = per_sequence_loss(gsm, input_ids.to(device), attention_mask.to(device), labels.to(device))
-                    with warnings.catch_warnings():
-                        # The frozen embedding output needs no grad, so the first LoRA layer's full backward hook
-                        # fires on module outputs only; Opacus needs exactly that (deps.md §3b).
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        loss.backward()
-                    result.losses.append(float(loss.detach()))
-                    for p in params:
-                        gs = getattr(p, "grad_sample", None)
-                        if not isinstance(gs, torch.Tensor) or gs.shape[0] != len(indices):
-                            raise DPTrainingError(
-                                f"step {step}: a trainable parameter of shape {tuple(p.shape)} has no per-sample "
-                                f"gradient for the {len(indices)} sampled records, so it would not be clipped; "
-                                "the model must be wrapped in hooks mode and trained through the wrapper"
-                            )
+                    size = training.micro_batch_size or len(indices)
+                    chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+                    batch_loss = 0.0
+                    for k, chunk in enumerate(chunks):
+                        batch = [examples[i] for i in chunk]
+                        input_ids, attention_mask, labels = collate(batch, pad_token_id)
+                        loss = per_sequence_loss(gsm, input_ids.to(device), attention_mask.to(device),
+                                                 labels.to(device))
+                        with warnings.catch_warnings():
+                            # The frozen embedding output needs no grad, so the first LoRA layer's full backward
+                            # hook fires on module outputs only; Opacus needs exactly that (deps.md §3b).
+                            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                            loss.backward()
+                        batch_loss += float(loss.detach()) * len(chunk) / len(indices)
+                        for p in params:
+                            gs = getattr(p, "grad_sample", None)
+                            if not isinstance(gs, torch.Tensor) or gs.shape[0] != len(chunk):
+                                raise DPTrainingError(
+                                    f"step {step}: a trainable parameter of shape {tuple(p.shape)} has no per-sample "
+                                    f"gradient for the {len(chunk)} sampled records, so it would not be clipped; "
+                                    "the model must be wrapped in hooks mode and trained through the wrapper"
+                                )
+                        if k + 1 < len(chunks):
+                            # Clip this pass's per-sample gradients into the running sum; no noise, no step yet.
+                            dp_optimizer.signal_skip_step(do_skip=True)
+                            dp_optimizer.step()
+                            dp_optimizer.zero_grad(set_to_none=True)
+                    result.losses.append(batch_loss)
                 result.batch_sizes.append(len(indices))
                 result.learning_rates.append(float(scheduler.get_last_lr()[0]))
                 dp_optimizer.step()
@@ -305,6 +346,8 @@ def train_dp_sgd(
             model.train(was_training)
     if _hook_count(model) != hooks_before:
         raise DPTrainingError("Opacus hooks were left on the model after training; do not save this adapter")
+    _check_lora_update(before, params, moved_expected=privacy.noise_multiplier > 0
+                       or len(result.batch_sizes) > result.empty_batches)
     if step_counter.history != [(privacy.noise_multiplier, q, steps)]:
         raise DPTrainingError(
             f"the Opacus accountant recorded {step_counter.history}, but the projected event is "

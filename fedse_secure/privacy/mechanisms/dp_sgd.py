@@ -20,6 +20,13 @@ class DpSgd(PrivacyMechanism):
                 "and the privacy unit (one trajectory) would not hold; unset model.history_turns or use "
                 "privacy.mode client-dp"
             )
+        if experiment.training.gradient_checkpointing:
+            raise ValueError("training.gradient_checkpointing cannot be used with privacy.mode dp-sgd: Opacus's "
+                             "per-sample hooks miss the layers it recomputes, so those gradients would not be clipped; "
+                             "set it to false and lower training.micro_batch_size to save memory")
+        if experiment.model.dtype == "float16":
+            raise ValueError("model.dtype float16 cannot be used with privacy.mode dp-sgd (per-sample clipping would "
+                             "need loss scaling); use bfloat16 or float32")
 
     @classmethod
     def project(cls, privacy, training, num_records):
