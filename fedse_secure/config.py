@@ -223,13 +223,31 @@ class PrivacyConfig(StrictModel):
                                   "before training.",
     )
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the (ε, δ) guarantee.")
-    accountant: AccountantName = Field("rdp", description="The accountant that turns events into ε (a registered name: rdp, prv).")
+    accountant: AccountantName = Field("rdp", description="The accountant that turns events into ε (a registered name: rdp, prv, pld).")
     expected_batch_size: int = Field(4, ge=1, description="DP-SGD expected Poisson batch size (sample rate = batch / "
                                                           "buffer size).")
     honest_fraction: float = Field(
         1.0, gt=0.0, le=1.0,
         description="client-dp: fraction of the guaranteed contributors assumed honest when splitting the noise.",
     )
+    neighbouring: Literal["add-remove", "replace-one"] = Field(
+        "add-remove",
+        description="The neighbouring relation ε is stated for: add-remove (one trajectory more or less; the record "
+                    "count must then stay inside the institution, which the node policy's export rules enforce) or "
+                    "replace-one (one trajectory swapped for another; larger ε, the record count may be public; "
+                    "needs an accountant that supports it: pld).",
+    )
+
+    @model_validator(mode="after")
+    def _accountant_knows_the_relation(self) -> PrivacyConfig:
+        from fedse_secure.privacy.accountants import ACCOUNTANTS
+
+        relations = ACCOUNTANTS.get(self.accountant).relations
+        if self.neighbouring not in relations:
+            able = [n for n, cls in ACCOUNTANTS.items() if self.neighbouring in cls.relations]
+            raise ValueError(f"privacy.accountant {self.accountant} accounts {', '.join(relations)} only, not "
+                             f"privacy.neighbouring {self.neighbouring}; use privacy.accountant {' or '.join(able)}")
+        return self
 
 
 class ExperimentConfig(StrictModel):
