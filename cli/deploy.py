@@ -64,13 +64,15 @@ def keys_init(
     out: Path = typer.Option(..., "--out", help="Folder; keys go to institutions/<name>/."),
     institution: list[str] = typer.Option(..., "--institution", "-i", help="Institution name (repeat)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing keys."),
+    coordinator: bool = typer.Option(True, "--coordinator/--no-coordinator",
+                                     help="Also create the coordinator's adapter-signing identity (kept if it exists)."),
 ) -> None:
     """Create each institution's Flower node-auth key pair and Ed25519 identity key pair, plus registry.json."""
     from fedse_secure.federation.flower import pki
     from fedse_secure.secagg.masking.identity import PublicKeyRegistry
 
     try:
-        paths = pki.init_keys(out, institution, force=force)
+        paths = pki.init_keys(out, institution, force=force, coordinator=coordinator)
     except _errors() as err:
         _fail(err)
     registry = PublicKeyRegistry({n: pki.raw_public_bytes(pki.load_identity_public(pub))
@@ -79,6 +81,9 @@ def keys_init(
     for name in institution:
         typer.echo(f"{name}: {paths.node_auth[name][0]} (+.pub), {paths.identity[name][0]} (+.pub)")
     typer.echo(f"identity registry: {Path(out) / 'registry.json'} (give it to every institution out of band)")
+    if paths.coordinator is not None:
+        typer.echo(f"coordinator: {paths.coordinator[0]} signs global adapters; give {paths.coordinator[1]} to every "
+                   "institution out of band (coordinator_public_key)")
 
 
 @keys_app.command("registry")

@@ -110,6 +110,18 @@ class ClientConfig(StrictModel):
     )
     seed_demos: int = Field(16, ge=0, description="Expert demonstrations that seed the buffer (the paper's AgentTraj "
                                                   "share for this environment).")
+    policy: Path | None = Field(
+        None,
+        description="fedse simulate: this institution's node policy file (configs/deploy/policy*.yaml), applied as "
+                    "a deployed institution applies its own; none = the open research default (everything allowed "
+                    "and reported, but never zero noise under DP). A deployed institution ignores it and uses its "
+                    "own deployment config's policy.",
+    )
+    ledger: Path | None = Field(
+        None,
+        description="fedse simulate: this institution's privacy ledger file, kept outside the run folder so that no "
+                    "rerun removes it (its audit log sits next to it); none = institutions/<name>/ in the run folder.",
+    )
 
     @model_validator(mode="after")
     def _options_fit_the_environment(self) -> ClientConfig:
