@@ -84,9 +84,10 @@ def model_hash(model) -> str:
 
     digest = hashlib.sha256()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name, tensor in sorted(base.state_dict().items()):
-        if "lora_" in name:
-            continue
+    # peft wraps each adapted layer (its weight becomes ``<layer>.base_layer.weight``): names are taken as the
+    # bare model has them, so the hash of a loaded-and-wrapped model equals that of the files.
+    weights = {name.replace(".base_layer.", "."): t for name, t in base.state_dict().items() if "lora_" not in name}
+    for name, tensor in sorted(weights.items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         data = t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
