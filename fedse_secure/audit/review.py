@@ -327,8 +327,9 @@ def render_html(reviews: list[InstitutionReview], source: str) -> str:
     ok = all(r.ok for r in reviews)
     head = ('<span class="ok">every check passed</span>' if ok else '<span class="bad">a check FAILED</span>')
     names = ", ".join(_e(r.name or r.folder.name) for r in reviews)
+    generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = [f"<h1>Audit report: {names}</h1>",
-            f"<p>{head}. Source <code>{_e(source)}</code>; generated {_e(datetime.now().astimezone():%Y-%m-%d %H:%M %Z)}"
+            f"<p>{head}. Source <code>{_e(source)}</code>; generated {_e(generated)}"
             " by <code>fedse audit report</code>. Each section lists what left one institution, when and to whom, "
             "the epsilon it spent, what it refused, and the node policy it enforced.</p>"]
     body += [_section(r) for r in reviews]

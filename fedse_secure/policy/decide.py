@@ -187,11 +187,13 @@ def _check_secure_aggregation(policy: NodePolicy, experiment: ExperimentConfig, 
         if rules.min_degree is not None and graph.degree < rules.min_degree:
             v(Violation("federation.secure_aggregation.neighbours", f"degree {graph.degree}",
                         f">= {rules.min_degree} (secure_aggregation.min_degree)"))
-    if colluders and contributors <= colluders:
+    # Colluders subtract their own inputs from a released sum: at least two honest inputs must remain in the
+    # smallest sum the backend releases, or one institution's update is exposed exactly.
+    if colluders and contributors - colluders < 2:
         v(Violation("federation.secure_aggregation.threshold",
                     f"sums of as few as {contributors} contributors",
-                    f"more than the {colluders} colluding institutions assumed "
-                    f"(secure_aggregation.colluder_fraction {rules.colluder_fraction:g} of the {n - 1} others)"))
+                    f"at least {colluders + 2}: two honest inputs beyond the {colluders} colluding institutions "
+                    f"assumed (secure_aggregation.colluder_fraction {rules.colluder_fraction:g} of the {n - 1} others)"))
 
 
 def check_model(decision: Decision, model_sha256: str) -> None:
