@@ -174,6 +174,8 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em au
 h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.4em}
 table{border-collapse:collapse;width:100%;font-size:.85em;margin:.5em 0}
 th,td{border:1px solid #ccc;padding:.3em .5em;text-align:left;vertical-align:top}th{background:#f3f3f3}
+td.wide{overflow-wrap:anywhere;width:55%}td.nowrap{white-space:nowrap}
+.reason{white-space:pre-wrap;font-family:monospace;font-size:.85em;overflow-wrap:anywhere}
 .ok{color:#fff;background:#2e7d32;padding:.1em .5em;border-radius:4px}
 .bad{color:#fff;background:#c62828;padding:.1em .5em;border-radius:4px}
 .muted{color:#666}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}
@@ -268,20 +270,22 @@ def _section(review: InstitutionReview) -> str:
     parts.append(f"<h3>What left the institution ({len(exports)} messages)</h3>")
     if exports:
         parts.append("<table><tr><th>time</th><th>round</th><th>stage</th><th>to</th><th>bytes</th><th>SHA-256</th>"
-                     "<th>epsilon after (delta)</th><th>statistics</th></tr>")
+                     "<th>epsilon after</th><th>statistics that left</th></tr>")
         for e in exports:
             d = e["data"]
             privacy = d.get("privacy") or {}
             eps = ""
             if "epsilon_spent" in privacy or "mechanism" in privacy:
-                eps = (f"{_fmt_eps(privacy.get('epsilon_spent'))} ({privacy.get('delta', '')})"
-                       if privacy.get("mechanism") not in (None, "none") else "no DP")
+                eps = (f"{_fmt_eps(privacy.get('epsilon_spent'))} (δ={privacy.get('delta', '')}, "
+                       f"{privacy.get('accountant', '')})" if privacy.get("mechanism") not in (None, "none")
+                       else "no DP")
             peers = d.get("peers")
             to = _e(d.get("recipient", "coordinator")) + (f"<br><span class=muted>peers: {_e(', '.join(peers))}"
                                                          "</span>" if peers else "")
-            parts.append(f"<tr><td>{_e(_when(e['time']))}</td><td>{_e(d.get('round'))}</td><td>{_e(d.get('stage'))}"
-                         f"</td><td>{to}</td><td>{_e(d.get('bytes'))}</td><td><code>{_e(str(d.get('sha256'))[:16])}"
-                         f"…</code></td><td>{_e(eps)}</td><td>{_statistics(d.get('report') or {})}</td></tr>")
+            parts.append(f"<tr><td>{_e(_when(e['time']))}</td><td>{_e(d.get('round'))}</td><td class=nowrap>"
+                         f"{_e(d.get('stage'))}</td><td>{to}</td><td>{_e(d.get('bytes'))}</td><td><code>"
+                         f"{_e(str(d.get('sha256'))[:12])}…</code></td><td>{_e(eps)}</td>"
+                         f"<td class=wide>{_statistics(d.get('report') or {})}</td></tr>")
         parts.append("</table>")
         firsts = [e for e in exports if e["data"].get("protocol")]
         if firsts:
@@ -295,8 +299,9 @@ def _section(review: InstitutionReview) -> str:
         parts.append("<table><tr><th>time</th><th>round</th><th>stage</th><th>reason</th></tr>")
         for e in refusals:
             d = e["data"]
-            parts.append(f"<tr><td>{_e(_when(e['time']))}</td><td>{_e(d.get('round'))}</td><td>{_e(d.get('stage'))}"
-                         f"</td><td><pre>{_e(d.get('reason'))}</pre></td></tr>")
+            parts.append(f"<tr><td class=nowrap>{_e(_when(e['time']))}</td><td>{_e(d.get('round'))}</td>"
+                         f"<td class=nowrap>{_e(d.get('stage'))}</td><td class=wide><div class=reason>"
+                         f"{_e(d.get('reason'))}</div></td></tr>")
         parts.append("</table>")
     parts.append(f"<h3>Experiments seen ({len(sessions)})</h3>")
     if sessions:

@@ -145,11 +145,13 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     rounds = [r.round for r in report.rows]
-    for name, marker in zip(report.accountants, "osD^v<>"):
+    # Accountants often agree closely; distinct dashes and marker sizes keep every curve visible on top of another.
+    styles = zip(report.accountants, "osD^v<>", ("-", "--", ":", "-."), (9, 6, 4, 3))
+    for name, marker, dash, size in styles:
         points = [(x, r.cumulative[name]) for x, r in zip(rounds, report.rows)
                   if r.cumulative[name] is not None and math.isfinite(r.cumulative[name])]
         if points:
-            ax.plot(*zip(*points), marker=marker, label=ACCOUNTANTS.get(name).title)
+            ax.plot(*zip(*points), marker=marker, linestyle=dash, markersize=size, label=ACCOUNTANTS.get(name).title)
     if report.non_private_from_round is not None:
         ax.axvline(report.non_private_from_round, color="black", linestyle=":",
                    label=f"non-private from round {report.non_private_from_round} (no noise)")

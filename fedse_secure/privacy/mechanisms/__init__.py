@@ -151,8 +151,7 @@ class PrivacyMechanism:
         report = {"mechanism": self.name, "private": finite, "epsilon_spent": spent if finite else None,
                   "delta": self.accounting_delta(), "accountant": self.privacy.accountant,
                   "neighbouring": self.privacy.neighbouring,
-                  "ledger_head": self._ledger.head_hash() if self.ledger_path.exists() else None,
-                  "ledger_entries": len(self._ledger.entries())}
+                  "ledger_head": self._ledger.head_hash() if self.ledger_path.exists() else None}
         if not finite:
             report["non_private"] = "a step ran with noise_multiplier 0 (allowed by the node policy): epsilon is infinite"
         return report
