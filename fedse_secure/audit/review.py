@@ -111,9 +111,8 @@ def review_institution(folder: str | Path, run_dir: str | Path | None = None,
     review.events = log.records()
     review.name = review.events[0]["institution"] if review.events else None
     recorded = [e["data"]["ledger"] for e in review.events if e["kind"] == "session" and e["data"].get("ledger")]
-    ledger_path = Path(recorded[-1]) if recorded else folder / "privacy_ledger.jsonl"
-    if not ledger_path.exists() and (folder / "privacy_ledger.jsonl").exists():
-        ledger_path = folder / "privacy_ledger.jsonl"
+    # A ledger beside the log is recorded by its name (resolved here), one elsewhere by its absolute path.
+    ledger_path = folder / (recorded[-1] if recorded else "privacy_ledger.jsonl")
     review.ledger_path = ledger_path
     heads = [e["data"].get("privacy", {}).get("ledger_head") for e in review.events if e["kind"] == "export"]
     heads = [h for h in heads if h]

@@ -67,6 +67,13 @@ class InstitutionEndpoint:
             return
         d = self.decision
         effective = d.effective.privacy.model_dump(mode="json") if d.effective is not None else None
+        if ledger_path is not None:
+            from pathlib import Path
+
+            # Beside the log, the ledger is named relative to it, so a copied folder is reviewed as a whole.
+            ledger_path = Path(ledger_path)
+            if ledger_path.parent.resolve() == self.audit.path.parent.resolve():
+                ledger_path = Path(ledger_path.name)
         self.audit.record(
             "session", self.name, run_key=self.key, experiment_hash=d.experiment_hash,
             accepted=d.accepted, violations=d.lines, adjustments=list(d.adjustments), privacy=effective,
