@@ -354,7 +354,8 @@ def test_institutions_refuse_a_weaker_request_over_flower_naming_the_field(deplo
     """The coordinator asks for DP-SGD with delta 0.5 and noise 0.5 at threshold 2. Each institution decides under
     its own node policy, before its model is even loaded, and refuses with one line per violated field: the
     strict one names the noise and delta, one requiring threshold 3 names the threshold, one that approved
-    another experiment (and client-dp only) names the experiment hash and the mode."""
+    another experiment (and client-dp only, at its default delta cap) names the experiment hash, the mode and
+    delta."""
     other = tmp_path / "policy-threshold.yaml"
     other.write_text(yaml.safe_dump({"privacy": {"mechanisms": ["dp-sgd"], "max_delta": 0.9},
                                      "secure_aggregation": {"min_threshold": 3}}))
@@ -374,7 +375,7 @@ def test_institutions_refuse_a_weaker_request_over_flower_naming_the_field(deplo
     assert record.status == "aborted" and record.released_sum_sha256 is None, run.stdout[-3000:]
     expected = {"maze-clinic": ["privacy.noise_multiplier", "privacy.delta"],
                 "wordle-lab": ["federation.secure_aggregation.threshold"],
-                "craft-works": ["experiment", "privacy.mode"]}
+                "craft-works": ["experiment", "privacy.mode", "privacy.delta"]}
     for name, fields in expected.items():
         inst = record.institutions[name]
         assert inst.status == "refused" and inst.report == {}, (name, inst)
