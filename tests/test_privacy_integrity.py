@@ -92,6 +92,22 @@ def test_one_pass_curve_equals_recomposing_every_prefix(accountant):
     assert all(a < b for a, b in zip(curve, curve[1:]))
 
 
+def test_the_prv_curve_equals_opacus_composing_every_prefix():
+    from opacus.accountants import PRVAccountant
+
+    from fedse_secure.privacy.accountants import opacus_history
+
+    rounds = [[_event(20 + 4 * r)] for r in range(1, 4)] + [[DpEvent("gaussian", "client", 1.5, 1.0, 1, 1.0)]]
+    ours = get_accountant("prv").curve(rounds, 1e-5)
+    reference, so_far = [], []
+    for events in rounds:
+        so_far += events
+        acc = PRVAccountant()
+        acc.history = opacus_history(so_far)
+        reference.append(acc.get_epsilon(delta=1e-5))
+    assert ours == pytest.approx(reference, abs=1e-5)
+
+
 def test_replace_one_costs_more_and_only_pld_accounts_for_it():
     from fedse_secure.privacy import AccountingError
 
