@@ -184,3 +184,19 @@ def test_dp_sgd_draws_its_noise_and_samples_from_the_secure_generator(monkeypatc
                                 PrivacyConfig(mode="dp-sgd", expected_batch_size=2), tiny.tokenizer.pad_token_id, 0)
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert result.steps == 2 and calls["mask"] == 2 and calls["normal"] == 2 * trainable
+
+
+def test_the_round_order_is_checked_before_the_round_touches_anything(tmp_path):
+    from fedse_secure.config import PrivacyConfig
+    from fedse_secure.privacy import LedgerError
+    from fedse_secure.privacy.mechanisms import MECHANISMS, ReleaseTerms
+
+    mech = MECHANISMS.get("client-dp")(PrivacyConfig(mode="client-dp"), tmp_path / "l.jsonl", "clinic",
+                                       ReleaseTerms(3))
+    with mech.round(5):
+        mech.release(5, np.zeros(4))
+    touched = []
+    with pytest.raises(LedgerError, match="round 3 is before the last recorded round 5"):
+        with mech.round(3):  # a coordinator replaying an old round
+            touched.append(True)
+    assert touched == [] and len(mech.ledger().entries()) == 1
