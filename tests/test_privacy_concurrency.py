@@ -79,9 +79,12 @@ def _fedse(*args: str, **kw) -> subprocess.Popen:
 
 
 def _one_client_dp_run(repo_root, tmp_path, ledger, budget: float | None) -> list[str]:
-    client = {"name": "clinic", "env": "maze", "seed_demos": 8, "ledger": str(ledger)}
+    # The local baseline (no aggregation): "clinic" trains first and keeps its ledger outside the run folders;
+    # two small institutions complete the three a configuration needs.
+    clients = [{"name": "clinic", "env": "maze", "seed_demos": 8, "ledger": str(ledger)},
+               {"name": "lab-b", "env": "maze", "seed_demos": 2}, {"name": "lab-c", "env": "maze", "seed_demos": 2}]
     return ["--set", "federation.mode=local", "--set", "federation.rounds=1", "--set", "privacy.mode=dp-sgd",
-            "--set", f"clients=[{json.dumps(client)}]", "--set", "evaluation.test_tasks=1",
+            "--set", f"clients={json.dumps(clients)}", "--set", "evaluation.test_tasks=1",
             "--set", "training.max_steps_per_round=2",
             *(["--set", f"privacy.epsilon_budget={budget}"] if budget is not None else [])]
 

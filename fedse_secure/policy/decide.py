@@ -137,7 +137,11 @@ def decide(policy: NodePolicy, experiment: ExperimentConfig, institution: str, *
                             f"<= {honest_max:g} (1 - secure_aggregation.colluder_fraction)"))
 
     fed = experiment.federation
-    if fed.aggregation not in policy.aggregation.rules:
+    from fedse_secure.config import FEDERATED_MODES
+
+    if fed.mode not in FEDERATED_MODES:
+        pass  # a baseline that never aggregates: nothing leaves, no aggregation or protocol to check
+    elif fed.aggregation not in policy.aggregation.rules:
         v(Violation("federation.aggregation", fed.aggregation,
                     f"one of {', '.join(policy.aggregation.rules)} (aggregation.rules)"))
     else:
@@ -147,7 +151,8 @@ def decide(policy: NodePolicy, experiment: ExperimentConfig, institution: str, *
             v(Violation("federation.aggregation", f"{fed.aggregation} (its payload carries a count of private "
                         "trajectories, released as a sum)", "a rule without counts, or privacy.neighbouring "
                         "replace-one under DP"))
-    _check_secure_aggregation(policy, experiment, v)
+    if fed.mode in FEDERATED_MODES:
+        _check_secure_aggregation(policy, experiment, v)
 
     if decision.violations:
         return decision
