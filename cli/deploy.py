@@ -64,13 +64,15 @@ def keys_init(
     out: Path = typer.Option(..., "--out", help="Folder; keys go to institutions/<name>/."),
     institution: list[str] = typer.Option(..., "--institution", "-i", help="Institution name (repeat)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing keys."),
+    coordinator: bool = typer.Option(True, "--coordinator/--no-coordinator",
+                                     help="Also create the coordinator's adapter-signing identity (kept if it exists)."),
 ) -> None:
     """Create each institution's Flower node-auth key pair and Ed25519 identity key pair, plus registry.json."""
     from fedse_secure.federation.flower import pki
 
     try:
         pki.read_registry(Path(out) / "registry.json")  # a damaged registry stops us before any key is made
-        paths = pki.init_keys(out, institution, force=force)
+        paths = pki.init_keys(out, institution, force=force, coordinator=coordinator)
     except _errors() as err:
         _fail(err)
     try:
@@ -82,6 +84,9 @@ def keys_init(
         typer.echo(f"{name}: {paths.node_auth[name][0]} (+.pub), {paths.identity[name][0]} (+.pub)")
     typer.echo(f"identity registry: {Path(out) / 'registry.json'} ({', '.join(names)}; give it to every institution "
                "out of band)")
+    if paths.coordinator is not None:
+        typer.echo(f"coordinator: {paths.coordinator[0]} signs global adapters; give {paths.coordinator[1]} to every "
+                   "institution out of band (coordinator_public_key)")
 
 
 @keys_app.command("registry")

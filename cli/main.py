@@ -81,12 +81,15 @@ def _root(
 def _register_subcommands() -> None:
     # Each area registers its own commands; modules keep heavy imports (torch) inside functions so
     # `fedse --help` stays fast.
-    from fedse_cli import deploy, doctor, envs, privacy, run, sweep, threats
+    from fedse_cli import audit, deploy, doctor, envs, policy, privacy, run, sweep, threats
 
     run.register(app)
     sweep.register(app)
     app.add_typer(envs.envs_app, name="envs")
     app.add_typer(privacy.privacy_app, name="privacy")
+    app.add_typer(policy.policy_app, name="policy")
+    app.add_typer(audit.audit_app, name="audit")
+    app.add_typer(audit.adapter_app, name="adapter")
     app.add_typer(threats.threats_app, name="threats")
     deploy.register(app)
     doctor.register(app)

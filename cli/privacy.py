@@ -66,26 +66,33 @@ def _ledger(path: Path):
 @privacy_app.command("report")
 def report(
     ledger: Path = typer.Argument(..., help="An institution's ledger (privacy_ledger.jsonl)."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML: takes δ and the ε budget."),
-    delta: float | None = typer.Option(None, "--delta", help=f"δ (default: the config's, else {_DEFAULT_DELTA:g})."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML: takes the ε budget."),
+    delta: float | None = typer.Option(None, "--delta", help="δ (default: the smallest the ledger recorded; only a "
+                                                             "smaller one may be asked for)."),
     budget: float | None = typer.Option(None, "--budget", help="ε budget (default: the config's epsilon_budget)."),
+    accountant: list[str] = typer.Option([], "--accountant", "-a", help="Only this accountant (repeat; default all)."),
     png: Path | None = typer.Option(None, "--png", help="Where to write the plot (default: LEDGER.epsilon.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (one object)."),
 ) -> None:
     """ε spent per round and in total (every accountant), the remaining budget, and a PNG of ε over rounds."""
     from fedse_secure.privacy import LedgerCorruptedError
-    from fedse_secure.privacy.report import build_report, plot_report
+    from fedse_secure.privacy.report import ReportError, build_report, plot_report
+    from fedse_secure.registry import UnknownComponentError
 
     privacy, _ = _privacy_from(config)
-    d = _check_delta(delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA))
+    if delta is not None:
+        _check_delta(delta)
     b = budget if budget is not None else (privacy.epsilon_budget if privacy else None)
     if b is not None and not (math.isfinite(b) and b > 0):
         _fail(f"--budget {b:g}: an ε budget must be a positive finite number")
     led = _ledger(ledger)
     try:
-        rep = build_report(led, d, b)
+        rep = build_report(led, delta, b, accountants=accountant or None)
     except LedgerCorruptedError as err:
         _fail(f"{err}\nthe ledger failed verification, so no ε is reported; run `fedse privacy verify {ledger}`", 1)
+    except (ReportError, UnknownComponentError) as err:
+        _fail(str(err))
+    d = rep.delta
     png_path = plot_report(rep, png or ledger.with_name(ledger.name + ".epsilon.png"))
     if as_json:
         data = rep.to_dict()
@@ -97,7 +104,11 @@ def report(
     from fedse_secure.privacy import ACCOUNTANTS
 
     out = _out()
-    out.print(f"[bold]{ledger}[/] — institution {rep.institution or '(empty ledger)'}, δ={d:g}, head {rep.head_hash[:16]}…")
+    out.print(f"[bold]{ledger}[/] — institution {rep.institution or '(empty ledger)'}, δ={d:g} ({rep.neighbouring}), "
+              f"head {rep.head_hash[:16]}…")
+    if rep.non_private_from_round is not None:
+        out.print(f"[bold red]NON-PRIVATE[/] from round {rep.non_private_from_round}: a step ran without noise, so ε is "
+                  "infinite from there on")
     names = rep.accountants
     table = Table("round", "events", "steps", "level", *(f"ε {a.upper()} (round)" for a in names),
                   *(f"ε {a.upper()} (total)" for a in names))
@@ -120,20 +131,26 @@ def report(
 @privacy_app.command("verify")
 def verify(
     ledger: Path = typer.Argument(..., help="An institution's ledger (privacy_ledger.jsonl)."),
-    expect_head: str | None = typer.Option(
-        None, "--expect-head", help="Head hash recorded outside the institution; detects a consistent rewrite."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML: takes δ."),
-    delta: float | None = typer.Option(None, "--delta", help=f"δ (default: the config's, else {_DEFAULT_DELTA:g})."),
+    expect_head: list[str] = typer.Option(
+        [], "--expect-head", help="A head hash recorded outside the institution at any earlier time (repeat); each "
+                                  "must head a prefix of the ledger, which detects a deleted or rewritten ledger."),
+    delta: float | None = typer.Option(None, "--delta", help="δ (default: the smallest the ledger recorded; only a "
+                                                             "smaller one may be asked for)."),
     cross_check: bool = typer.Option(True, "--cross-check/--no-cross-check",
                                      help="Also recompute ε with Google's dp-accounting (needs the audit extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (one object)."),
 ) -> None:
-    """Check the hash chain and the sealed head, then recompute ε from the events. Exit 1 if anything fails."""
-    from fedse_secure.privacy.report import audit_ledger
+    """Check the hash chain, the sealed head and the recorded heads, then recompute ε from the events. Exit 1 if
+    anything fails."""
+    from fedse_secure.privacy.report import ReportError, audit_ledger
 
-    privacy, _ = _privacy_from(config)
-    d = _check_delta(delta if delta is not None else (privacy.delta if privacy else _DEFAULT_DELTA))
-    audit = audit_ledger(_ledger(ledger), d, expected_head=expect_head, cross_check=cross_check)
+    if delta is not None:
+        _check_delta(delta)
+    try:
+        audit = audit_ledger(_ledger(ledger), delta, expected_heads=expect_head, cross_check=cross_check)
+    except ReportError as err:
+        _fail(str(err))
+    d = audit.delta
     if as_json:
         typer.echo(json.dumps(audit.to_dict()))
         raise typer.Exit(0 if audit.ok else 1)
@@ -144,7 +161,8 @@ def verify(
         raise typer.Exit(1)
     out.print(f"[bold green]OK[/] {v.summary()}")
     figures = ", ".join(f"{a.upper()} {_fmt(e)}" for a, e in audit.epsilon.items())
-    out.print(f"ε recomputed from {v.entries} events at δ={d:g}: {figures}")
+    out.print(f"ε recomputed from {v.entries} events at δ={d:g}: {figures}" if d is not None else
+              "the ledger records no events")
     if audit.epsilon_google_rdp is not None:
         verdict = "agrees" if audit.cross_check_ok else "DISAGREES"
         out.print(f"Google dp-accounting RDP: {_fmt(audit.epsilon_google_rdp)} ({verdict})")
@@ -232,9 +250,13 @@ def plan(
     result["accountants"] = {}
     for acc in ACCOUNTANTS.names():
         try:
+            if privacy.neighbouring not in ACCOUNTANTS.get(acc).relations:
+                result["accountants"][acc] = {"error": f"accounts {', '.join(ACCOUNTANTS.get(acc).relations)} only, "
+                                                       f"not {privacy.neighbouring}"}
+                continue
             sigma = noise_multiplier_for_target(
                 target_epsilon, privacy.delta, event.sample_rate, event.steps, n_rounds, acc,
-                spent_events=spent, level=event.level,
+                spent_events=spent, level=event.level, neighbouring=privacy.neighbouring,
             )
             planned = [event.__class__(**{**event.to_dict(), "noise_multiplier": sigma})] * n_rounds
             result["accountants"][acc] = {"noise_multiplier": sigma,

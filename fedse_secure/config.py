@@ -159,6 +159,18 @@ class ClientConfig(StrictModel):
     )
     seed_demos: int = Field(16, ge=0, description="Expert demonstrations that seed the buffer (the paper's AgentTraj "
                                                   "share for this environment).")
+    policy: Path | None = Field(
+        None,
+        description="fedse simulate: this institution's node policy file (configs/deploy/policy*.yaml), applied as "
+                    "a deployed institution applies its own; none = the open research default (everything allowed "
+                    "and reported, but never zero noise under DP). A deployed institution ignores it and uses its "
+                    "own deployment config's policy.",
+    )
+    ledger: Path | None = Field(
+        None,
+        description="fedse simulate: this institution's privacy ledger file, kept outside the run folder so that no "
+                    "rerun removes it (its audit log sits next to it); none = institutions/<name>/ in the run folder.",
+    )
 
     @model_validator(mode="after")
     def _options_fit_the_environment(self) -> ClientConfig:
@@ -292,6 +304,24 @@ class PrivacyConfig(StrictModel):
         1.0, gt=0.0, le=1.0,
         description="client-dp: fraction of the guaranteed contributors assumed honest when splitting the noise.",
     )
+    neighbouring: Literal["add-remove", "replace-one"] = Field(
+        "add-remove",
+        description="The neighbouring relation ε is stated for: add-remove (one trajectory more or less; the record "
+                    "count must then stay inside the institution, which the node policy's export rules enforce) or "
+                    "replace-one (one trajectory swapped for another; larger ε, the record count may be public; "
+                    "needs an accountant that supports it: pld).",
+    )
+
+    @model_validator(mode="after")
+    def _accountant_knows_the_relation(self) -> PrivacyConfig:
+        from fedse_secure.privacy.accountants import ACCOUNTANTS
+
+        relations = ACCOUNTANTS.get(self.accountant).relations
+        if self.neighbouring not in relations:
+            able = [n for n, cls in ACCOUNTANTS.items() if self.neighbouring in cls.relations]
+            raise ValueError(f"privacy.accountant {self.accountant} accounts {', '.join(relations)} only, not "
+                             f"privacy.neighbouring {self.neighbouring}; use privacy.accountant {' or '.join(able)}")
+        return self
 
 
 class ExperimentConfig(StrictModel):

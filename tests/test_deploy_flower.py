@@ -36,8 +36,10 @@ def _fedse(*args: str) -> list[str]:
 
 
 class Deployment:
-    def __init__(self, root: Path, *, rounds: int = 2, stage_timeout_s: float = 60.0, train_s: float = 300.0):
+    def __init__(self, root: Path, *, rounds: int = 2, stage_timeout_s: float = 60.0, train_s: float = 300.0,
+                 privacy: dict | None = None, policies: dict[str, Path] | None = None):
         self.root = root
+        self.policies = policies or {}
         self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
         self.pki = root / "pki"
         for cmd in (["certs", "init"], ["keys", "init"]):
@@ -48,6 +50,8 @@ class Deployment:
         exp["federation"]["rounds"] = rounds
         exp["federation"]["secure_aggregation"]["stage_timeout_s"] = stage_timeout_s
         exp["evaluation"].update(test_tasks=1, every_round=False)
+        if privacy is not None:
+            exp["privacy"] = privacy
         self.experiment = exp
         self.port = _free_port()
         data["superlink"] = {"host": "127.0.0.1", "port": self.port}
@@ -58,6 +62,7 @@ class Deployment:
                                  "identity_public_key": str(self.pki / f"institutions/{n}/identity_ed25519.pub")}
                                 for n in NAMES]
         data["state_dir"] = str(root / "coordinator")
+        data["identity_key"] = str(self.pki / "coordinator/identity_ed25519.pem")
         data["timeouts"] = {"join_s": 120, "train_s": train_s, "evaluate_s": 120}
         self.coordinator = root / "coordinator.yaml"
         self.coordinator.write_text(yaml.safe_dump(data))
@@ -74,6 +79,8 @@ class Deployment:
             superlink={"address": f"127.0.0.1:{self.port}", "ca_cert": str(self.pki / "ca/ca.pem")},
             runtime_api={"port": _free_port(), "cert": str(d / "supernode.pem"), "key": str(d / "supernode.key")},
             identity_key=str(d / "identity_ed25519.pem"), node_auth_key=str(d / "node_auth"), registry=str(registry),
+            policy=str(self.policies.get(name, REPO / "configs/deploy/policy.yaml")),
+            coordinator_public_key=str(self.pki / "coordinator/identity_ed25519.pub"),
         )
         path = self.root / f"institution-{name}.yaml"
         path.write_text(yaml.safe_dump(base))
@@ -203,7 +210,10 @@ def test_two_rounds_over_flower_with_tls_and_node_auth_equal_the_in_process_simu
     d = deployment_factory(rounds=2)
     # The in-process reference runs meanwhile (same experiment, same seed); the deployment mostly waits on I/O.
     exp_file = tmp_path / "experiment.yaml"
-    exp_file.write_text(yaml.safe_dump(d.experiment))
+    # The simulated institutions apply the same node policy as the deployed ones.
+    simulated = {**d.experiment, "clients": [{**c, "policy": str(REPO / "configs/deploy/policy.yaml")}
+                                             for c in d.experiment["clients"]]}
+    exp_file.write_text(yaml.safe_dump(simulated))
     sim = d.start("simulate", ["simulate", str(exp_file), "--out", str(tmp_path / "sim"), "-q"])
 
     d.start_server()
@@ -245,6 +255,16 @@ def test_two_rounds_over_flower_with_tls_and_node_auth_equal_the_in_process_simu
     assert diff == 0.0
     _same_records(d.state / "run", tmp_path / "sim")
 
+    # Every global adapter the deployment published carries the coordinator's signature.
+    signed = subprocess.run(_fedse("adapter", "verify", str(d.state / "run/adapters/final"), "--public-key",
+                                   str(d.pki / "coordinator/identity_ed25519.pub")), capture_output=True, text=True)
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    # Each institution's audit trail verifies against its ledger and the coordinator's signed round records.
+    for n in NAMES:
+        audited = subprocess.run(_fedse("audit", "verify", str(tmp_path / n), "--run", str(d.state / "run"),
+                                        "--registry", str(d.pki / "registry.json")), capture_output=True, text=True)
+        assert audited.returncode == 0 and "2 round attestation(s) verified" in audited.stdout, audited.stdout
+
     # `fedse report` reads a deployment's run folder as it reads a simulation's.
     rep = subprocess.run(_fedse("report", str(d.state / "run"), str(tmp_path / "sim"), "--json", "--plots",
                                 str(tmp_path / "plots")), capture_output=True, text=True, timeout=120)
@@ -260,7 +280,9 @@ _TIMING = ("_s", "time", "seconds", "gb_per_s")
 def _comparable(value, key=""):
     """A round record with its timings left out (what must be equal between two transports)."""
     if isinstance(value, dict):
-        return {k: _comparable(v, k) for k, v in value.items() if not k.endswith(_TIMING) and k != "timing"}
+        # Signatures differ by nature too: each run has its own keys (the attested content is compared elsewhere).
+        return {k: _comparable(v, k) for k, v in value.items()
+                if not k.endswith(_TIMING) and k not in ("timing", "attestation")}
     if isinstance(value, list):
         return [_comparable(v) for v in value]
     return value
@@ -326,3 +348,42 @@ def test_killed_institution_drops_out_and_a_crashed_coordinator_resumes(deployme
     # Round 1's aggregate is exactly what was checkpointed before the crash: nothing redone, nothing lost.
     again = _adapter(d.state / "run/adapters/round-001")
     assert all(bool((again[k] == round1[k]).all()) for k in round1)
+
+
+def test_institutions_refuse_a_weaker_request_over_flower_naming_the_field(deployment_factory, tmp_path):
+    """The coordinator asks for DP-SGD with delta 0.5 and noise 0.5 at threshold 2. Each institution decides under
+    its own node policy, before its model is even loaded, and refuses with one line per violated field: the
+    strict one names the noise and delta, one requiring threshold 3 names the threshold, one that approved
+    another experiment (and client-dp only, at its default delta cap) names the experiment hash, the mode and
+    delta."""
+    other = tmp_path / "policy-threshold.yaml"
+    other.write_text(yaml.safe_dump({"privacy": {"mechanisms": ["dp-sgd"], "max_delta": 0.9},
+                                     "secure_aggregation": {"min_threshold": 3}}))
+    approved = tmp_path / "policy-approved.yaml"
+    approved.write_text(yaml.safe_dump({"privacy": {"mechanisms": ["client-dp"]},
+                                        "approvals": {"experiments": ["ab" * 32]}}))
+    d = deployment_factory(rounds=1, privacy={"mode": "dp-sgd", "delta": 0.5, "noise_multiplier": 0.5},
+                           policies={"maze-clinic": REPO / "configs/deploy/policy-strict.yaml",
+                                     "wordle-lab": other, "craft-works": approved})
+    d.start_server()
+    d.start_nodes()
+    run = subprocess.run(_fedse("federation", "run", "--config", str(d.coordinator)), capture_output=True, text=True,
+                         timeout=900)
+    from fedse_secure.federation.run_folder import RunFolder
+
+    (record,) = RunFolder(d.state / "run").records()
+    assert record.status == "aborted" and record.released_sum_sha256 is None, run.stdout[-3000:]
+    expected = {"maze-clinic": ["privacy.noise_multiplier", "privacy.delta"],
+                "wordle-lab": ["federation.secure_aggregation.threshold"],
+                "craft-works": ["experiment", "privacy.mode", "privacy.delta"]}
+    for name, fields in expected.items():
+        inst = record.institutions[name]
+        assert inst.status == "refused" and inst.report == {}, (name, inst)
+        lines = [line.strip() for line in inst.reason.splitlines()[1:]]
+        assert [line.split(":")[0] for line in lines] == fields, (name, inst.reason)
+        # Refused before any data was touched: no buffer was seeded, no ledger written; the refusal is audited.
+        assert not (tmp_path / name / "buffer.jsonl").exists() and not (tmp_path / name / "privacy_ledger.jsonl").exists()
+        from fedse_secure.audit import AuditLog
+
+        kinds = [e["kind"] for e in AuditLog(tmp_path / name / "audit.jsonl").records()]
+        assert kinds[:2] == ["session", "refusal"], kinds

@@ -22,7 +22,7 @@ def test_every_registry_finds_its_built_in_components():
     assert RULES.names() == ["fedavg", "ffa", "svd", "weighted"]
     assert ENVIRONMENTS.names() == ["agentgym", "babyai", "maze", "textcraft", "webshop", "wordle"]
     assert BACKENDS.names() == ["crypten", "masking", "none"]
-    assert ACCOUNTANTS.names() == ["prv", "rdp"]
+    assert ACCOUNTANTS.names() == ["pld", "prv", "rdp"]
     assert MECHANISMS.names() == ["client-dp", "dp-sgd", "none"]
     caps = {name: cls.capabilities for name, cls in BACKENDS.items()}
     assert [n for n, c in caps.items() if c.cross_machine] == ["masking", "none"]
@@ -109,7 +109,10 @@ def test_endpoint_refuses_requests_of_another_run_and_rounds_it_has_no_state_for
     agent = AgentModel.load(cfg.model, cfg.lora, cfg.seed)
     inst = Institution(cfg, cfg.clients[0], tmp_path / "inst", agent, release_terms(cfg))
     key = run_key(cfg.model_dump_json())
-    endpoint = InstitutionEndpoint(inst, cfg.federation.backend(), key=key)
+    from fedse_secure.policy import NodePolicy, decide
+
+    endpoint = InstitutionEndpoint(inst, cfg.federation.backend(), key=key,
+                                   decision=decide(NodePolicy.open(), cfg, inst.name))
     other = endpoint.handle(StageRequest("advertise_keys", 1, "0" * 16, cfg.model_dump_json(), train=True))
     assert other.refusal == REFUSED and "not this institution's experiment" in other.error
     forged = endpoint.handle(StageRequest("advertise_keys", 1, key, '{"name": "forged"}', train=True))

@@ -71,7 +71,7 @@ def test_run_stops_before_the_round_that_would_exceed_the_budget(tiny, tmp_path)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     result = train_dp_sgd(model, examples, training, privacy, tiny.tokenizer.pad_token_id, seed=rnd)
-                ledger.append(result.event, round=rnd, institution="inst")
+                ledger.append(result.event, round=rnd, institution="inst", delta=privacy.delta)
                 trained.append(rnd)
                 last_trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         # The refused round never reached training: the adapter is exactly as round 1 left it.
@@ -106,7 +106,7 @@ def test_guard_refuses_to_judge_a_tampered_ledger(tmp_path):
     privacy = PrivacyConfig(mode="client-dp", noise_multiplier=2.0, epsilon_budget=100.0)
     ledger = PrivacyLedger(tmp_path / "x.jsonl")
     for r in range(3):
-        ledger.append(client_event(privacy), round=r, institution="a")
+        ledger.append(client_event(privacy), round=r, institution="a", delta=privacy.delta)
     lines = ledger.path.read_text().splitlines(keepends=True)
     ledger.path.write_text("".join(lines[:-1]))
     with pytest.raises(LedgerCorruptedError, match="line 3"):

@@ -18,7 +18,7 @@ def _ledger(tmp_path, rounds: int = 3) -> PrivacyLedger:
     for r in range(1, rounds + 1):
         n = 10 * r  # the buffer grows, so the sample rate falls
         ledger.append(DpEvent("subsampled_gaussian", "record", 1.2, 4 / n, round(n / 4), 1.0, n), round=r,
-                      institution="clinic")
+                      institution="clinic", delta=1e-5)
     return ledger
 
 
@@ -35,7 +35,7 @@ def test_report_json_and_png(tmp_path):
     data = json.loads(result.output.strip().splitlines()[-1])
     events = [[e] for e in ledger.events()]
     assert [r["round"] for r in data["rows"]] == [1, 2, 3]
-    assert data["accountants"] == ["prv", "rdp"]
+    assert data["accountants"] == ["pld", "prv", "rdp"]
     cumulative = {a: [r["cumulative"][a] for r in data["rows"]] for a in data["accountants"]}
     assert cumulative["rdp"] == pytest.approx(cumulative_epsilon(events, 1e-5, "rdp"))
     assert data["total"]["prv"] == pytest.approx(epsilon(ledger.events(), 1e-5, "prv"))
@@ -106,7 +106,7 @@ def test_plan_dp_sgd(tmp_path):
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["sample_rate"] == pytest.approx(0.04) and data["steps_per_round"] == 25
     plans = data["accountants"]
-    assert sorted(plans) == ["prv", "rdp"]
+    assert sorted(plans) == ["pld", "prv", "rdp"]
     for plan in plans.values():
         assert 0 < plan["noise_multiplier"] < 5
         assert plan["epsilon"] <= 8.0

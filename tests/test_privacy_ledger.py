@@ -24,7 +24,7 @@ def _event(steps: int = 10, q: float = 0.1, sigma: float = 1.0) -> DpEvent:
 def _ledger(tmp_path, n: int = 4) -> PrivacyLedger:
     ledger = PrivacyLedger(tmp_path / "hospital-a.jsonl")
     for r in range(n):
-        ledger.append(_event(steps=10 + r), round=r, institution="hospital-a")
+        ledger.append(_event(steps=10 + r), round=r, institution="hospital-a", delta=1e-5)
     return ledger
 
 
@@ -72,7 +72,7 @@ def test_edited_line_is_named(tmp_path):
 
 
 def test_edit_with_recomputed_hash_is_caught_at_the_next_line(tmp_path):
-    from fedse_secure.privacy.ledger import _canonical, _entry_hash
+    from fedse_secure.audit.chain import canonical as _canonical, record_hash as _entry_hash
 
     ledger = _ledger(tmp_path)
     lines = _lines(ledger)
@@ -86,7 +86,7 @@ def test_edit_with_recomputed_hash_is_caught_at_the_next_line(tmp_path):
 
 
 def test_edit_of_last_line_with_recomputed_hash_is_caught_by_the_head(tmp_path):
-    from fedse_secure.privacy.ledger import _canonical, _entry_hash
+    from fedse_secure.audit.chain import canonical as _canonical, record_hash as _entry_hash
 
     ledger = _ledger(tmp_path)
     lines = _lines(ledger)
@@ -171,29 +171,29 @@ def test_append_refuses_a_corrupted_ledger_and_leaves_it_untouched(tmp_path):
     _write(ledger, _lines(ledger)[:-1])
     before = ledger.path.read_bytes()
     with pytest.raises(LedgerCorruptedError, match="line 4"):
-        ledger.append(_event(), round=5, institution="hospital-a")
+        ledger.append(_event(), round=5, institution="hospital-a", delta=1e-5)
     assert ledger.path.read_bytes() == before
 
 
 def test_append_checks_institution_and_round_order(tmp_path):
     ledger = _ledger(tmp_path, 2)
     with pytest.raises(LedgerError, match="separate ledger"):
-        ledger.append(_event(), round=3, institution="hospital-b")
+        ledger.append(_event(), round=3, institution="hospital-b", delta=1e-5)
     with pytest.raises(LedgerError, match="before the last recorded round"):
-        ledger.append(_event(), round=0, institution="hospital-a")
-    ledger.append(_event(), round=1, institution="hospital-a")  # several events in one round are allowed
+        ledger.append(_event(), round=0, institution="hospital-a", delta=1e-5)
+    ledger.append(_event(), round=1, institution="hospital-a", delta=1e-5)  # several events in one round are allowed
     assert ledger.verify().entries == 3
 
 
 def test_unsealed_tail_after_a_crash_is_a_warning_and_the_next_append_seals_it(tmp_path):
     ledger = _ledger(tmp_path, 3)
     sealed_head = ledger.head_path.read_bytes()
-    ledger.append(_event(), round=3, institution="hospital-a")
+    ledger.append(_event(), round=3, institution="hospital-a", delta=1e-5)
     ledger.head_path.write_bytes(sealed_head)  # as if the process died between the two renames
     report = ledger.verify()
     assert report.ok and report.sealed_entries == 3 and report.entries == 4
     assert "not sealed" in report.warnings[0]
-    ledger.append(_event(), round=4, institution="hospital-a")
+    ledger.append(_event(), round=4, institution="hospital-a", delta=1e-5)
     report = ledger.verify()
     assert report.ok and report.sealed_entries == 5 and not report.warnings
 

@@ -78,7 +78,9 @@ def test_cross_field_rules():
         (["federation.simulate_dropouts={nobody: unmask}"], "unknown clients \\['nobody'\\]"),
         (["federation.secure_aggregation.threshold=9"], "threshold=9 exceeds the number of clients"),
         (["federation.aggregation=median"], "unknown aggregation rule 'median'; choose one of: fedavg"),
-        (["privacy.accountant=gdp"], "unknown accountant 'gdp'; choose one of: prv, rdp"),
+        (["privacy.accountant=gdp"], "unknown accountant 'gdp'; choose one of: pld, prv, rdp"),
+        (["privacy.neighbouring=replace-one"], "accounts add-remove only, not privacy.neighbouring replace-one; "
+                                               "use privacy.accountant pld"),
         (["privacy.mode=shuffle"], "unknown privacy mechanism 'shuffle'"),
         (["clients.0.env_options={colour: red}"], "does not accept option\\(s\\) colour; accepted: max_turns"),
     ],

@@ -16,7 +16,12 @@ How a check switches a protection off, always through an explicit seam of the li
 * ``dp`` - the released model / update is trained or sent without DP;
 * ``ledger-chain`` - the ledger is read as plain JSON lines instead of through ``PrivacyLedger.verify``;
 * ``budget`` - rounds run without :class:`~fedse_secure.privacy.BudgetGuard`;
-* ``tls`` - the institution connects without verifying the coordinator's certificate.
+* ``tls`` - the institution connects without verifying the coordinator's certificate;
+* ``policy`` - the institution applies the open policy (takes the coordinator's settings);
+* ``ledger-lock`` - the budget is checked, then training runs, then the event is appended, without the lock;
+* ``export-filter`` - the round report leaves as the institution computed it;
+* ``adapter-signature`` - the institution has no coordinator key and its policy does not require signatures;
+* ``audit-chain`` - the audit log is read as plain JSON lines instead of through ``AuditLog.verify``.
 
 Checks live in the modules of :mod:`fedse_threat_model.checks`, one per area, and register themselves with
 :func:`check`; the attack machinery they share is in :mod:`fedse_threat_model.attacks`.
@@ -42,6 +47,11 @@ PROTECTIONS: dict[str, str] = {
     "ledger-chain": "hash-chained privacy ledger with sealed head, checked by PrivacyLedger.verify",
     "budget": "BudgetGuard refuses a round before training if it would exceed the epsilon budget",
     "tls": "TLS to the coordinator, certificate verified against the federation CA",
+    "policy": "the institution's node policy: a request weaker than it is refused before any data is touched",
+    "ledger-lock": "the ledger's lock held across the budget check, training and the append",
+    "export-filter": "the node policy's export filter: no statistic computed from private data without DP leaves",
+    "adapter-signature": "global adapters loaded only if the coordinator's Ed25519 signature verifies",
+    "audit-chain": "hash-chained audit log with sealed head, checked by AuditLog.verify",
 }
 
 

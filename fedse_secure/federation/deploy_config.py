@@ -97,6 +97,10 @@ class CoordinatorDeployConfig(StrictModel):
     state_dir: Path
     # Where the run folder (metrics.jsonl, adapters/, summary.json) goes; default state_dir/run.
     run_dir: Path | None = None
+    # The coordinator's Ed25519 identity (PEM, `fedse keys init` writes coordinator/identity_ed25519.pem): it signs
+    # every global adapter it sends and publishes. None: adapters go unsigned, and institutions whose policy
+    # requires signatures refuse them.
+    identity_key: Path | None = None
     timeouts: CoordinatorTimeouts = Field(default_factory=CoordinatorTimeouts)
     # Fewer connected institutions than this and a round is not started (it waits up to timeouts.join_s).
     min_institutions: int | None = Field(None, ge=3)
@@ -160,7 +164,8 @@ class RuntimeApi(StrictModel):
 
 
 class PrivacyBudget(StrictModel):
-    # This institution's own cap; a round that would exceed it is refused before training (fail closed).
+    # This institution's own cap; a round that would exceed it is refused before training (fail closed). The
+    # node policy's privacy.max_epsilon caps it too; the smaller cap wins.
     epsilon: float | None = Field(None, gt=0)
 
 
@@ -171,9 +176,16 @@ class InstitutionDeployConfig(StrictModel):
     seed_demos: int = Field(16, ge=0)
     # The institution's private working folder: experience buffer, checkpoints of its own state.
     data_dir: Path
-    # Hash-chained DP ledger; default data_dir/privacy_ledger.jsonl.
+    # Hash-chained DP ledger; default data_dir/privacy_ledger.jsonl. Its audit log is audit.jsonl next to it.
     ledger_path: Path | None = None
     privacy: PrivacyBudget = Field(default_factory=PrivacyBudget)
+    # The institution's node policy (configs/deploy/policy*.yaml): what it accepts from the coordinator and what
+    # may leave it. None: the conservative defaults of fedse_secure.policy.NodePolicy (DP required, no statistic
+    # leaves, signed adapters only).
+    policy: Path | None = None
+    # The coordinator's Ed25519 identity public key (PEM, coordinator/identity_ed25519.pub), received out of band:
+    # global adapters are loaded only if its signature over them verifies.
+    coordinator_public_key: Path | None = None
     superlink: SuperLinkConnection
     runtime_api: RuntimeApi
     identity_key: Path
@@ -194,6 +206,12 @@ class InstitutionDeployConfig(StrictModel):
     @property
     def resolved_ledger_path(self) -> Path:
         return self.ledger_path or (self.data_dir / "privacy_ledger.jsonl")
+
+    @property
+    def audit_path(self) -> Path:
+        from fedse_secure.audit import audit_path_for
+
+        return audit_path_for(self.resolved_ledger_path)
 
     @property
     def work_dir(self) -> Path:

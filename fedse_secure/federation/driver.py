@@ -166,6 +166,7 @@ class RoundDriver:
         *,
         peft_config: dict,
         registry=None,
+        signer=None,
         timeouts: Timeouts | None = None,
         log: Callable[[str], None] = lambda _m: None,
         events: EventSink | None = None,
@@ -176,6 +177,9 @@ class RoundDriver:
         self.coordinator = coordinator
         self.peft_config = peft_config
         self.registry = registry
+        #: The coordinator's adapter signer (``audit.attest.AdapterSigner``): every global adapter sent to
+        #: institutions and saved in the run folder carries its signature.
+        self.signer = signer
         self.backend = experiment.federation.backend()
         self.timeouts = timeouts or Timeouts(self.backend.settings.stage_timeout_s)
         self.log = log
@@ -214,9 +218,12 @@ class RoundDriver:
             if record.status == "completed":
                 if after_round is not None:
                     after_round(record, state)
-                self.run_folder.save_adapter(round_label(record.round), state, self.peft_config)
-                self.summary.final_adapter = str(self.run_folder.save_adapter("final", state, self.peft_config)
-                                                 .relative_to(self.run_folder.path))
+                folder = self.run_folder.save_adapter(round_label(record.round), state, self.peft_config)
+                final = self.run_folder.save_adapter("final", state, self.peft_config)
+                if self.signer is not None:
+                    self.signer.write(folder, record.round, state)
+                    self.signer.write(final, record.round, state)
+                self.summary.final_adapter = str(final.relative_to(self.run_folder.path))
             self.run_folder.record(record, self.summary)
             if record.status == "completed":
                 # Announced once it is durable: checkpoint (a deployment's after_round), adapters and record.
@@ -250,6 +257,7 @@ class RoundDriver:
         self.log(f"round {round_id}: participants {sorted(asked)}")
         self.event("round_started", round=round_id, participants=listed, asked=sorted(asked))
         adapter, order = state_to_bytes(start.global_state)
+        signature = self._signature(round_id - 1, start.global_state)
         reports: dict[str, dict[str, Any]] = {}
         refused: dict[str, tuple[str, str]] = {}  # name -> (refusal kind, the institution's reason)
         first_stage_s: list[float] = []
@@ -263,7 +271,7 @@ class RoundDriver:
                     continue
                 blobs = {"request": data}
                 if first:
-                    blobs.update(global_state=adapter, global_state_keys=order)
+                    blobs.update(global_state=adapter, global_state_keys=order, **signature)
                 reqs[name] = StageRequest(stage, round_id, self.key, self.experiment_json if first else "",
                                           train=first, blobs=blobs)
             self.event("stage_opened", round=round_id, stage=stage, addressees=sorted(reqs))
@@ -324,6 +332,14 @@ class RoundDriver:
                                                           report=reports.get(name, {}))
         return record, state
 
+    def _signature(self, adapter_round: int, state) -> dict[str, bytes]:
+        """The signature blob for the adapter that is the result of ``adapter_round`` (0: the initial one)."""
+        if self.signer is None:
+            return {}
+        import json
+
+        return {"global_state_signature": json.dumps(self.signer.sign(adapter_round, state)).encode()}
+
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _evaluate(self, round_id: int, state, names: set[str]) -> None:
         """Each reachable institution evaluates ``state`` on its own test tasks; one evaluation record."""
@@ -331,8 +347,9 @@ class RoundDriver:
 
         targets = sorted(self.transport.reachable(names))
         adapter, order = state_to_bytes(state)
-        reqs = {n: StageRequest(EVALUATE, round_id, self.key, self.experiment_json,
-                                blobs={"global_state": adapter, "global_state_keys": order}) for n in targets}
+        blobs = {"global_state": adapter, "global_state_keys": order, **self._signature(round_id, state)}
+        reqs = {n: StageRequest(EVALUATE, round_id, self.key, self.experiment_json, blobs=dict(blobs))
+                for n in targets}
         self.event("stage_opened", round=round_id, stage=EVALUATE, addressees=targets)
         t0 = time.perf_counter()
         replies = self.transport.send_stage(reqs, self.timeouts.evaluate_s)

@@ -106,24 +106,25 @@ class Institution:
 
     # -- the local round ---------------------------------------------------------------------------------------
     def local_round(self, round_id: int, global_state, progress: Progress = NULL_PROGRESS) -> LocalRound:
-        """The paper's four local steps on the global adapter ``global_state``."""
-        self.privacy.open_round(round_id)
-        self.agent.load_adapter_state(global_state)
-        t0 = time.perf_counter()
-        explored, explore = self.explore(round_id, progress)                       # 1. explore
-        train_set, buffer = self.keep(explored)                                    # 2. filter, grow the buffer
-        t1 = time.perf_counter()
-        train = self.train(round_id, train_set, progress)                          # 3. fine-tune
-        t2 = time.perf_counter()
-        # The paper's weighted ablation weights by the number of successful trajectories trained on.
-        weight = float(max(1, sum(1 for t in train_set if t.success)))
-        update = self.rule.client_payload(self.agent.adapter_state(), global_state, weight)
-        payload, released = self.privacy.release(round_id, update)                 # 4. the payload
-        report = {
-            "env": self.env_name, "explore": {**explore, **buffer}, "train": train,
-            "privacy": {**self.privacy.report(), **released}, "payload_values": int(payload.size),
-            "timing": {"explore_s": t1 - t0, "train_s": t2 - t1},
-        }
+        """The paper's four local steps on the global adapter ``global_state``. The privacy mechanism holds the
+        ledger for the whole round: order and budget are checked before any data is touched."""
+        with self.privacy.round(round_id):
+            self.agent.load_adapter_state(global_state)
+            t0 = time.perf_counter()
+            explored, explore = self.explore(round_id, progress)                   # 1. explore
+            train_set, buffer = self.keep(explored)                                # 2. filter, grow the buffer
+            t1 = time.perf_counter()
+            train = self.train(round_id, train_set, progress)                      # 3. fine-tune
+            t2 = time.perf_counter()
+            # The paper's weighted ablation weights by the number of successful trajectories trained on.
+            weight = float(max(1, sum(1 for t in train_set if t.success)))
+            update = self.rule.client_payload(self.agent.adapter_state(), global_state, weight)
+            payload, released = self.privacy.release(round_id, update)             # 4. the payload
+            report = {
+                "env": self.env_name, "explore": {**explore, **buffer}, "train": train,
+                "privacy": {**self.privacy.report(), **released}, "payload_values": int(payload.size),
+                "timing": {"explore_s": t1 - t0, "train_s": t2 - t1},
+            }
         return LocalRound(payload, report)
 
     def explore(self, round_id: int, progress: Progress) -> tuple[list, dict[str, Any]]:

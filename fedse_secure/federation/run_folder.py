@@ -12,7 +12,8 @@ Layout::
       summary.json           the RunSummary, rewritten atomically after every round and at the end
       .fedse-run             the marker: this folder was created by fedse (only such a folder is ever overwritten)
       .fedse-lock            held (flock) by the process writing the run: a dead run shows as ``interrupted``
-      ledger-archive/        privacy ledgers of runs this folder held before an ``--overwrite`` (never deleted)
+      ledger-archive/        privacy ledgers and audit logs of runs this folder held before an ``--overwrite``
+                             (never deleted)
 
 A :class:`RoundRecord` nests its measurements by layer, in the style of TFF's ``MeasuredProcessOutput``:
 ``secure_aggregation`` (what the backend measured), ``timing``, and per institution its own report
@@ -298,8 +299,10 @@ class RunFolder:
         self.archived_ledgers = archived
 
     def _archive_ledgers(self) -> list[Path]:
-        """Move every privacy ledger (and its sealed head) out of the way of an overwrite, keeping its path."""
-        ledgers = [p for p in self.path.rglob("*ledger*") if p.is_file() and LEDGER_ARCHIVE not in p.parts]
+        """Move every privacy ledger and audit log (with their sealed heads) out of the way of an overwrite,
+        keeping their paths."""
+        ledgers = [p for p in self.path.rglob("*") if p.is_file() and LEDGER_ARCHIVE not in p.parts
+                   and ("ledger" in p.name or p.name.startswith("audit.jsonl"))]
         if not ledgers:
             return []
         dest_root = self.path / LEDGER_ARCHIVE / _utc_now().replace(":", "")

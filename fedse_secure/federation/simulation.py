@@ -151,10 +151,25 @@ class Simulation:
 
     def _load_model(self) -> None:
         from fedse_secure.agent.policy import AgentModel
+        from fedse_secure.policy import NodePolicy, check_model, decide, load_policy, model_hash
 
         cfg = self.config
+        # Each institution decides under its own node policy, exactly as a deployed one does, before any of its
+        # data is touched; in a federated mode a refusing institution sits every round out (its endpoint refuses).
+        experiment_json = cfg.model_dump_json()
+        self.decisions = {c.name: decide(load_policy(c.policy) if c.policy else NodePolicy.open(), cfg, c.name,
+                                         experiment_json=experiment_json) for c in cfg.clients}
+        if cfg.federation.mode not in FEDERATED_MODES:
+            for decision in self.decisions.values():
+                decision.raise_if_refused()
         self.progress.log(f"loading model {cfg.model.name_or_path}")
         self.agent = AgentModel.load(cfg.model, cfg.lora, cfg.seed)
+        if any(d.policy.approvals.models != "any" for d in self.decisions.values()):
+            loaded = model_hash(self.agent.model)
+            for decision in self.decisions.values():
+                check_model(decision, loaded)
+                if cfg.federation.mode not in FEDERATED_MODES:
+                    decision.raise_if_refused()
         self.initial_state = self.agent.adapter_state()
         self.peft_config = self.agent.peft_config()
 
@@ -163,8 +178,11 @@ class Simulation:
 
         cfg = self.config
         terms = release_terms(cfg)
-        self.institutions = [Institution(cfg, c, self.run.institution_dir(c.name), self.agent, terms)
-                             for c in cfg.clients]
+        self.ledgers = {c.name: c.ledger or self.run.institution_dir(c.name) / "privacy_ledger.jsonl"
+                        for c in cfg.clients}
+        self.institutions = [Institution(self.decisions[c.name].effective, c, self.run.institution_dir(c.name),
+                                         self.agent, terms, ledger_path=self.ledgers[c.name])
+                             for c in cfg.clients if self.decisions[c.name].accepted]
         bar = self.progress.task("expert demonstrations", total=len(self.institutions))
         for inst in self.institutions:
             inst.seed_buffer()
@@ -182,26 +200,44 @@ class Simulation:
 
     # ------------------------------------------------------------------------------------------------------------
     def _run_federated(self) -> None:
+        from fedse_secure.audit import AuditLog, audit_path_for
+        from fedse_secure.audit.attest import AdapterSigner
         from fedse_secure.federation.coordinator import Coordinator
         from fedse_secure.federation.driver import RoundDriver
         from fedse_secure.federation.endpoint import InstitutionEndpoint
         from fedse_secure.federation.transport import InProcessTransport
         from fedse_secure.federation.wire import run_key
-        from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
+        from fedse_secure.io_utils import atomic_write_bytes, atomic_write_text
+        from fedse_secure.secagg.masking.identity import PublicKeyRegistry
 
         cfg = self.config
         backend = cfg.federation.backend()
-        # Each institution's long-term identity, from the OS CSPRNG (what `fedse keys init` makes on disk).
-        identities = {inst.name: IdentityKey.generate() for inst in self.institutions}
+        # Each institution's long-term identity, and the coordinator's, as `fedse keys init` makes them on disk: kept
+        # (mode 0600) in the run folder, so a resumed run signs with the same keys and earlier round attestations
+        # still verify. Their public keys go beside them for an auditor (registry.json, coordinator_identity.pub).
+        names = [c.name for c in cfg.clients]
+        identities = {name: _identity(self.run.institution_dir(name) / "identity_ed25519.pem") for name in names}
         registry = PublicKeyRegistry.from_identities(identities)
-        key = run_key(cfg.model_dump_json())
-        endpoints = {inst.name: InstitutionEndpoint(inst, backend, identities[inst.name], registry, key=key,
-                                                    progress=self.progress) for inst in self.institutions}
+        coordinator_identity = _identity(self.run.path / "coordinator_identity.pem")
+        atomic_write_text(self.run.path / "registry.json", registry.to_json() + "\n")
+        atomic_write_bytes(self.run.path / "coordinator_identity.pub", coordinator_identity.public_pem())
+        experiment_json = cfg.model_dump_json()
+        key = run_key(experiment_json)
+        by_name = {inst.name: inst for inst in self.institutions}
+        endpoints = {}
+        for c in cfg.clients:
+            endpoint = InstitutionEndpoint(
+                by_name.get(c.name), backend, identities[c.name], registry, key=key, decision=self.decisions[c.name],
+                audit=AuditLog(audit_path_for(self.ledgers[c.name])),
+                coordinator_key=coordinator_identity.public_bytes(), progress=self.progress)
+            endpoint.record_session(cfg, self.ledgers[c.name])
+            endpoints[c.name] = endpoint
         transport = InProcessTransport(endpoints, backend.stages, cfg.federation.simulate_dropouts)
         coordinator = Coordinator(cfg.federation.aggregation, self._start_state(), self.completed)
         driver = RoundDriver(cfg, transport, self.run, self.summary, coordinator, peft_config=self.peft_config,
-                             registry=registry, log=self.progress.log)
-        everyone = [inst.name for inst in self.institutions]
+                             registry=registry, signer=AdapterSigner(coordinator_identity, experiment_json),
+                             log=self.progress.log)
+        everyone = names
         rounds = self.progress.task("federated rounds", total=cfg.federation.rounds)
         driver.run(lambda _r: (everyone, set(everyone)), after_round=lambda _rec, _state: rounds.advance(1))
         rounds.close()
@@ -288,6 +324,17 @@ def preflight(config: ExperimentConfig) -> None:
             raise ConfigError(f"clients.{i}.env_options ({client.name}): environment {client.env!r} rejects them "
                               f"({type(err).__name__}: {err}); fix the options") from None
     resolve_model_path(config.model.name_or_path)
+
+
+def _identity(path: Path):
+    """The Ed25519 identity stored at ``path``, made (from the OS CSPRNG) the first time."""
+    from fedse_secure.secagg.masking.identity import IdentityKey
+
+    if path.is_file():
+        return IdentityKey.load(path)
+    key = IdentityKey.generate()
+    key.save(path)
+    return key
 
 
 def simulate(config: ExperimentConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,

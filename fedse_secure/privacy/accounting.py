@@ -28,13 +28,9 @@ def epsilon(events: Iterable[DpEvent], delta: float, accountant: str = "rdp") ->
 def cumulative_epsilon(
     events_by_round: Sequence[Sequence[DpEvent]], delta: float, accountant: str = "rdp"
 ) -> list[float]:
-    """ε spent after each round: entry i composes the events of rounds 0..i (composition, not a sum of ε)."""
-    out: list[float] = []
-    so_far: list[DpEvent] = []
-    for round_events in events_by_round:
-        so_far.extend(round_events)
-        out.append(epsilon(so_far, delta, accountant))
-    return out
+    """ε spent after each round: entry i composes the events of rounds 0..i (composition, not a sum of ε),
+    computed in one pass (about the cost of one composition of the whole ledger)."""
+    return get_accountant(accountant).curve(events_by_round, delta)
 
 
 def epsilon_dp_accounting(
@@ -57,6 +53,9 @@ def epsilon_dp_accounting(
     real = [e for e in events if not e.is_noop]
     if not real:
         return 0.0
+    if any(e.neighbouring != "add-remove" for e in real):
+        raise ValueError("dp-accounting's RDP accountant accounts Poisson-subsampled Gaussians for add/remove-one "
+                         "only; cross-check replace-one events with the pld accountant instead")
     if any(e.noise_multiplier == 0.0 for e in real):
         return math.inf
     import logging
@@ -84,6 +83,7 @@ def noise_multiplier_for_target(
     *,
     spent_events: Sequence[DpEvent] = (),
     level: Literal["record", "client"] = "record",
+    neighbouring: Literal["add-remove", "replace-one"] = "add-remove",
     tolerance: float = 0.01,
 ) -> float:
     """Smallest noise multiplier (within ``tolerance`` in ε) whose ``rounds`` planned rounds, composed after
@@ -112,7 +112,8 @@ def noise_multiplier_for_target(
 
     def eps_at(sigma: float) -> float:
         if sigma not in cache:
-            planned = [DpEvent(mechanism, level, sigma, sample_rate, steps_per_round, 1.0) for _ in range(rounds)]
+            planned = [DpEvent(mechanism, level, sigma, sample_rate, steps_per_round, 1.0, neighbouring=neighbouring)
+                       for _ in range(rounds)]
             cache[sigma] = acc.epsilon([*spent_events, *planned], delta)
         return cache[sigma]
 
@@ -121,7 +122,7 @@ def noise_multiplier_for_target(
         # A looser accountant's answer is enough noise for this one too: a valid upper end of the bracket.
         hi = noise_multiplier_for_target(
             target_epsilon, delta, sample_rate, steps_per_round, rounds, acc.bracket_with,
-            spent_events=spent_events, level=level, tolerance=tolerance / 4,
+            spent_events=spent_events, level=level, neighbouring=neighbouring, tolerance=tolerance / 4,
         )
         lo = hi / 2
         while eps_at(lo) <= target_epsilon:

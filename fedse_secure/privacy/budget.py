@@ -1,8 +1,13 @@
 """Per-institution (ε, δ) budget: refuse a round *before* training if its projected cost would exceed it.
 
 The check composes the ledger's recorded events with the round's projected event under the configured
-accountant and δ. ε does not add up across rounds (composition is sub-additive), so the "cost" of a round is
-reported as the increase it causes in the composed ε, next to the ε it would cost on its own.
+accountant, at the smaller of the configured δ and the smallest δ the ledger recorded (a promise made at a
+smaller δ is never loosened afterwards). ε does not add up across rounds (composition is sub-additive), so the
+"cost" of a round is reported as the increase it causes in the composed ε, next to the ε it would cost on its
+own. The recorded and the projected ε come from one pass of the accountant (:meth:`Accountant.curve`).
+
+The check alone does not stop two runs on one ledger from both passing it before either appends: the privacy
+mechanism holds the ledger's lock (:meth:`PrivacyLedger.reserve`) from the check until after the append.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 
 from fedse_secure.config import PrivacyConfig
 from fedse_secure.errors import FedseError
-from fedse_secure.privacy.accounting import epsilon
+from fedse_secure.privacy.accountants import get_accountant
 from fedse_secure.privacy.events import DpEvent
 from fedse_secure.privacy.ledger import LedgerCorruptedError, PrivacyLedger
 
@@ -69,16 +74,17 @@ class BudgetGuard:
         if not isinstance(projected_event, DpEvent):
             raise TypeError(f"projected_event must be a DpEvent, got {type(projected_event).__name__}")
         try:
-            recorded = self.ledger.events()
+            entries = self.ledger.entries()
         except LedgerCorruptedError as err:
             # An unverifiable ledger cannot tell how much was spent; training on would risk overspending.
             raise LedgerCorruptedError(err.report) from None
         p = self.privacy
-        spent = epsilon(recorded, p.delta, p.accountant)
-        total = epsilon([*recorded, projected_event], p.delta, p.accountant)
-        alone = epsilon([projected_event], p.delta, p.accountant)
+        delta = min([p.delta, *(e.delta for e in entries if e.delta is not None)])
+        acc = get_accountant(p.accountant)
+        spent, total = acc.curve([[e.event for e in entries], [projected_event]], delta)
+        alone = acc.epsilon([projected_event], delta)
         return BudgetCheck(
-            accountant=p.accountant, delta=p.delta, budget=p.epsilon_budget, spent=spent, projected_total=total,
+            accountant=p.accountant, delta=delta, budget=p.epsilon_budget, spent=spent, projected_total=total,
             round_cost=total - spent, round_alone=alone, projected_event=projected_event,
         )
 

@@ -70,22 +70,26 @@ def client_event(privacy: PrivacyConfig, num_clients: int | None = None) -> DpEv
         steps=1,
         clipping_bound=float(privacy.max_grad_norm),
         population=num_clients,
+        neighbouring=privacy.neighbouring,
     )
 
 
 def privatize_update(
-    update: np.ndarray, privacy: PrivacyConfig, num_clients: int, rng: np.random.Generator
+    update: np.ndarray, privacy: PrivacyConfig, num_clients: int, rng
 ) -> tuple[np.ndarray, ClientDPInfo]:
     """Clip ``update`` to L2 norm ``privacy.max_grad_norm`` and add this client's Gaussian noise share.
 
-    ``rng`` must be unpredictable to every other party (e.g. ``np.random.default_rng()`` seeded from OS
-    entropy): anyone who can regenerate a client's noise can remove it from the sum.
+    ``rng`` must be unpredictable to every other party: a :class:`~fedse_secure.privacy.noise.SecureRandom`
+    (what institutions use), or a seeded numpy Generator in tests: anyone who can regenerate a client's noise
+    can remove it from the sum.
     Returns the privatised update (float64, same shape) and what was done, with the event for the ledger.
     """
+    from fedse_secure.privacy.noise import SecureRandom
+
     if privacy.mode != "client-dp":
         raise ValueError(f"privatize_update is for privacy.mode client-dp, but the mode is {privacy.mode!r}")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError("rng must be a numpy Generator, e.g. np.random.default_rng() (seeded from OS entropy)")
+    if not isinstance(rng, (SecureRandom, np.random.Generator)):
+        raise TypeError("rng must be a SecureRandom (or, in tests, a seeded numpy Generator)")
     x = np.asarray(update, dtype=np.float64)
     if not np.all(np.isfinite(x)):
         raise ValueError("the update contains NaN or inf; fix training before privatising (clipping cannot bound it)")
@@ -93,7 +97,8 @@ def privatize_update(
     c = float(privacy.max_grad_norm)
     norm = float(np.linalg.norm(x.ravel()))
     factor = min(1.0, c / norm) if norm > 0 else 1.0
-    noised = x * factor + rng.normal(0.0, std, size=x.shape)
+    noise = rng.normal(std, x.shape) if isinstance(rng, SecureRandom) else rng.normal(0.0, std, size=x.shape)
+    noised = x * factor + noise
     info = ClientDPInfo(
         original_norm=norm,
         clipped=factor < 1.0,

@@ -113,6 +113,7 @@ def dp_sgd_event(num_records: int, training: TrainingConfig, privacy: PrivacyCon
         steps=planned_steps(num_records, training, privacy),
         clipping_bound=float(privacy.max_grad_norm),
         population=num_records,
+        neighbouring=privacy.neighbouring,
     )
 
 
@@ -189,6 +190,34 @@ def _check_lora_update(before, params, *, moved_expected: bool) -> None:
                               "the update was lost (opacus#820); do not release this adapter")
 
 
+def _secure_poisson_batches(secure, n: int, q: float, steps: int):
+    """Poisson-sampled batches (each record in each step independently with probability q), like Opacus's
+    ``UniformWithReplacementSampler``, drawn from the secure generator."""
+    for _ in range(steps):
+        yield [int(i) for i in secure.poisson_mask(n, q).nonzero()[0]]
+
+
+def _secure_noise_optimizer():
+    """Opacus's DPOptimizer with its Gaussian noise drawn from :class:`SecureRandom` (secure-mode form)."""
+    import torch
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SecureNoiseDPOptimizer(DPOptimizer):
+        secure_random = None
+
+        def add_noise(self):
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = torch.from_numpy(self.secure_random.normal(std, tuple(p.summed_grad.shape)))
+                p.grad = (p.summed_grad + noise.to(dtype=p.summed_grad.dtype, device=p.summed_grad.device)
+                          ).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecureNoiseDPOptimizer
+
+
 def train_dp_sgd(
     model,
     examples: Sequence[EncodedExampleLike],
@@ -202,9 +231,10 @@ def train_dp_sgd(
     """Train the trainable (LoRA) parameters of the peft ``model`` in place with DP-SGD; return what happened.
 
     ``seed`` seeds everything that is not a privacy mechanism (e.g. LoRA dropout). The Poisson sampling and the
-    Gaussian noise come from OS entropy, because anyone who can regenerate the noise can subtract it; pass
-    ``reproducible_noise=True`` (tests, debugging only) to derive them from ``seed`` instead.
-    Opacus's secure_mode (torchcsprng) is not used: that package is not installable with torch 2.13.
+    Gaussian noise come from a cryptographically secure generator keyed from OS entropy
+    (:class:`~fedse_secure.privacy.noise.SecureRandom`, with Opacus's secure-mode noise), because anyone who can
+    regenerate the noise can subtract it; pass ``reproducible_noise=True`` (tests, debugging only) to derive
+    them from ``seed`` with torch's generator instead.
     """
     import torch
     from opacus.accountants import create_accountant
@@ -262,10 +292,17 @@ def train_dp_sgd(
     if reproducible_noise:
         warnings.warn("DP-SGD noise derived from the seed: anyone who knows the seed can remove it; "
                       "use only for tests", stacklevel=2)
-    sample_gen = _generator(seed * 2 + 1 if reproducible_noise else None)
+    if reproducible_noise:
+        sample_gen = _generator(seed * 2 + 1)
+        # The noise is drawn on the parameters' device (Opacus samples it like the gradient it is added to).
+        noise_gen = _generator(seed * 2 + 2, device=params[0].device)
+        secure = None
+    else:
+        from fedse_secure.privacy.noise import SecureRandom
+
+        sample_gen = noise_gen = None
+        secure = SecureRandom()
     device = params[0].device
-    # The noise is drawn on the parameters' device (Opacus samples it like the gradient it is added to).
-    noise_gen = _generator(seed * 2 + 2 if reproducible_noise else None, device=device)
     before = [p.detach().clone() for p in params]
 
     was_training = model.training
@@ -279,14 +316,21 @@ def train_dp_sgd(
         try:
             gsm = wrap_for_per_sample_grads(model)
             gsm.forbid_grad_accumulation()
-            dp_optimizer = DPOptimizer(
+            optimizer_class = DPOptimizer if secure is None else _secure_noise_optimizer()
+            dp_optimizer = optimizer_class(
                 optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                 expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen,
             )
+            if secure is not None:
+                dp_optimizer.secure_random = secure
             dp_optimizer.attach_step_hook(step_counter.get_optimizer_hook_fn(sample_rate=q))
-            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen, steps=steps)
-            if sampler.sample_rate != event.sample_rate:
-                raise DPTrainingError(f"sampler rate {sampler.sample_rate} != accounted rate {event.sample_rate}")
+            if secure is None:
+                sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen,
+                                                        steps=steps)
+                if sampler.sample_rate != event.sample_rate:
+                    raise DPTrainingError(f"sampler rate {sampler.sample_rate} != accounted rate {event.sample_rate}")
+            else:
+                sampler = _secure_poisson_batches(secure, n, q, steps)
             gsm.train()
             for step, indices in enumerate(sampler):
                 dp_optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,12 @@ Two kinds of events occur in this project:
 
 A client-level guarantee implies the same record-level guarantee (changing one trajectory changes one
 institution's data set), so the two kinds may be composed; the result is then a record-level bound.
+
+Every event also names the **neighbouring relation** its guarantee is stated for: ``add-remove`` (one record is
+added or removed: the data set's size changes, so the record count must stay private for the guarantee to mean
+what it says) or ``replace-one`` (one record is replaced by another: the size is fixed and may be public). The
+same mechanism costs more ε under ``replace-one``; accountants that cannot account for a relation say so
+(:meth:`fedse_secure.privacy.accountants.Accountant.supports`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from fedse_secure.errors import FedseError
 
 MECHANISMS = ("subsampled_gaussian", "gaussian")
 LEVELS = ("record", "client")
+RELATIONS = ("add-remove", "replace-one")
+Relation = Literal["add-remove", "replace-one"]
 
 
 class EventError(FedseError, ValueError):
@@ -50,6 +58,8 @@ class DpEvent:
     clipping_bound: float
     # Size of the data set the sample rate refers to (records for DP-SGD, clients for client-level DP).
     population: int | None = None
+    #: The neighbouring relation the guarantee is stated for (see the module docstring).
+    neighbouring: Relation = "add-remove"
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -72,6 +82,8 @@ class DpEvent:
             raise EventError("mechanism 'gaussian' has no subsampling; set sample_rate=1 or use 'subsampled_gaussian'")
         if self.population is not None and (not isinstance(self.population, int) or self.population < 1):
             raise EventError(f"population={self.population!r} must be a positive whole number or null")
+        if self.neighbouring not in RELATIONS:
+            raise EventError(f"neighbouring={self.neighbouring!r} is unknown; use one of {RELATIONS}")
 
     @property
     def is_noop(self) -> bool:
@@ -85,9 +97,11 @@ class DpEvent:
     def from_dict(cls, data: dict[str, Any]) -> DpEvent:
         if not isinstance(data, dict):
             raise EventError(f"a DP event must be a JSON object, got {type(data).__name__}")
-        fields = {"mechanism", "level", "noise_multiplier", "sample_rate", "steps", "clipping_bound", "population"}
+        fields = {"mechanism", "level", "noise_multiplier", "sample_rate", "steps", "clipping_bound", "population",
+                  "neighbouring"}
         unknown = set(data) - fields
-        missing = fields - {"population"} - set(data)
+        # Version-1 ledgers wrote no relation: their ε was always computed for add/remove-one.
+        missing = fields - {"population", "neighbouring"} - set(data)
         if unknown or missing:
             raise EventError(f"DP event fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
         return cls(**data)
@@ -109,5 +123,5 @@ class DpEvent:
     def describe(self) -> str:
         return (
             f"{self.level}-level {self.mechanism}: sigma={self.noise_multiplier:g}, q={self.sample_rate:.6g}, "
-            f"steps={self.steps}, C={self.clipping_bound:g}"
+            f"steps={self.steps}, C={self.clipping_bound:g}, {self.neighbouring}"
         )

@@ -1,7 +1,13 @@
 """Compliance views of a ledger: ε per round and in total under every registered accountant, the remaining
 budget, a plot, and verification with ε recomputed from the events (optionally cross-checked with Google's
 dp-accounting). Figures are keyed by accountant name (``privacy.accountants``), so a new accountant shows up
-in every report without a format change."""
+in every report without a format change.
+
+ε is reported at the δ the ledger recorded (the smallest, if it changed); a reader may ask for a smaller δ,
+never a larger one, which would make the same events look cheaper. Each accountant's curve over the rounds is
+one composition (:meth:`Accountant.curve`), so a report grows about linearly with the ledger. A ledger with a
+noiseless step is labelled non-private from that round on: its ε is infinite, and shown as such, never as a
+number."""
 
 from __future__ import annotations
 
@@ -10,9 +16,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedse_secure.privacy.accountants import ACCOUNTANTS, AccountingError, get_accountant
+from fedse_secure.errors import FedseError
+from fedse_secure.privacy.accountants import ACCOUNTANTS, AccountingError, composition_relation, get_accountant
 from fedse_secure.privacy.accounting import epsilon_dp_accounting
 from fedse_secure.privacy.ledger import LedgerCorruptedError, PrivacyLedger, VerificationReport
+
+DEFAULT_DELTA = 1e-5
+
+
+class ReportError(FedseError, ValueError):
+    """A report cannot be made as asked (e.g. a δ larger than the ledger recorded); the message says why."""
+
+
+def report_delta(ledger: PrivacyLedger, delta: float | None) -> float:
+    """The δ to account a ledger at: the smallest it recorded, or a smaller one the reader asks for."""
+    recorded = ledger.recorded_delta()
+    if delta is None:
+        return recorded if recorded is not None else DEFAULT_DELTA
+    if recorded is not None and delta > recorded:
+        raise ReportError(
+            f"delta={delta:g} is larger than the delta={recorded:g} this ledger's events were accounted at; a larger "
+            f"delta would make the same events look cheaper. Pass a delta <= {recorded:g}, or none"
+        )
+    return delta
 
 
 @dataclass
@@ -34,6 +60,10 @@ class PrivacyReport:
     delta: float
     budget: float | None
     head_hash: str
+    #: The neighbouring relation the ledger is accounted under (replace-one if any event recorded it).
+    neighbouring: str = "add-remove"
+    #: First round with a noiseless step (ε infinite from there on: the ledger is non-private); None if none.
+    non_private_from_round: int | None = None
     accountants: list[str] = field(default_factory=list)
     rows: list[RoundRow] = field(default_factory=list)
     #: accountant -> composed ε of the whole ledger.
@@ -50,12 +80,14 @@ class PrivacyReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["remaining"] = {a: self.remaining(a) for a in self.accountants}
+        data["private"] = self.non_private_from_round is None
         return _json_safe(data)
 
 
 def _json_safe(obj: Any) -> Any:
+    # Strict JSON: an infinite ε (a non-private ledger) is null, next to the explicit non-private label.
     if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else str(obj)
+        return None
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -63,25 +95,32 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def build_report(ledger: PrivacyLedger, delta: float, budget: float | None = None) -> PrivacyReport:
-    """Per-round and total ε under every accountant from a verified ledger; ``LedgerCorruptedError`` otherwise."""
+def build_report(ledger: PrivacyLedger, delta: float | None = None, budget: float | None = None,
+                 accountants: list[str] | None = None) -> PrivacyReport:
+    """Per-round and total ε under every accountant (or the named ones) from a verified ledger, at the ledger's
+    δ (``delta`` may only be smaller); ``LedgerCorruptedError`` for a ledger that fails verification."""
+    from fedse_secure.privacy.ledger import group_by_round
+
     entries = ledger.entries()
-    grouped = ledger.events_by_round()
+    grouped = group_by_round(entries)
+    delta = report_delta(ledger, delta)
+    names = accountants or ACCOUNTANTS.names()
+    for name in names:
+        ACCOUNTANTS.get(name)  # an unknown name fails here, with the known ones listed
+    events = [e.event for e in entries]
+    noiseless = next((e.round for e in entries if not e.event.is_noop and e.event.noise_multiplier == 0.0), None)
     report = PrivacyReport(
         ledger=str(ledger.path), institution=entries[0].institution if entries else None, delta=delta,
-        budget=budget, head_hash=ledger.head_hash(), accountants=ACCOUNTANTS.names(),
+        budget=budget, head_hash=ledger.head_hash(), neighbouring=composition_relation(events),
+        non_private_from_round=noiseless, accountants=names,
     )
     alone: dict[str, list[float | None]] = {}
     cumulative: dict[str, list[float | None]] = {}
     for name in report.accountants:
         acc = get_accountant(name)
-        so_far = []
         try:
-            alone[name], cumulative[name] = [], []
-            for _, events in grouped:
-                so_far.extend(events)
-                alone[name].append(acc.epsilon(events, delta))
-                cumulative[name].append(acc.epsilon(so_far, delta))
+            cumulative[name] = list(acc.curve([evs for _, evs in grouped], delta))
+            alone[name] = [acc.epsilon(evs, delta) for _, evs in grouped]
         except AccountingError as err:
             report.errors[name] = str(err)
             alone[name] = cumulative[name] = [None] * len(grouped)
@@ -106,10 +145,16 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     rounds = [r.round for r in report.rows]
-    for name, marker in zip(report.accountants, "osD^v<>"):
-        values = [r.cumulative[name] for r in report.rows]
-        if values and all(v is not None for v in values):
-            ax.plot(rounds, values, marker=marker, label=ACCOUNTANTS.get(name).title)
+    # Accountants often agree closely; distinct dashes and marker sizes keep every curve visible on top of another.
+    styles = zip(report.accountants, "osD^v<>", ("-", "--", ":", "-."), (9, 6, 4, 3))
+    for name, marker, dash, size in styles:
+        points = [(x, r.cumulative[name]) for x, r in zip(rounds, report.rows)
+                  if r.cumulative[name] is not None and math.isfinite(r.cumulative[name])]
+        if points:
+            ax.plot(*zip(*points), marker=marker, linestyle=dash, markersize=size, label=ACCOUNTANTS.get(name).title)
+    if report.non_private_from_round is not None:
+        ax.axvline(report.non_private_from_round, color="black", linestyle=":",
+                   label=f"non-private from round {report.non_private_from_round} (no noise)")
     if report.budget is not None:
         ax.axhline(report.budget, color="red", linestyle="--", label=f"budget ε={report.budget:g}")
     from matplotlib.ticker import MaxNLocator
@@ -117,7 +162,7 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
-    ax.set_ylabel(f"cumulative ε (δ={report.delta:g})")
+    ax.set_ylabel(f"cumulative ε (δ={report.delta:g}, {report.neighbouring})")
     who = f" — {report.institution}" if report.institution else ""
     ax.set_title(f"Privacy spent{who}")
     ax.grid(alpha=0.3)
@@ -131,6 +176,7 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
 @dataclass
 class LedgerAudit:
     verification: VerificationReport
+    delta: float | None = None
     #: accountant -> ε recomputed from the events (None where that accountant failed).
     epsilon: dict[str, float | None] = field(default_factory=dict)
     epsilon_google_rdp: float | None = None  # dp-accounting, same orders as our rdp accountant
@@ -148,11 +194,13 @@ class LedgerAudit:
 
 
 def audit_ledger(
-    ledger: PrivacyLedger, delta: float, expected_head: str | None = None, cross_check: bool = True
+    ledger: PrivacyLedger, delta: float | None = None, expected_heads: list[str] | tuple[str, ...] = (),
+    cross_check: bool = True,
 ) -> LedgerAudit:
-    """Verify the chain and the sealed head, then recompute ε from the events under every accountant (and, if
-    asked and available, with Google's dp-accounting: its RDP value and ours must agree within 1%)."""
-    audit = LedgerAudit(verification=ledger.verify(expected_head=expected_head))
+    """Verify the chain, the sealed head and every externally recorded head (each must head a prefix of the
+    ledger), then recompute ε from the events under every accountant at the ledger's δ (and, if asked and
+    available, with Google's dp-accounting: its RDP value and ours must agree within 1%)."""
+    audit = LedgerAudit(verification=ledger.verify(expected_heads=expected_heads))
     if not audit.verification.ok:
         return audit
     try:
@@ -160,13 +208,15 @@ def audit_ledger(
     except LedgerCorruptedError as err:  # changed between the two reads
         audit.verification = err.report
         return audit
+    delta = report_delta(ledger, delta)
+    audit.delta = delta
     for name in ACCOUNTANTS.names():
         try:
             audit.epsilon[name] = get_accountant(name).epsilon(events, delta)
         except AccountingError as err:
             audit.epsilon[name] = None
             audit.cross_check_error = str(err)
-    if cross_check:
+    if cross_check and composition_relation(events) == "add-remove":
         try:
             audit.epsilon_google_rdp = epsilon_dp_accounting(events, delta)
         except ModuleNotFoundError as err:

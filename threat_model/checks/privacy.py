@@ -69,7 +69,7 @@ def ledger_tampering(settings: ProtectionSettings) -> CheckResult:
     spent. Pass: every edit is detected; the one that rewrites ledger and head consistently is detected against
     the head hash recorded outside the institution."""
     from fedse_secure.privacy import DpEvent, PrivacyLedger, epsilon
-    from fedse_secure.privacy.ledger import _canonical, _entry_hash
+    from fedse_secure.audit.chain import canonical as _canonical, record_hash as _entry_hash
 
     delta = 1e-5
     ev = DpEvent(mechanism="subsampled_gaussian", level="record", noise_multiplier=1.1, sample_rate=0.1, steps=60,
@@ -78,7 +78,7 @@ def ledger_tampering(settings: ProtectionSettings) -> CheckResult:
         base = Path(tmp) / "genuine.jsonl"
         ledger = PrivacyLedger(base)
         for r in range(1, 7):
-            ledger.append(ev, round=r, institution="inst0")
+            ledger.append(ev, round=r, institution="inst0", delta=delta)
         external_head = ledger.head_hash()  # what the federation's round log recorded
         true_eps = epsilon(ledger.events(), delta, "rdp")
         lines = base.read_text().splitlines()
@@ -168,7 +168,7 @@ def budget_enforcement(settings: ProtectionSettings) -> CheckResult:
                 except BudgetExceededError:
                     refused_at = r
                     break
-            ledger.append(event, round=r, institution="inst0")
+            ledger.append(event, round=r, institution="inst0", delta=privacy.delta)
             trained += 1
         spent = epsilon(ledger.events(), privacy.delta, privacy.accountant)
         entries = len(ledger.entries())

@@ -54,6 +54,9 @@ class AggregationRule(ABC):
     frozen_pattern: ClassVar[str | None] = None
     #: The payload is the institution's update itself (so client-level DP can clip and noise it as one vector).
     payload_is_update: ClassVar[bool] = True
+    #: The payload carries a count computed from the institution's private data (its sum is released): the
+    #: record count then leaves, which an add/remove-one DP guarantee does not cover (node policies refuse it).
+    payload_carries_counts: ClassVar[bool] = False
 
     @abstractmethod
     def client_payload(self, local: State, global_: State, weight: float = 1.0) -> np.ndarray: ...

@@ -15,6 +15,7 @@ class WeightedAvg(AggregationRule):
     name = "weighted"
     # The payload is the scaled update with the weight appended, not the update: client-level DP cannot clip it.
     payload_is_update = False
+    payload_carries_counts = True
     #: Weights are divided by this before they enter the payload: secure aggregation clips every value to its
     #: clip range (8 by default), and a raw count such as 20 trajectories would be clipped, corrupting the mean.
     #: The mean is invariant to a common scale, so nothing else changes.

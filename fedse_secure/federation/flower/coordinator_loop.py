@@ -92,9 +92,15 @@ class CoordinatorRun:
         run_folder.acquire()  # released when this process ends: a dead coordinator's run reads as interrupted
         run_folder.write_summary(summary)
         backend = exp.federation.backend()
+        signer = None
+        if cfg.identity_key is not None:
+            from fedse_secure.audit.attest import AdapterSigner
+            from fedse_secure.secagg.masking.identity import IdentityKey
+
+            signer = AdapterSigner(IdentityKey.load(cfg.identity_key), exp.model_dump_json())
         driver = RoundDriver(
             exp, self.transport, run_folder, summary, Coordinator(exp.federation.aggregation, state, completed),
-            peft_config=peft_config, registry=load_registry(cfg), log=self.log, events=self.events,
+            peft_config=peft_config, registry=load_registry(cfg), signer=signer, log=self.log, events=self.events,
             timeouts=Timeouts(backend.settings.stage_timeout_s, cfg.timeouts.train_s, cfg.timeouts.evaluate_s),
         )
 

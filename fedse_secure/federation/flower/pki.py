@@ -13,7 +13,10 @@ What each file is for (Flower 1.42):
   authentication uses. The SuperLink runs with ``--enable-supernode-auth`` and only accepts nodes whose public
   key the coordinator registered; every Fleet request is signed with the private key.
 * ``institutions/<name>/identity_ed25519{.pem,.pub}``: the institution's long-term Ed25519 identity for our
-  secure-aggregation signatures (independent of Flower, so a compromised transport cannot impersonate it).
+  secure-aggregation signatures and round attestations (independent of Flower, so a compromised transport
+  cannot impersonate it).
+* ``coordinator/identity_ed25519{.pem,.pub}``: the coordinator's Ed25519 identity; it signs every global
+  adapter, and institutions verify with the ``.pub`` (received out of band) before loading one.
 
 Bring your own: any CA works. Put your CA certificate, the SuperLink's certificate/key (SANs must cover the
 address institutions dial) and each SuperNode's certificate/key at the paths the deployment configs name.
@@ -58,6 +61,8 @@ class KeyPaths:
     # name -> (private, public)
     node_auth: dict[str, tuple[Path, Path]]
     identity: dict[str, tuple[Path, Path]]
+    #: The coordinator's adapter-signing identity (private, public), when it was asked for.
+    coordinator: tuple[Path, Path] | None = None
 
 
 def _write_private(path: Path, data: bytes, force: bool) -> None:
@@ -309,9 +314,32 @@ def _check_name(name: str) -> None:
                        "or '-' only (at most 64 characters)")
 
 
-def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = False) -> KeyPaths:
-    """Create each institution's Flower node-auth key pair (EC P-384) and Ed25519 identity key pair."""
+def _write_identity(folder: Path, force: bool) -> tuple[Path, Path]:
+    ikey = ed25519.Ed25519PrivateKey.generate()
+    _write_private(
+        folder / "identity_ed25519.pem",
+        ikey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        force,
+    )
+    _write_public(
+        folder / "identity_ed25519.pub",
+        ikey.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        force,
+    )
+    return folder / "identity_ed25519.pem", folder / "identity_ed25519.pub"
+
+
+def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = False,
+              coordinator: bool = False) -> KeyPaths:
+    """Create each institution's Flower node-auth key pair (EC P-384) and Ed25519 identity key pair; with
+    ``coordinator``, also the coordinator's adapter-signing identity (an existing one is kept unless ``force``)."""
     out = Path(out_dir)
+    coordinator_paths = None
+    if coordinator:
+        folder = out / "coordinator"
+        existing = (folder / "identity_ed25519.pem", folder / "identity_ed25519.pub")
+        coordinator_paths = existing if all(p.is_file() for p in existing) and not force else \
+            _write_identity(folder, force)
     node_auth: dict[str, tuple[Path, Path]] = {}
     identity: dict[str, tuple[Path, Path]] = {}
     for name in institutions:  # every name before any file: a bad one must not leave half the keys behind
@@ -349,7 +377,7 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
         )
         node_auth[name] = (d / "node_auth", d / "node_auth.pub")
         identity[name] = (d / "identity_ed25519.pem", d / "identity_ed25519.pub")
-    return KeyPaths(node_auth=node_auth, identity=identity)
+    return KeyPaths(node_auth=node_auth, identity=identity, coordinator=coordinator_paths)
 
 
 def read_registry(path: str | Path):
@@ -365,8 +393,6 @@ def read_registry(path: str | Path):
 def merge_registry(path: str | Path, keys: dict[str, bytes]) -> list[str]:
     """Add (or, for a name already there, replace) identity public keys in the registry file at ``path``,
     keeping every other institution's entry; written atomically, 0644. Returns the names now registered."""
-    from fedse_secure.secagg.masking.identity import PublicKeyRegistry
-
     registry = read_registry(path)
     for name, raw in keys.items():
         registry.add(name, raw)

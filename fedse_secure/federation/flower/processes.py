@@ -187,6 +187,8 @@ def check_coordinator_files(cfg: CoordinatorDeployConfig) -> None:
     for inst in cfg.institutions:
         pki.check_node_auth_public(inst.node_auth_public_key)
         pki.load_identity_public(inst.identity_public_key)
+    if cfg.identity_key is not None:
+        pki.load_identity_private(cfg.identity_key)
 
 
 def flwr_home(cfg: CoordinatorDeployConfig) -> Path:
@@ -339,6 +341,11 @@ def check_institution_files(cfg: InstitutionDeployConfig) -> None:
     pki.check_server_cert(cfg.superlink.ca_cert, cfg.runtime_api.cert, cfg.runtime_api.key, "127.0.0.1")
     if not cfg.registry.is_file():
         raise DeployError(f"{cfg.registry}: no identity registry; get registry.json from the federation out of band")
+    if cfg.coordinator_public_key is not None:
+        pki.load_identity_public(cfg.coordinator_public_key)
+    from fedse_secure.policy import load_policy
+
+    load_policy(cfg.policy)  # a bad policy file stops the node here, with its one line, not in the worker
 
 
 @dataclass

@@ -39,15 +39,26 @@ class InstitutionRefused(FedseError, RuntimeError):
 class InstitutionSession:
     """Everything an institution does for the coordinator, one request at a time. No sockets, no Flower.
 
-    It checks the coordinator's experiment, lays the institution's own settings over it, and hands each request
-    to the :class:`~fedse_secure.federation.endpoint.InstitutionEndpoint` for that experiment (a new experiment
-    gets a new endpoint; the model is reloaded only if the model settings changed).
+    It checks the coordinator's experiment against the institution's node policy (refusing it, before the model
+    is even loaded, with one line per violated field), lays the institution's own settings over it, and hands
+    each request to the :class:`~fedse_secure.federation.endpoint.InstitutionEndpoint` for that experiment (a new
+    experiment gets a new endpoint; the model is reloaded only if the model settings changed).
     """
 
     def __init__(self, cfg: InstitutionDeployConfig):
+        from fedse_secure.audit import AuditLog
+        from fedse_secure.policy import load_policy
         from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
 
         self.cfg = cfg
+        self.policy = load_policy(cfg.policy)
+        self.audit = AuditLog(cfg.audit_path)
+        self.coordinator_key = None
+        if cfg.coordinator_public_key is not None:
+            from fedse_secure.federation.flower import pki
+
+            self.coordinator_key = pki.raw_public_bytes(pki.load_identity_public(cfg.coordinator_public_key))
+        self._model_hash: tuple | None = None
         self.identity = IdentityKey.load(cfg.identity_key)
         if not cfg.registry.is_file():
             raise InstitutionRefused(
@@ -82,38 +93,68 @@ class InstitutionSession:
                 "institution's update hidden across machines; refusing"
             )
         data = exp.model_dump(mode="json")
-        # The institution's own settings win over the coordinator's: its environment and data, its DP budget.
+        # The institution's own settings win over the coordinator's: its environment and data; its privacy
+        # settings are decided against its node policy (_endpoint_for).
         data["clients"] = [self.cfg.client_config().model_dump(mode="json") if c["name"] == self.cfg.name else c
                            for c in data["clients"]]
-        if self.cfg.privacy.epsilon is not None:
-            theirs = data["privacy"].get("epsilon_budget")
-            data["privacy"]["epsilon_budget"] = min(self.cfg.privacy.epsilon, theirs) if theirs else self.cfg.privacy.epsilon
         if self.cfg.num_threads:
             data["model"]["num_threads"] = self.cfg.num_threads
         return ExperimentConfig.model_validate(data)
 
     def _endpoint_for(self, experiment_json: str):
-        """The endpoint for the coordinator's experiment, built (and its buffer seeded) on first sight."""
+        """The endpoint for the coordinator's experiment, built on first sight: decided under the node policy
+        (a refused experiment gets an endpoint that refuses everything, and no model is loaded for it), then
+        the model loaded and its buffer seeded."""
         key = run_key(experiment_json)
         if self.endpoint is not None and self.endpoint.key == key:
             return self.endpoint
-        from fedse_secure.agent.policy import AgentModel
         from fedse_secure.federation.endpoint import InstitutionEndpoint
-        from fedse_secure.federation.institution import Institution, release_terms
+        from fedse_secure.policy import check_model, decide
 
         exp = self._local_experiment(experiment_json)
+        decision = decide(self.policy, exp, self.cfg.name, experiment_json=experiment_json,
+                          epsilon_cap=self.cfg.privacy.epsilon)
+        inst = None
+        if decision.accepted:
+            agent = self._load_agent(exp)
+            if self.policy.approvals.models != "any":
+                check_model(decision, self._hash_of_model(agent))
+        if decision.accepted:
+            inst = self._institution(decision.effective, agent)
+        else:
+            log.warning("%s: refuses run %s under its node policy %s: %s", self.cfg.name, key, self.policy.source,
+                        "; ".join(decision.lines))
+        endpoint = InstitutionEndpoint(inst, exp.federation.backend(), self.identity, self.registry, key=key,
+                                       decision=decision, audit=self.audit, coordinator_key=self.coordinator_key)
+        endpoint.record_session(exp, self.cfg.resolved_ledger_path)
+        self.endpoint, self.experiment = endpoint, exp
+        return endpoint
+
+    def _load_agent(self, exp):
+        from fedse_secure.agent.policy import AgentModel
+
         agent_key = (exp.model.model_dump_json(), exp.lora.model_dump_json(), exp.seed)
         if agent_key != self._agent_key:
             log.info("%s: loading model %s", self.cfg.name, exp.model.name_or_path)
             self._agent = AgentModel.load(exp.model, exp.lora, exp.seed)
-            self._agent_key = agent_key
+            self._agent_key, self._model_hash = agent_key, None
+        return self._agent
+
+    def _hash_of_model(self, agent) -> str:
+        from fedse_secure.policy import model_hash
+
+        if self._model_hash is None or self._model_hash[0] != self._agent_key:
+            self._model_hash = (self._agent_key, model_hash(agent.model))
+        return self._model_hash[1]
+
+    def _institution(self, exp, agent):
+        from fedse_secure.federation.institution import Institution, release_terms
+
         client = next(c for c in exp.clients if c.name == self.cfg.name)
-        inst = Institution(exp, client, self.cfg.data_dir, self._agent, release_terms(exp),
+        inst = Institution(exp, client, self.cfg.data_dir, agent, release_terms(exp),
                            ledger_path=self.cfg.resolved_ledger_path)
         inst.seed_buffer()
-        self.endpoint = InstitutionEndpoint(inst, exp.federation.backend(), self.identity, self.registry, key=key)
-        self.experiment = exp
-        return self.endpoint
+        return inst
 
     # -- requests ----------------------------------------------------------------------------------------------
     def handle(self, req: StageRequest) -> StageReply:
@@ -131,6 +172,11 @@ class InstitutionSession:
                 self.endpoint.forget_round()
             log.error("%s: round %s %s refused: %s: %s", self.cfg.name, req.round_id, req.stage,
                       type(err).__name__, err)
+            try:  # a refusal before any endpoint exists (an unreadable experiment) is recorded too
+                self.audit.record("refusal", self.cfg.name, round=req.round_id, stage=req.stage, run_key=req.run_key,
+                                  refusal=REFUSED, reason=f"{type(err).__name__}: {err}")
+            except FedseError as audit_err:
+                log.error("%s: the audit log cannot be written: %s", self.cfg.name, audit_err)
             return StageReply(req.stage, req.round_id, self.cfg.name, req.run_key,
                               error=f"{type(err).__name__}: {err}", refusal=REFUSED)
 

@@ -7,11 +7,19 @@ afford it (:meth:`PrivacyMechanism.open_round`, :meth:`PrivacyMechanism.train`),
 or DP-SGD) and/or **privatises** the payload (:meth:`PrivacyMechanism.release`), and it **records** each
 release as a DP event in the institution's ledger. What it costs is the accountants' business
 (``privacy.accountants``). Each module here registers one mechanism (``privacy.mode`` in a config).
+
+A private mechanism holds its ledger's lock for the whole round (:meth:`PrivacyMechanism.round`): the round
+order and budget checks, training and the append are one critical section, so concurrent runs on one ledger
+are serialised and the second sees what the first spent. A DP mechanism run with no noise (which only a node
+policy that allows non-private runs lets through) records its events like any other, and is labelled
+non-private in every report: its ε is infinite, reported as null next to ``private: false``, never as a number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,10 +58,18 @@ class PrivacyMechanism:
 
     def __init__(self, privacy: PrivacyConfig, ledger_path: str | Path, institution: str,
                  terms: ReleaseTerms) -> None:
+        from fedse_secure.privacy.ledger import PrivacyLedger
+
         self.privacy = privacy
         self.ledger_path = Path(ledger_path)
         self.institution = institution
         self.terms = terms
+        self._ledger = PrivacyLedger(self.ledger_path)
+
+    @property
+    def non_private(self) -> bool:
+        """A DP mechanism configured without noise: it runs only where the node policy allows it, labelled."""
+        return self.private and self.privacy.noise_multiplier == 0.0
 
     # -- configuration ----------------------------------------------------------------------------------------
     @classmethod
@@ -67,6 +83,18 @@ class PrivacyMechanism:
         return None
 
     # -- the round ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def round(self, round_id: int) -> Iterator[None]:
+        """The whole local round under the ledger's lock: round order and budget are checked before any data is
+        touched, and nobody else can append between the check and this round's own append."""
+        if not self.private:
+            yield
+            return
+        with self._ledger.reserve():
+            self._ledger.check_round(round_id, self.institution)
+            self.open_round(round_id)
+            yield
+
     def open_round(self, round_id: int) -> None:
         """Called before the round touches any data: refuse it (BudgetExceededError) if it cannot be afforded."""
 
@@ -88,36 +116,45 @@ class PrivacyMechanism:
 
     # -- the record ---------------------------------------------------------------------------------------------
     def ledger(self):
-        from fedse_secure.privacy.ledger import PrivacyLedger
-
-        return PrivacyLedger(self.ledger_path)
+        return self._ledger
 
     def ensure_affordable(self, event: DpEvent) -> None:
         """Refuse (BudgetExceededError, ledger untouched) a round whose event would exceed the budget."""
         from fedse_secure.privacy.budget import BudgetGuard
 
-        BudgetGuard(self.ledger(), self.privacy, institution=self.institution).ensure_affordable(event)
+        BudgetGuard(self._ledger, self.privacy, institution=self.institution).ensure_affordable(event)
 
     def record(self, round_id: int, event: DpEvent) -> None:
-        self.ledger().append(event, round=round_id, institution=self.institution)
+        self._ledger.append(event, round=round_id, institution=self.institution, delta=self.privacy.delta)
+
+    def accounting_delta(self) -> float:
+        """δ the ledger is accounted at: the configured one, or a smaller one it recorded earlier."""
+        recorded = self._ledger.recorded_delta()
+        return min(self.privacy.delta, recorded) if recorded is not None else self.privacy.delta
 
     def epsilon_spent(self) -> float | None:
-        """ε spent so far (the configured accountant over the ledger's events); None without DP."""
+        """ε spent so far (the configured accountant over the ledger's events); None without DP; ``inf`` once a
+        noiseless step was recorded."""
         if not self.private:
             return None
         from fedse_secure.privacy.accounting import epsilon
 
-        events = self.ledger().events()
-        return float(epsilon(events, self.privacy.delta, self.privacy.accountant)) if events else 0.0
+        events = self._ledger.events()
+        return float(epsilon(events, self.accounting_delta(), self.privacy.accountant)) if events else 0.0
 
     def report(self) -> dict[str, Any]:
-        """The privacy section of the institution's round report."""
+        """The privacy section of the institution's round report (strict JSON: no infinities)."""
         if not self.private:
-            return {"mechanism": self.name}
-        ledger = self.ledger()
-        return {"mechanism": self.name, "epsilon_spent": self.epsilon_spent(), "delta": self.privacy.delta,
-                "accountant": self.privacy.accountant,
-                "ledger_head": ledger.head_hash() if self.ledger_path.exists() else None}
+            return {"mechanism": self.name, "private": False}
+        spent = self.epsilon_spent()
+        finite = spent is not None and math.isfinite(spent)
+        report = {"mechanism": self.name, "private": finite, "epsilon_spent": spent if finite else None,
+                  "delta": self.accounting_delta(), "accountant": self.privacy.accountant,
+                  "neighbouring": self.privacy.neighbouring,
+                  "ledger_head": self._ledger.head_hash() if self.ledger_path.exists() else None}
+        if not finite:
+            report["non_private"] = "a step ran with noise_multiplier 0 (allowed by the node policy): epsilon is infinite"
+        return report
 
 
 MECHANISMS: Registry[type[PrivacyMechanism]] = Registry("privacy mechanism", __name__)

@@ -3,8 +3,6 @@ aggregation, so the released sum carries noise of std sigma*C (``privacy.client_
 
 from __future__ import annotations
 
-import numpy as np
-
 from fedse_secure.privacy.mechanisms import MECHANISMS, PrivacyMechanism, ReleaseRefused
 
 
@@ -48,9 +46,11 @@ class ClientDp(PrivacyMechanism):
     def release(self, round_id, payload):
         from fedse_secure.privacy.client_dp import privatize_update
 
+        from fedse_secure.privacy.noise import SecureRandom
+
         # The noise share must be unpredictable to everyone else (whoever can regenerate it can subtract it from
-        # the sum), so it comes from OS entropy, never from the experiment seed.
-        noisy, info = privatize_update(payload, self.privacy, self.terms.min_contributors, np.random.default_rng())
+        # the sum), so it comes from a CSPRNG keyed from OS entropy, never from the experiment seed.
+        noisy, info = privatize_update(payload, self.privacy, self.terms.min_contributors, SecureRandom())
         bound = self.terms.value_bound
         if bound is not None and info.max_abs_value > bound:
             raise ReleaseRefused(
