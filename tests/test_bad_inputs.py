@@ -360,7 +360,7 @@ CASES: list[Case] = [
     Case("ledger-missing", ["privacy", "verify", "nope.jsonl"]),
     Case("ledger-is-folder", ["privacy", "report", "folder"], _files({"folder/x": ""})),
     Case("ledger-deep-json", ["privacy", "verify", "ledger.jsonl", "--no-cross-check"],
-         _ledger_line(_nested_json(100_000) + b"\n")),
+         _ledger_line(_nested_json(100_000) + b"\n"), code=1, line="FAILED "),
     Case("ledger-binary", ["privacy", "verify", "ledger.jsonl", "--no-cross-check"],
          _ledger_line(bytes(range(256)) + b"\n"), code=1, line="FAILED "),
     Case("ledger-report-delta-zero", ["privacy", "report", "ledger.jsonl", "--delta", "0"], _ledger_line(b"")),

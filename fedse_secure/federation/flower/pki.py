@@ -78,6 +78,14 @@ def write_public_file(path: str | Path, data: bytes) -> None:
     _write_key_file(Path(path), data, True, 0o644, "")
 
 
+def _check_writable(path: Path, force: bool, fix: str) -> None:
+    if path.is_symlink():
+        raise PkiError(f"{path} is a symbolic link (to {os.readlink(path)}); a key is never written through a link: "
+                       "remove the link or choose another --out")
+    if os.path.lexists(path) and not force:
+        raise PkiError(f"{path} already exists; {fix}")
+
+
 def _write_key_file(path: Path, data: bytes, force: bool, mode: int, fix: str) -> None:
     """Write ``data`` to ``path`` with exactly ``mode``, whatever the umask, and never through a symbolic link.
 
@@ -86,11 +94,7 @@ def _write_key_file(path: Path, data: bytes, force: bool, mode: int, fix: str) -
     its target, so a (dangling) symlink planted at a key path cannot redirect a private key elsewhere.
     """
     path = Path(path)
-    if path.is_symlink():
-        raise PkiError(f"{path} is a symbolic link (to {os.readlink(path)}); a key is never written through a link: "
-                       "remove the link or choose another --out")
-    if os.path.lexists(path) and not force:
-        raise PkiError(f"{path} already exists; {fix}")
+    _check_writable(path, force, fix)
     make_public_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -334,16 +338,23 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
     """Create each institution's Flower node-auth key pair (EC P-384) and Ed25519 identity key pair; with
     ``coordinator``, also the coordinator's adapter-signing identity (an existing one is kept unless ``force``)."""
     out = Path(out_dir)
+    # Every name and every target path before any file: a bad one must not leave half the keys behind.
+    for name in institutions:
+        _check_name(name)
+    folder = out / "coordinator"
+    existing = (folder / "identity_ed25519.pem", folder / "identity_ed25519.pub")
+    keep_coordinator = all(p.is_file() and not p.is_symlink() for p in existing) and not force
+    targets = [out / "institutions" / name / f for name in institutions
+               for f in ("node_auth", "node_auth.pub", "identity_ed25519.pem", "identity_ed25519.pub")]
+    if coordinator and not keep_coordinator:
+        targets += existing
+    for path in targets:
+        _check_writable(path, force, "pass --force to overwrite it (this invalidates the old key)")
     coordinator_paths = None
     if coordinator:
-        folder = out / "coordinator"
-        existing = (folder / "identity_ed25519.pem", folder / "identity_ed25519.pub")
-        coordinator_paths = existing if all(p.is_file() for p in existing) and not force else \
-            _write_identity(folder, force)
+        coordinator_paths = existing if keep_coordinator else _write_identity(folder, force)
     node_auth: dict[str, tuple[Path, Path]] = {}
     identity: dict[str, tuple[Path, Path]] = {}
-    for name in institutions:  # every name before any file: a bad one must not leave half the keys behind
-        _check_name(name)
     for name in institutions:
         d = out / "institutions" / name
         # Flower 1.42's SuperNode loads an OpenSSH-format NIST-curve EC key (`--auth-supernode-private-key`),
