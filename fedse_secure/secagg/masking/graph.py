@@ -46,6 +46,11 @@ def graph_seed(session: bytes) -> bytes:
                           maxmem=64 << 20, dklen=32)
 
 
+def ring_order(members: Sequence[str], seed: bytes) -> list[str]:
+    """The members in their pseudo-random cyclic order under ``seed``."""
+    return sorted(members, key=lambda p: hashlib.sha256(seed + p.encode()).digest())
+
+
 def neighbour_sets(members: Sequence[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:
     """Each member's neighbours. Pure function of its arguments; the result must not be mutated."""
     return _neighbour_sets(tuple(sorted(members)), degree, seed)
@@ -59,7 +64,7 @@ def _neighbour_sets(members: tuple[str, ...], degree: int, seed: bytes) -> dict[
     if degree >= n - 1:
         everyone = frozenset(members)
         return {p: everyone - {p} for p in members}
-    order = sorted(members, key=lambda p: hashlib.sha256(seed + p.encode()).digest())
+    order = ring_order(members, seed)
     half = degree // 2
     out = {}
     for i, p in enumerate(order):
