@@ -420,6 +420,19 @@ class SecAggServer:
             "released"
         )
 
+    def _check_range(self, total: np.ndarray, survivors: list[str]) -> None:
+        """Abort unless the unmasked sum is a sum of ``len(survivors)`` clipped inputs: every element within
+        ``+-s round(clip 2^f)``, the clipped count within ``[0, s round(clip 2^f)]``."""
+        signed = total.view(SIGNED_DTYPES[self.setup.ring_bits])
+        bound = len(survivors) * max_quantised(self.setup.clip_range, self.setup.fractional_bits)
+        lo, hi = int(signed[:-1].min(initial=0)), int(signed[:-1].max(initial=0))
+        if lo < -bound or hi > bound or not 0 <= int(signed[-1]) <= bound:
+            raise RoundAbortedError(
+                f"round {self.round_id}: the unmasked sum lies outside +-{len(survivors)} x clip_range (an institution "
+                "sent a masked input that does not encode clipped values); the round is abandoned and nothing is "
+                "released"
+            )
+
     def _unmask(self) -> None:
         shared, masked = self.shared, self.masked
         seed_shares: dict[str, dict[str, bytes]] = {u: {} for u in masked}
@@ -447,16 +460,8 @@ class SecAggServer:
         applier.apply(total, streams)
         self.keystream_bytes = applier.keystream_bytes
         survivors = sorted(masked)
-        signed = total.view(SIGNED_DTYPES[self.setup.ring_bits])
-        bound = len(survivors) * max_quantised(self.setup.clip_range, self.setup.fractional_bits)
-        lo, hi = int(signed[:-1].min(initial=0)), int(signed[:-1].max(initial=0))
-        count = int(signed[-1])
-        if lo < -bound or hi > bound or not 0 <= count <= bound:
-            raise RoundAbortedError(
-                f"round {self.round_id}: the unmasked sum lies outside +-{len(survivors)} x clip_range (an institution "
-                "sent a masked input that does not encode clipped values); the round is abandoned and nothing is "
-                "released"
-            )
+        self._check_range(total, survivors)
+        count = int(total[-1:].view(SIGNED_DTYPES[self.setup.ring_bits])[0])
         self.values_clipped = count
         self.result = AggregateResult(
             total=dequantise(total[:-1], self.setup.fractional_bits),
