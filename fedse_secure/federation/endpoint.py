@@ -77,8 +77,10 @@ class InstitutionEndpoint:
             raise Refused(f"{self.name}: {req.stage!r} is not a stage of {self.backend.name}")
         if req.train:
             self._client = None
-            local = self.institution.local_round(req.round_id, self._global_state(req), self.progress)
             client = self.backend.client(self.name, self.identity, self.registry)
+            # A setup this institution refuses (weaker than its requirements, replayed) costs it no training.
+            client.screen(req.blobs.get("request", b""))
+            local = self.institution.local_round(req.round_id, self._global_state(req), self.progress)
             client.set_input(local.payload)
             self._client, self._round = client, req.round_id
             reply = client.handle(req.blobs.get("request", b""))

@@ -92,6 +92,15 @@ class InstitutionSession:
             data["model"]["num_threads"] = self.cfg.num_threads
         return ExperimentConfig.model_validate(data)
 
+    def backend(self, exp):
+        """The experiment's secure-aggregation backend, holding this institution to its own requirements (its
+        ``secure_aggregation`` section, else the defaults), never to the coordinator's settings."""
+        if exp.federation.secure_aggregation.backend != "masking":
+            return exp.federation.backend()
+        from fedse_secure.secagg.masking.requirements import MaskingRequirements
+
+        return exp.federation.backend(requirements=self.cfg.secure_aggregation or MaskingRequirements())
+
     def _endpoint_for(self, experiment_json: str):
         """The endpoint for the coordinator's experiment, built (and its buffer seeded) on first sight."""
         key = run_key(experiment_json)
@@ -111,7 +120,7 @@ class InstitutionSession:
         inst = Institution(exp, client, self.cfg.data_dir, self._agent, release_terms(exp),
                            ledger_path=self.cfg.resolved_ledger_path)
         inst.seed_buffer()
-        self.endpoint = InstitutionEndpoint(inst, exp.federation.backend(), self.identity, self.registry, key=key)
+        self.endpoint = InstitutionEndpoint(inst, self.backend(exp), self.identity, self.registry, key=key)
         self.experiment = exp
         return self.endpoint
 

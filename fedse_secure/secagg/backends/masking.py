@@ -83,6 +83,11 @@ class MaskingClient(ClientMachine):
         # A masked input comes back as the bytearray it was masked into (no copy of the vector to send it).
         return self.machine.handle(decode(data)).to_bytes()
 
+    def screen(self, data: bytes) -> None:
+        from fedse_secure.secagg.masking.messages import decode
+
+        self.machine.screen(decode(data))
+
     @property
     def done(self) -> bool:
         return self.machine.done

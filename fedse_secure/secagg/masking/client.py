@@ -182,8 +182,16 @@ class SecAggClient:
             raise PeerMisbehaviourError(str(err)) from None
 
     # -- stages ---------------------------------------------------------------------------------------------
-    def _on_advertise_keys(self, setup: SetupRequest) -> KeyAdvertisement:
-        self.round_id = setup.round_id
+    def screen(self, msg: ProtocolMessage) -> None:
+        """Refuse a setup before any local work is spent on the round (raises :class:`UnsafeSetupError`, or
+        :class:`ProtocolError` if ``msg`` is not this round's setup); the machine is unchanged."""
+        if self.phase is not Phase.ADVERTISE_KEYS or not isinstance(msg, SetupRequest):
+            raise ProtocolError(f"{self.name}: only the setup of a round that has not started can be screened")
+        self._check_setup(msg)
+
+    def _check_setup(self, setup: SetupRequest) -> bytes:
+        """The setup's digest, or :class:`UnsafeSetupError` naming the parameter that is weaker than this
+        institution accepts."""
         names = setup.participants
         n = len(names)
 
@@ -215,7 +223,13 @@ class SecAggClient:
         if digest in self.answered:
             raise refuse("nonce: this institution already answered a setup with this digest; a replayed setup is "
                          "refused")
+        return digest
+
+    def _on_advertise_keys(self, setup: SetupRequest) -> KeyAdvertisement:
+        self.round_id = setup.round_id
+        digest = self._check_setup(setup)
         self.answered.add(digest)
+        names = setup.participants
         self.setup, self.digest = setup, digest
         self.index = {p: i + 1 for i, p in enumerate(sorted(names))}
         self._mask_key = keys.new_x25519(self.rng)
