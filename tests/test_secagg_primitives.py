@@ -211,3 +211,17 @@ def test_prg_is_deterministic_and_key_dependent():
     assert not np.array_equal(a[:1000], expand_mask(b"j" * 16, 1000, np.uint32))
     # Chunked streaming gives the same keystream as one call: the prefix of a longer mask equals a shorter one.
     assert np.array_equal(a[:70_000], expand_mask(b"k" * 16, 70_000, np.uint32))
+
+
+def test_the_table_in_security_md_is_the_derivation(repo_root):
+    text = (repo_root / "SECURITY.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    ns = [int(v) for v in rows["n"]]
+    table = MaskingRequirements().table(ns)
+    assert [str(r["degree"]) for r in table] == rows["k"]
+    assert [str(r["threshold"]) for r in table] == rows["t"]
+    assert [str(r["tolerated_colluders_per_neighbourhood"]) for r in table] == rows["tolerated per neighbourhood (2t − m − 1)"]
