@@ -61,7 +61,7 @@ def curious_coordinator_view(settings: ProtectionSettings) -> CheckResult:
 
 
 # ======================================================================================================
-# T3: a malicious coordinator lies about dropouts to unmask a live institution
+# T3: a malicious coordinator lies about dropouts, weakens the setup or cuts the ring
 # ======================================================================================================
 
 def _weak_setups(settings: ProtectionSettings) -> dict[str, str]:
@@ -78,7 +78,7 @@ def _weak_setups(settings: ProtectionSettings) -> dict[str, str]:
         names = [f"inst{i}" for i in range(n)]
         k, t = weakest_accepted(n if change is None else len(change))
         fed = Federation(settings, masking_backend(settings, requirements=True), settings.seed, names=names,
-                         server_backend=masking_backend(settings, masking_settings=None))
+                         server_backend=masking_backend(settings))
         server, clients = fed.machines(1, 8, updates(names, 8, settings.seed))
         setup = decode(server.start()["inst0"])
         setup.degree, setup.threshold = k, t
@@ -109,7 +109,7 @@ def _cut_the_ring(settings: ProtectionSettings) -> tuple[str, dict[str, Any]]:
     k = derived.degree
     t = derived.threshold if settings.on("requirements") else k // 2 + 1
     fed = Federation(settings, masking_backend(settings, requirements=True), settings.seed, names=names,
-                     server_backend=masking_backend(settings)) 
+                     server_backend=masking_backend(settings))
     fed.server_backend.server_class = weak_setup_server_class(k, t)
     xs = updates(names, 64, settings.seed)
     server, clients = fed.machines(1, 64, xs)
@@ -315,7 +315,6 @@ def tamper_and_replay(settings: ProtectionSettings) -> CheckResult:
     message is rejected where it arrives (before it can influence anything, naming the sender); a sum that no
     honest inputs could make is never released; corrupted unmask shares are outvoted."""
     from fedse_secure.secagg.masking import (
-        EncryptedShares,
         KeysBroadcast,
         MaskedInput,
         MaskedInputRequest,
