@@ -44,7 +44,12 @@ class MaskingServer(ServerMachine):
     def _encode(requests) -> dict[str, bytes]:
         # One stage often sends the same message to everybody: serialise each distinct message once.
         wire: dict[int, bytes] = {}
-        return {name: wire.setdefault(id(msg), msg.to_bytes()) for name, msg in requests.items()}
+        out = {}
+        for name, msg in requests.items():
+            if id(msg) not in wire:  # not setdefault: its default would serialise the message every time
+                wire[id(msg)] = msg.to_bytes()
+            out[name] = wire[id(msg)]
+        return out
 
     def start(self) -> dict[str, bytes]:
         return self._encode(self.machine.start())
