@@ -443,7 +443,7 @@ class _AddsRingValues(SecAggClient):
     def _on_masked_input(self, msg):
         genuine = super()._on_masked_input(msg)
         y = genuine.vector.copy()
-        y[self.at] += np.uint32(self.delta)
+        y[self.at] = (int(y[self.at]) + self.delta) % 2**32  # ring arithmetic
         tag = InputTag(self._tag_key, masked_input_header(self.session, self.round_id, self.name, y.size))
         tag.update(y)
         return MaskedInput(round_id=self.round_id, sender=self.name, vector=y, tag=tag.tag())

@@ -425,7 +425,7 @@ def tamper_and_replay(settings: ProtectionSettings) -> CheckResult:
     def flip_masked(stage, direction, name, msg):
         if stage == Stage.MASKED_INPUT and direction == "to_server" and name == "inst2":
             v = msg.vector.copy()
-            v[7] ^= np.uint32(1 << 30)
+            v[7] = int(v[7]) ^ (1 << 30)
             return MaskedInput(round_id=msg.round_id, sender=name, vector=v, tag=msg.tag)
         return None
 
@@ -436,7 +436,7 @@ def tamper_and_replay(settings: ProtectionSettings) -> CheckResult:
     class AddsRingValues(SecAggClient):
         def _on_masked_input(self, msg):
             y = super()._on_masked_input(msg).vector.copy()
-            y[3] += np.uint32(2**31 - 1)
+            y[3] = (int(y[3]) + 2**31 - 1) % 2**32  # ring arithmetic
             tag = InputTag(self._tag_key, masked_input_header(self.session, self.round_id, self.name, y.size))
             tag.update(y)
             return MaskedInput(round_id=self.round_id, sender=self.name, vector=y, tag=tag.tag())
