@@ -161,7 +161,10 @@ class MaskingRequirements(StrictModel):
             return f"threshold: {threshold} is outside 2..{k + 1} (the neighbourhood size for degree {k})"
         context = (f"for {n_present} of {n_listed} participants (colluder_fraction {self.colluder_fraction}, "
                    f"dropout_fraction {self.dropout_fraction}, 2^-{self.security_bits})")
-        need_k = min(self.parameters(n_listed).degree, complete)
+        try:
+            need_k = min(self.parameters(n_listed).degree, complete)
+        except ValueError as err:  # these requirements cannot be met for this many participants at all
+            return f"participants: {err}"
         if self.min_degree is not None:
             need_k = max(need_k, min(self.min_degree, complete))
         if k < need_k:
