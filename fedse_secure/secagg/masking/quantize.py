@@ -5,9 +5,9 @@ complement in ``uint32`` or ``uint64`` so that numpy's wrap-around *is* arithmet
 smallest of 2^32 and 2^64 in which the sum of n clients cannot overflow:
 ``n * round(c * 2^f) <= 2^(k-1) - 1``, so the signed reading of the ring sum is the exact integer sum.
 
-By default f is sized per round so that the ring stays 32 bits (:func:`fractional_bits_for`): the masked
-upload is then the size of the fp32 adapter. With clip 8 that is f = 24 up to 10 institutions, 22 at 40, 21 at
-100 and 18 at 1000: a value's rounding error is at most 2^-(f+1) (2^-19 = 1.9e-6 at n = 1000, the same step as
+By default f is 24, lowered per round as far as needed for the ring to stay 32 bits (:func:`fractional_bits_for`):
+the masked upload is then the size of the fp32 adapter. With clip 8 that is f = 24 up to 10 institutions, 22 at
+40, 21 at 100 and 18 at 1000: a value's rounding error is at most 2^-(f+1) (2^-19 = 1.9e-6 at n = 1000, the same step as
 Flower's 2^22 levels over [-8, 8]), a sum's at most n 2^-(f+1).
 
 The masked vector carries one extra element after the update: the number of values the client clipped,

@@ -18,6 +18,7 @@ from fedse_secure.secagg.masking.requirements import GraphParameters, MaskingReq
 __all__ = ["GraphParameters", "MaskingSettings"]
 
 _DEFAULTS = MaskingRequirements()
+DEFAULT_FRACTIONAL_BITS = 24
 
 
 class MaskingSettings(FixedPointSettings):
@@ -26,9 +27,10 @@ class MaskingSettings(FixedPointSettings):
     backend: Literal["masking"] = "masking"
     fractional_bits: int | None = Field(
         None, ge=8, le=40,
-        description="Fixed-point precision (values rounded to multiples of 2^-fractional_bits); None = the most "
-                    "that keep the masked ring at 32 bits for the round's institutions (24 up to 10 institutions "
-                    "with clip_range 8, 21 at 100, 18 at 1000), so the upload is the size of the fp32 adapter.",
+        description="Fixed-point precision (values rounded to multiples of 2^-fractional_bits); None = 24 (the "
+                    "fixed-point default CrypTen shares), lowered as far as needed to keep the masked ring at 32 bits "
+                    "(23 at 16 institutions with clip_range 8, 21 at 100, 18 at 1000), so the upload is the size of "
+                    "the fp32 adapter.",
     )
     colluder_fraction: float = Field(
         _DEFAULTS.colluder_fraction, ge=0.0, lt=0.5, allow_inf_nan=False,
@@ -65,4 +67,5 @@ class MaskingSettings(FixedPointSettings):
 
         if self.fractional_bits is not None:
             return self.fractional_bits
-        return fractional_bits_for(n_participants, self.clip_range)
+        # Never finer than the shared default: small federations then encode exactly as CrypTen does.
+        return min(DEFAULT_FRACTIONAL_BITS, fractional_bits_for(n_participants, self.clip_range))
