@@ -125,4 +125,5 @@ def signed_integers(ring_vec: np.ndarray) -> np.ndarray:
 
 
 def dequantise(ring_sum: np.ndarray, fractional_bits: int) -> np.ndarray:
-    return signed_integers(ring_sum).astype(np.float64) / 2.0**fractional_bits
+    # One pass into one new float64 array; a power-of-two scale is exact, so this equals the division.
+    return np.multiply(signed_integers(ring_sum), 2.0**-fractional_bits, dtype=np.float64)
