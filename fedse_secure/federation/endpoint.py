@@ -170,9 +170,11 @@ class InstitutionEndpoint:
             raise Refused(f"{self.name}: {req.stage!r} is not a stage of {self.backend.name}")
         if req.train:
             self._client = None
+            client = self.backend.client(self.name, self.identity, self.registry)
+            # A setup this institution refuses (weaker than its requirements, replayed) costs it no training.
+            client.screen(req.blobs.get("request", b""))
             state = self._global_state(req, adapter_round=req.round_id - 1)
             local = self.institution.local_round(req.round_id, state, self.progress)
-            client = self.backend.client(self.name, self.identity, self.registry)
             client.set_input(local.payload)
             self._client, self._round = client, req.round_id
             reply = client.handle(req.blobs.get("request", b""))
