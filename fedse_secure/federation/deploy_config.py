@@ -9,8 +9,8 @@ set of configs can be moved around together (and the examples in ``configs/deplo
   checkpoints go, and timeouts.
 * :class:`InstitutionDeployConfig` — one institution: its name, environment, data folder, DP budget, ledger,
   identity key, node-auth key, the CA it trusts, the registry of identity keys it trusts (received out of
-  band, never from the coordinator), its SuperNode's own Runtime API certificate, and what it accepts from the
-  coordinator's secure-aggregation setup (``secure_aggregation``; its own, never the coordinator's).
+  band, never from the coordinator), its SuperNode's own Runtime API certificate, and its node policy (what it
+  accepts from the coordinator, the secure-aggregation setup included: its own, never the coordinator's).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from fedse_secure.config import (
     read_yaml,
 )
 from fedse_secure.schema import StrictModel
-from fedse_secure.secagg.masking.requirements import MaskingRequirements
 
 _NAME = NAME_PATTERN
 
@@ -196,10 +195,6 @@ class InstitutionDeployConfig(StrictModel):
     registry: Path
     # torch threads for this institution's worker; None keeps the experiment's model.num_threads.
     num_threads: int | None = Field(None, ge=1)
-    # What this institution accepts from the coordinator's masking setup (minimum participants, the colluder and
-    # dropout fractions it assumes, explicit floors for degree and threshold); it refuses a weaker setup before
-    # training. None = the defaults (10% colluders, 10% dropouts), never the coordinator's settings.
-    secure_aggregation: MaskingRequirements | None = None
 
     @model_validator(mode="after")
     def _check(self) -> InstitutionDeployConfig:

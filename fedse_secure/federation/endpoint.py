@@ -23,6 +23,19 @@ from fedse_secure.federation.wire import BUDGET_EXHAUSTED, EVALUATE, REFUSED, St
 from fedse_secure.secagg.base import Backend
 
 
+def institution_backend(experiment, policy=None) -> Backend:
+    """The experiment's secure-aggregation backend as one institution runs it. A masking client holds every
+    round's setup to the institution's own requirements (its node policy's ``secure_aggregation``), never to
+    the coordinator's settings; ``policy=None`` (a simulated institution without a policy file) accepts what
+    the experiment itself derives."""
+    from fedse_secure.secagg.masking.settings import MaskingSettings
+
+    settings = experiment.federation.secure_aggregation
+    if policy is None or not isinstance(settings, MaskingSettings):
+        return experiment.federation.backend()
+    return experiment.federation.backend(requirements=policy.secure_aggregation.masking_requirements())
+
+
 class Refused(FedseError, RuntimeError):
     """The institution will not act on this request (wrong experiment, no round state, ...); it drops out."""
 

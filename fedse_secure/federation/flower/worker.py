@@ -101,15 +101,6 @@ class InstitutionSession:
             data["model"]["num_threads"] = self.cfg.num_threads
         return ExperimentConfig.model_validate(data)
 
-    def backend(self, exp):
-        """The experiment's secure-aggregation backend, holding this institution to its own requirements (its
-        ``secure_aggregation`` section, else the defaults), never to the coordinator's settings."""
-        if exp.federation.secure_aggregation.backend != "masking":
-            return exp.federation.backend()
-        from fedse_secure.secagg.masking.requirements import MaskingRequirements
-
-        return exp.federation.backend(requirements=self.cfg.secure_aggregation or MaskingRequirements())
-
     def _endpoint_for(self, experiment_json: str):
         """The endpoint for the coordinator's experiment, built on first sight: decided under the node policy
         (a refused experiment gets an endpoint that refuses everything, and no model is loaded for it), then
@@ -117,7 +108,7 @@ class InstitutionSession:
         key = run_key(experiment_json)
         if self.endpoint is not None and self.endpoint.key == key:
             return self.endpoint
-        from fedse_secure.federation.endpoint import InstitutionEndpoint
+        from fedse_secure.federation.endpoint import InstitutionEndpoint, institution_backend
         from fedse_secure.policy import check_model, decide
 
         exp = self._local_experiment(experiment_json)
@@ -133,7 +124,7 @@ class InstitutionSession:
         else:
             log.warning("%s: refuses run %s under its node policy %s: %s", self.cfg.name, key, self.policy.source,
                         "; ".join(decision.lines))
-        endpoint = InstitutionEndpoint(inst, self.backend(exp), self.identity, self.registry, key=key,
+        endpoint = InstitutionEndpoint(inst, institution_backend(exp, self.policy), self.identity, self.registry, key=key,
                                        decision=decision, audit=self.audit, coordinator_key=self.coordinator_key)
         endpoint.record_session(exp, self.cfg.resolved_ledger_path)
         self.endpoint, self.experiment = endpoint, exp
