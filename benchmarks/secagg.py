@@ -8,21 +8,24 @@ through its wire form:
   each client serialises its float32 vector, the server deserialises it, checks it is finite and adds it to a
   float64 sum. This is the "secure_aggregation: none" path.
 * ``masking``: the ``masking`` backend through the same driver: all five stages for every client and the
-  server, every message through ``to_bytes``/``decode`` (full graph for n <= 32, the default settings).
+  server, every message through ``to_bytes``/``decode``, the default settings (degree and threshold derived from
+  10% colluders and 10% dropouts: k = 6, t = 5 for 10 clients; a 32-bit ring).
 * ``flower_secaggplus``: Flower's own ``SecAggPlusWorkflow.__call__`` (server, all four stages) against
   Flower's own ``secaggplus_mod`` on each client, driven in-process by a small Grid that passes each Flower
   ``Message`` through its protobuf wire form (``message_to_proto``/``SerializeToString``/``message_from_proto``).
-  num_shares = n (full graph, as ours), the same threshold, Flower's default quantisation (clip 8, 2^22
-  levels, mod 2^32), max_weight 1. The strategy's ``aggregate_fit`` is a pass-through (it returns the
+  num_shares = k + 1 and the threshold of ours (the same neighbourhoods), Flower's default quantisation (clip 8,
+  2^22 levels, mod 2^32), max_weight 1. The strategy's ``aggregate_fit`` is a pass-through (it returns the
   unmasked result; FedAvg's re-averaging of n copies is not secure-aggregation work), and the global model
   sent with FitIns is empty (model download is not part of aggregation in either protocol).
 
 Times are reported as wall clock and as process CPU time (robust to other jobs on a shared machine).
 Also printed: the critical path if clients ran concurrently (CPU of the slowest client per stage + the
 server, against the slowest plaintext serialisation + the plaintext server sum), per-client masking
-throughput on one core, and server time for n = 10, 100, 1000 on the SecAgg+ neighbour graph (degree
-2*ceil(log2 n), 5% of clients (at least one) dropping before sending their masked input, so the server
-also recovers pairwise masks).
+throughput on one core, and, for n = 10, 40, 100, 1000 on the default (derived) neighbour graph with 5% of
+clients (at least one) dropping before sending their masked input (so the server also recovers pairwise
+masks): the server's time, and the bytes each client uploads per round against the fp32 adapter. Those rounds
+run every client in this process with a smaller vector (100k parameters); the upload ratio for the 8M adapter
+is the measured per-client protocol overhead (bytes sent minus the masked vector) plus the 8M-element vector.
 
     python benchmarks/secagg.py            # 10 clients x 8M parameters
     python benchmarks/secagg.py --quick    # 10 clients x 1M; server scaling n = 10, 100, 300 (< 1 minute)
@@ -34,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -47,8 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fedse_secure.secagg.backends.masking import MaskingBackend  # noqa: E402
 from fedse_secure.secagg.backends.plaintext import PlaintextBackend  # noqa: E402
 from fedse_secure.secagg.driver import InProcessParties, aggregate, drive  # noqa: E402
-from fedse_secure.secagg.masking import IdentityKey, MaskingSettings, PublicKeyRegistry, Stage  # noqa: E402
-from fedse_secure.secagg.masking.graph import default_threshold  # noqa: E402
+from fedse_secure.secagg.masking import STAGES, IdentityKey, MaskingSettings, PublicKeyRegistry  # noqa: E402
 
 
 def make_inputs(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -83,7 +84,7 @@ def run_masking(inputs, identities, round_id: int):
 
 
 # -- Flower 1.42 SecAgg+, in-process -----------------------------------------------------------------------
-def run_flower(inputs: dict[str, np.ndarray], threshold: int):
+def run_flower(inputs: dict[str, np.ndarray], threshold: int, num_shares: int | None = None):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.client.mod import secaggplus_mod
     from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -146,7 +147,7 @@ def run_flower(inputs: dict[str, np.ndarray], threshold: int):
         Parameters(tensors=[], tensor_type="numpy.ndarray"), keep_input=True)
     # max_weight = 1 matches the weights used (1 per client); Flower's default 1000 would scale every update
     # by 1/1000 before its 22-bit quantisation and lose three decimal digits.
-    workflow = SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=threshold, max_weight=1.0)
+    workflow = SecAggPlusWorkflow(num_shares=num_shares or n, reconstruction_threshold=threshold, max_weight=1.0)
     with Timer() as dt:
         workflow(grid, ctx)
     if "params" not in captured:
@@ -156,16 +157,15 @@ def run_flower(inputs: dict[str, np.ndarray], threshold: int):
     return dt, mean.astype(np.float64) * n
 
 
-# -- server scaling -----------------------------------------------------------------------------------------
-def server_scaling(n: int, size: int, seed: int = 0) -> dict[str, float]:
+# -- server scaling and upload size ------------------------------------------------------------------------
+def server_scaling(n: int, size: int, seed: int = 0, adapter_params: int = 8_000_000) -> dict[str, float]:
     names = [f"inst{i:04d}" for i in range(n)]
     ids = {p: IdentityKey.generate() for p in names}
     reg = PublicKeyRegistry.from_identities(ids)
-    k = 2 * math.ceil(math.log2(n))
-    backend = MaskingBackend(MaskingSettings(neighbours=k))
+    backend = MaskingBackend()  # the derived degree and threshold for n
     inputs = make_inputs(n, size, seed)
     n_drop = max(1, n // 20)
-    drops = {p: Stage.MASKED_INPUT for p in names[:: max(1, n // n_drop)][:n_drop]}
+    drops = {p: "masked_input" for p in names[:: max(1, n // n_drop)][:n_drop]}
     server = backend.server(1, names, size, reg)
     clients = {p: backend.client(p, ids[p], reg) for p in names}
     for p in names:
@@ -174,15 +174,24 @@ def server_scaling(n: int, size: int, seed: int = 0) -> dict[str, float]:
     t0 = time.perf_counter()
     res = drive(server, parties)
     wall = time.perf_counter() - t0
-    res.measurements.update(parties.measurements(res.measurements["server_s"], res.measurements["server_cpu_s"]))
+    m = res.measurements
+    m.update(parties.measurements(m["server_s"], m["server_cpu_s"]))
+    vector_bytes = 4 * (size + 1)  # the masked vector: the update and the clipped count, uint32
+    overhead = m["bytes_sent_per_client"] - vector_bytes
     return {
-        "server_s": res.measurements["server_s"],
-        "server_cpu_s": res.measurements["server_cpu_s"],
+        "server_s": m["server_s"],
+        "server_cpu_s": m["server_cpu_s"],
         "wall_s": wall,
-        "degree": res.measurements["graph_degree"],
-        "threshold": res.measurements["threshold"],
+        "degree": m["graph_degree"],
+        "threshold": m["threshold"],
+        "ring_bits": m["ring_bits"],
+        "fractional_bits": m["fractional_bits"],
         "dropped": len(drops),
-        "client_s_max": res.measurements["client_s_max"],
+        "client_s_max": m["client_s_max"],
+        "bytes_sent_per_client": m["bytes_sent_per_client"],
+        "overhead_bytes_per_client": overhead,
+        "upload_ratio_measured": m["bytes_sent_per_client"] / (4 * size),
+        "upload_ratio_for_adapter": (overhead + 4 * (adapter_params + 1)) / (4 * adapter_params),
     }
 
 
@@ -200,14 +209,15 @@ def main() -> None:
     size = args.params or (1_000_000 if args.quick else 8_000_000)
     repeats = args.repeats or (2 if args.quick else 3)
     scaling_size = 2_000 if args.quick else 100_000
-    # Simulating 1000 clients costs ~10 CPU-seconds of client-side crypto, too much for --quick.
-    scaling_ns = (10, 100, 300) if args.quick else (10, 100, 1000)
+    # Simulating 1000 clients (k = 108) costs a few CPU-minutes of client-side crypto, too much for --quick.
+    scaling_ns = (10, 40, 100, 300) if args.quick else (10, 40, 100, 1000)
 
     inputs = make_inputs(n, size)
     identities = {p: IdentityKey.generate() for p in inputs}
-    threshold = default_threshold(n if n <= 32 else 2 * math.ceil(math.log2(n)) + 1)
+    params = MaskingSettings().parameters(n)
+    threshold = params.threshold
     print(f"secure aggregation benchmark: {n} clients x {size:,} float32 parameters, {os.cpu_count()} CPU(s), "
-          f"single-threaded, median of {repeats}")
+          f"single-threaded, median of {repeats}; masking degree {params.degree}, t={threshold}")
 
     run_plaintext(inputs, identities)  # warm up allocator and page cache
     plain = [run_plaintext(inputs, identities) for _ in range(repeats)]
@@ -229,7 +239,7 @@ def main() -> None:
 
     flower = None
     if not args.no_flower:
-        flower, flower_total = run_flower(inputs, threshold)
+        flower, flower_total = run_flower(inputs, threshold, num_shares=min(n, params.degree + 1))
         flower_err = float(np.max(np.abs(flower_total - exact)))
 
     crypten_row = None
@@ -275,18 +285,26 @@ def main() -> None:
     print(f"per-client masking on one core: {gbps:.2f} GB/s of AES-128-CTR mask keystream expanded and added per "
           f"CPU-second (quantisation and checks included), i.e. {input_gbps:.2f} GB/s of float32 input with "
           f"{m['client_keystream_bytes_max'] // (size * (m['ring_bits'] // 8))} masks per client")
-    print(f"bytes sent per client: {m['bytes_sent_per_client']:,} (plaintext: {size * 4:,})")
-    stages = ", ".join(f"{s} {m[f'stage_{s}_s']:.3f}s" for s in Stage.ALL)
+    upload_10 = m["bytes_sent_per_client"] / (size * 4)
+    print(f"bytes sent per client: {m['bytes_sent_per_client']:,} (fp32 adapter: {size * 4:,}; ratio {upload_10:.4f})")
+    stages = ", ".join(f"{s} {m[f'stage_{s}_s']:.3f}s" for s in STAGES)
     print(f"stage wall times (last run): {stages}")
 
-    server_by_n, server_cpu_by_n = {}, {}
+    server_by_n, server_cpu_by_n, upload_by_n, overhead_by_n, params_by_n = {}, {}, {}, {}, {}
     for ns in scaling_ns:
-        r = server_scaling(ns, scaling_size)
+        r = server_scaling(ns, scaling_size, adapter_params=size)
         server_by_n[str(ns)] = round(r["server_s"], 4)
         server_cpu_by_n[str(ns)] = round(r["server_cpu_s"], 4)
-        print(f"server time, n={ns:5d}, {scaling_size:,} params, degree {r['degree']}, t={r['threshold']}, "
-              f"{r['dropped']} dropped: {r['server_s']:.3f} s wall, {r['server_cpu_s']:.3f} s CPU "
-              f"(whole simulated round incl. all {ns} clients: {r['wall_s']:.2f} s wall)")
+        upload_by_n[str(ns)] = round(upload_10 if ns == n else r["upload_ratio_for_adapter"], 5)
+        overhead_by_n[str(ns)] = int(r["overhead_bytes_per_client"])
+        params_by_n[str(ns)] = {"degree": r["degree"], "threshold": r["threshold"], "ring_bits": r["ring_bits"],
+                                "fractional_bits": r["fractional_bits"]}
+        print(f"n={ns:5d}: degree {r['degree']}, t={r['threshold']}, {r['ring_bits']}-bit ring (f={r['fractional_bits']}), "
+              f"{r['dropped']} dropped; server {r['server_s']:.3f} s wall, {r['server_cpu_s']:.3f} s CPU for "
+              f"{scaling_size:,} params (whole simulated round incl. all {ns} clients: {r['wall_s']:.2f} s wall); "
+              f"upload per client {r['bytes_sent_per_client']:,} B = {r['upload_ratio_measured']:.4f}x its fp32 vector, "
+              f"protocol overhead {r['overhead_bytes_per_client']:,} B -> {r['upload_ratio_for_adapter']:.5f}x a "
+              f"{size:,}-parameter fp32 adapter")
 
     summary = {
         "clients": n,
@@ -308,6 +326,12 @@ def main() -> None:
         "mask_gb_per_s_per_core": round(gbps, 3),
         "mask_input_gb_per_s_per_core": round(input_gbps, 3),
         "bytes_sent_per_client": m["bytes_sent_per_client"],
+        "graph_degree": params.degree,
+        "threshold": params.threshold,
+        "upload_ratio_by_n": upload_by_n,
+        "upload_ratio_max": max(upload_by_n.values()),
+        "upload_overhead_bytes_by_n": overhead_by_n,
+        "parameters_by_n": params_by_n,
         "server_s_by_n": server_by_n,
         "server_cpu_s_by_n": server_cpu_by_n,
         "server_scaling_params": scaling_size,

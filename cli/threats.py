@@ -44,7 +44,7 @@ def verify(
     disable: list[str] = typer.Option(
         [], "--disable",
         help="Switch a protection off to see its checks fail (repeatable): masking, signatures, aead, "
-             "consistency, dp, ledger-chain, budget, tls.",
+             "consistency, requirements, input-auth, share-commitments, dp, ledger-chain, budget, tls.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulated data and keys."),
 ) -> None:

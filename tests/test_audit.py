@@ -28,10 +28,16 @@ def run(repo_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     refusing = root / "policy-refusing.yaml"
     refusing.write_text(yaml.safe_dump({"privacy": {"mechanisms": ["dp-sgd"], "min_noise_multiplier": 2.0}}))
+    # The strict policy, except that (like the pilot's) it accepts t = 2 of 3 by assuming no colluder: the round
+    # must survive the refusing institution, and what is checked here is what leaves, not the threshold.
+    strict = yaml.safe_load((repo_root / "configs/deploy/policy-strict.yaml").read_text())
+    strict["secure_aggregation"].update(colluder_fraction=0.0, dropout_fraction=0.34)
+    (root / "policy-strict.yaml").write_text(yaml.safe_dump(strict))
     out = root / "run"
     proc = _fedse("simulate", str(repo_root / "configs/smoke.yaml"), "--out", str(out), "-q",
                   "--set", "privacy.mode=dp-sgd", "--set", "federation.secure_aggregation.threshold=2",
-                  "--set", f"clients.0.policy={repo_root / 'configs/deploy/policy-strict.yaml'}",
+                  "--set", "federation.secure_aggregation.colluder_fraction=0.0",
+                  "--set", f"clients.0.policy={root / 'policy-strict.yaml'}",
                   "--set", f"clients.1.policy={repo_root / 'configs/deploy/policy.yaml'}",
                   "--set", f"clients.2.policy={refusing}", cwd=repo_root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

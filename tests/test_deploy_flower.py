@@ -353,7 +353,7 @@ def test_killed_institution_drops_out_and_a_crashed_coordinator_resumes(deployme
 def test_institutions_refuse_a_weaker_request_over_flower_naming_the_field(deployment_factory, tmp_path):
     """The coordinator asks for DP-SGD with delta 0.5 and noise 0.5 at threshold 2. Each institution decides under
     its own node policy, before its model is even loaded, and refuses with one line per violated field: the
-    strict one names the noise and delta, one requiring threshold 3 names the threshold, one that approved
+    strict one names the noise, delta and threshold (it assumes 10% colluders: t = 3 of 3), one requiring threshold 3 names the threshold, one that approved
     another experiment (and client-dp only, at its default delta cap) names the experiment hash, the mode and
     delta."""
     other = tmp_path / "policy-threshold.yaml"
@@ -373,7 +373,7 @@ def test_institutions_refuse_a_weaker_request_over_flower_naming_the_field(deplo
 
     (record,) = RunFolder(d.state / "run").records()
     assert record.status == "aborted" and record.released_sum_sha256 is None, run.stdout[-3000:]
-    expected = {"maze-clinic": ["privacy.noise_multiplier", "privacy.delta"],
+    expected = {"maze-clinic": ["privacy.noise_multiplier", "privacy.delta", "federation.secure_aggregation.threshold"],
                 "wordle-lab": ["federation.secure_aggregation.threshold"],
                 "craft-works": ["experiment", "privacy.mode", "privacy.delta"]}
     for name, fields in expected.items():

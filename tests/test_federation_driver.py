@@ -69,7 +69,7 @@ def test_simulated_dropouts_reach_the_round_records(repo_root, tmp_path):
 
     cfg = load_config(repo_root / "configs" / "smoke.yaml", [
         "federation.rounds=1", "evaluation.test_tasks=1", "federation.secure_aggregation.threshold=2",
-        "federation.simulate_dropouts={wordle-lab: masked_input}"])
+        "federation.secure_aggregation.colluder_fraction=0.0", "federation.simulate_dropouts={wordle-lab: masked_input}"])
     summary = simulate(cfg, tmp_path / "run")
     assert summary.status == "completed" and summary.rounds_completed == 1
     (record,) = [r for r in RunFolder(tmp_path / "run").records() if r.status == "completed"]

@@ -40,7 +40,8 @@ REFUSALS = [
     ("no DP", ["privacy.mode=none"], {}, "privacy.mode"),
     ("delta 0.5", ["privacy.mode=dp-sgd", "privacy.delta=0.5"], {}, "privacy.delta"),
     ("noise below the minimum", ["privacy.mode=dp-sgd", "privacy.noise_multiplier=0.5"], {}, "privacy.noise_multiplier"),
-    ("threshold below the minimum", ["privacy.mode=dp-sgd", "federation.secure_aggregation.threshold=2"],
+    ("threshold below the minimum", ["privacy.mode=dp-sgd", "federation.secure_aggregation.colluder_fraction=0.0",
+                                     "federation.secure_aggregation.threshold=2"],
      {"secure_aggregation": {"min_threshold": 3}}, "federation.secure_aggregation.threshold"),
     ("unapproved experiment", ["privacy.mode=dp-sgd"], {"approvals": {"experiments": ["ab" * 32]}}, "experiment"),
 ]
@@ -101,10 +102,11 @@ def test_counts_in_the_payload_are_refused_under_add_remove_accounting(repo_root
 
 def test_replace_one_policies_refuse_add_remove_and_colluders_bound_the_threshold(repo_root, tmp_path):
     policy = _policy(tmp_path, privacy={"mechanisms": ["client-dp"], "neighbouring": "replace-one"},
-                     secure_aggregation={"colluder_fraction": 0.5})
-    exp = _smoke(repo_root, "privacy.mode=client-dp", "federation.secure_aggregation.threshold=2")
+                     secure_aggregation={"colluder_fraction": 0.45})
+    exp = _smoke(repo_root, "privacy.mode=client-dp", "federation.secure_aggregation.colluder_fraction=0.0",
+                 "federation.secure_aggregation.threshold=2")
     fields = [v.field for v in decide(policy, exp, "x").violations]
-    # 2 colluders of the 2 others among sums of 2: one honest update would be exposed; and the relation.
+    # The experiment assumes no colluder; the institution assumes 2 of 3, under which t=2 exposes an honest update.
     assert fields == ["privacy.neighbouring", "privacy.honest_fraction", "federation.secure_aggregation.threshold"]
 
 

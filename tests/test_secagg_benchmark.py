@@ -32,4 +32,5 @@ def test_all_three_paths_agree_on_small_inputs(bench):
 
 def test_server_scaling_runs_on_the_neighbour_graph(bench):
     r = bench.server_scaling(40, 50)
-    assert r["degree"] == 12 and r["dropped"] == 2 and r["server_s"] > 0
+    assert r["degree"] == 16 and r["threshold"] == 12 and r["dropped"] == 2 and r["server_s"] > 0
+    assert r["ring_bits"] == 32 and r["upload_ratio_for_adapter"] < 1.01

@@ -42,10 +42,10 @@ class _Masking:
 
 
 def _expected(inputs, names, cfg: MaskingSettings) -> np.ndarray:
-    bits = required_ring_bits(len(inputs), cfg.clip_range, cfg.fractional_bits, len(next(iter(inputs.values()))))
-    total = sum(signed_integers(quantise(inputs[n], cfg.clip_range, cfg.fractional_bits, bits)).astype(np.int64)
-                for n in names)
-    return total / 2.0**cfg.fractional_bits
+    f = cfg.precision(len(inputs))
+    bits = required_ring_bits(len(inputs), cfg.clip_range, f)
+    total = sum(signed_integers(quantise(inputs[n], cfg.clip_range, f, bits)).astype(np.int64) for n in names)
+    return total / 2.0**f
 
 
 def test_is_a_registered_backend_and_sum_is_exact():
@@ -62,11 +62,13 @@ def test_is_a_registered_backend_and_sum_is_exact():
     plain = sum(v.astype(np.float64) for v in inputs.values())
     assert np.max(np.abs(res.total - plain)) <= 6 * 2.0**-25
     m = res.measurements
+    assert m["ring_bits"] == 32 and m["fractional_bits"] == 24
     for key in ("bytes_sent_per_client", "values_clipped", "stage_advertise_keys_s", "stage_share_keys_s",
                 "stage_masked_input_s", "stage_consistency_s", "stage_unmask_s", "server_s"):
         assert key in m
     assert m["values_clipped"] == 0
     assert m["bytes_sent_per_client"] > 1001 * 4  # the masked vector plus keys, shares and signatures
+    assert m["tolerated_colluders"] == 2 * m["threshold"] - m["graph_degree"] - 2
 
 
 def test_float64_inputs_and_several_rounds_with_given_identities():
@@ -107,23 +109,25 @@ def test_one_dropout_at_each_stage(stage):
 
 
 def test_dropouts_at_two_stages_and_a_backend_with_three_institutions_minimum():
-    cfg = MaskingSettings()
+    # Two dropouts among 8 need dropout_fraction 0.25 (the default 0.1 plans for none at n = 8).
+    cfg = MaskingSettings(dropout_fraction=0.25)
     inputs = _inputs(8, 100)
     res = _Masking(cfg, seed=4).aggregate(1, inputs, dropouts={"inst01": "masked_input", "inst04": "share_keys"})
     assert res.dropped == ["inst01", "inst04"]
     assert np.array_equal(res.total, _expected(inputs, res.survivors, cfg))
-    backend = MaskingBackend(cfg)
-    assert backend.min_contributors(8) == 6 and backend.min_contributors(40) == 9  # t = floor(2m/3) + 1
+    assert MaskingBackend(cfg).settings.parameters(8).degree == 7  # the complete graph, t = 5
+    backend = MaskingBackend(MaskingSettings())
+    assert backend.min_contributors(8) == 4 and backend.min_contributors(40) == 12  # the derived thresholds
     with pytest.raises(ValueError, match="needs at least 3 institutions"):
         backend.check(2)
 
 
 def test_secagg_plus_graph_with_dropouts():
-    cfg = MaskingSettings()  # n = 40 > 32: degree 2*ceil(log2 40) = 12, threshold 9 of 13
+    cfg = MaskingSettings()  # n = 40: degree 16, threshold 12 of 17 (Bell et al. for 10% colluders/dropouts)
     inputs = _inputs(40, 200, seed=2)
     drops = {"inst05": Stage.MASKED_INPUT, "inst17": Stage.SHARE_KEYS, "inst30": Stage.UNMASK}
     res = _Masking(cfg, seed=5).aggregate(1, inputs, dropouts=drops)
-    assert res.measurements["graph_degree"] == 12
+    assert res.measurements["graph_degree"] == 16 and res.measurements["ring_bits"] == 32
     assert res.dropped == ["inst05", "inst17"]
     assert np.array_equal(res.total, _expected(inputs, res.survivors, cfg))
 
@@ -160,8 +164,14 @@ def test_shape_errors_and_too_few_institutions():
         _Masking(MaskingSettings()).aggregate(1, {"a": np.zeros(10), "b": np.zeros(10), "c": np.zeros(9)})
     with pytest.raises(SecureAggregationError, match="at least 3 institutions"):
         _Masking(MaskingSettings()).aggregate(1, {"a": np.zeros(3), "b": np.zeros(3)})
-    with pytest.raises(SecureAggregationError, match="not more than half"):
-        _Masking(MaskingSettings(threshold=2)).aggregate(1, _inputs(5, 3))
+    # A configured threshold may raise the derived one, never lower it (caught when the config is validated).
+    with pytest.raises(ValueError, match="threshold=2 is below 4, the least that is safe for 5 institutions"):
+        MaskingBackend(MaskingSettings(threshold=2)).check(5)
+    MaskingBackend(MaskingSettings(threshold=3, colluder_fraction=0.0)).check(5)
+    with pytest.raises(ValueError, match="threshold=2 is below 3.*; raise it or leave it unset$"):
+        MaskingBackend(MaskingSettings(threshold=2, colluder_fraction=0.0)).check(5)
+    with pytest.raises(ValueError, match="neighbours=4 is below 16"):
+        MaskingBackend(MaskingSettings(neighbours=4)).check(40)
     with pytest.raises(SecureAggregationError, match="exceeds the neighbourhood size"):
         _Masking(MaskingSettings(threshold=9)).aggregate(1, _inputs(5, 3))
 

@@ -1,9 +1,8 @@
-"""Building blocks of the masking backend: Shamir, graph, identities, messages, quantisation, PRG."""
+"""Building blocks of the masking backend: Shamir, graph, requirements, identities, messages, quantisation, PRG."""
 
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -23,9 +22,16 @@ from fedse_secure.secagg.masking import (
     decode,
 )
 from fedse_secure.secagg.masking import shamir
-from fedse_secure.secagg.masking.graph import default_threshold, neighbour_sets, resolve_degree
+from fedse_secure.secagg.masking.graph import graph_seed, neighbour_sets, roster_digest
 from fedse_secure.secagg.masking.prg import RandomSource, expand_mask
-from fedse_secure.secagg.masking.quantize import dequantise, quantise, required_ring_bits, signed_integers
+from fedse_secure.secagg.masking.quantize import (
+    dequantise,
+    fractional_bits_for,
+    quantise,
+    required_ring_bits,
+    signed_integers,
+)
+from fedse_secure.secagg.masking.requirements import GraphParameters, MaskingRequirements
 
 
 def test_shamir_any_threshold_subset_recovers_and_fewer_do_not():
@@ -51,19 +57,51 @@ def test_shamir_rejects_corrupt_share():
         shamir.combine([shares[0][:10], shares[1]], 2)
 
 
-def test_graph_is_regular_symmetric_and_full_for_small_n():
+def test_graph_is_regular_symmetric_and_drawn_from_every_advertisement():
     names = [f"c{i}" for i in range(50)]
-    k = resolve_degree(50, None)
-    assert k == 2 * math.ceil(math.log2(50))
-    g = neighbour_sets(names, k, b"s" * 32)
-    assert all(len(v) == k for v in g.values())
+    g = neighbour_sets(names, 12, b"s" * 32)
+    assert all(len(v) == 12 for v in g.values())
     assert all(a in g[b] for a in g for b in g[a])
-    assert resolve_degree(10, None) == 9
     full = neighbour_sets(names[:10], 9, b"s" * 32)
     assert all(len(v) == 9 for v in full.values())
-    assert resolve_degree(1000, None) == 20
-    assert resolve_degree(50, 5) == 6  # the ring lattice needs an even degree
-    assert default_threshold(3) == 3 and default_threshold(10) == 7 and default_threshold(21) == 15
+    adverts = [KeyAdvertisement(round_id=1, sender=n, mask_public_key=bytes([i]) * 32, enc_public_key=bytes([i + 1]) * 32,
+                                seed_commitment=b"c" * 32, signature=b"s" * 64) for i, n in enumerate(names)]
+    session = roster_digest(b"d" * 32, adverts)
+    assert session == roster_digest(b"d" * 32, adverts[::-1])  # order of arrival does not matter
+    changed = [KeyAdvertisement(**{**a.__dict__, "signature": b"t" * 64}) if a.sender == "c7" else a for a in adverts]
+    # One advertisement more, less or different is another session and another graph.
+    assert len({session, roster_digest(b"d" * 32, adverts[1:]), roster_digest(b"d" * 32, changed),
+                roster_digest(b"e" * 32, adverts)}) == 4
+    assert neighbour_sets(names, 12, graph_seed(session)) != neighbour_sets(names, 12, graph_seed(
+        roster_digest(b"d" * 32, changed)))
+
+
+def test_requirements_follow_bell_et_al_and_document_their_table():
+    req = MaskingRequirements()
+    table = {r["n"]: (r["degree"], r["threshold"]) for r in req.table((3, 5, 10, 40, 100, 1000))}
+    # The table SECURITY.md documents for the defaults (10% colluders, 10% dropouts, 2^-40, 2^-20).
+    assert table == {3: (2, 3), 5: (4, 4), 10: (6, 5), 40: (16, 12), 100: (34, 24), 1000: (108, 77)}
+    for n in (5, 10, 40, 100, 1000):
+        p = req.parameters(n)
+        c = req.colluders(n)
+        # A split survivor list needs 2t - m colluders in a neighbourhood; the derivation keeps that above the
+        # colluders a neighbourhood can hold except with probability 2^-40 (here simply: above c when k = n - 1).
+        assert p.tolerated_colluders == 2 * p.threshold - p.neighbourhood - 1
+        assert p.threshold >= p.degree // 2 + 2 or p.degree == n - 1  # dropouts alone never cut the ring
+        if p.degree == n - 1:
+            assert p.tolerated_colluders >= c
+    # Stricter assumptions only ever raise the parameters.
+    strict = MaskingRequirements(colluder_fraction=0.2)
+    assert strict.parameters(100).degree > req.parameters(100).degree
+    assert MaskingRequirements(colluder_fraction=0.0).parameters(3) == GraphParameters(2, 2)
+    assert req.refusal(40, 40, 16, 12) is None and req.refusal(40, 40, 20, 14) is None
+    assert req.refusal(40, 40, 2, 2).startswith("degree: 2 is below 16")
+    assert req.refusal(5, 5, 4, 3).startswith("threshold: 3 is below 4")
+    assert req.refusal(2, 2, 1, 2).startswith("participants:")
+    # Dropping institutions before the graph is fixed raises the colluders' share: the bar goes up.
+    assert req.refusal(1000, 600, 108, 77).startswith("threshold: 77 is below")
+    with pytest.raises(ValueError, match="exceeds 0.9"):
+        MaskingRequirements(colluder_fraction=0.3, dropout_fraction=0.35)
 
 
 def test_identity_pem_roundtrip_with_and_without_passphrase(tmp_path):
@@ -92,52 +130,77 @@ def test_messages_roundtrip_and_reject_garbage():
                            seed_commitment=b"3" * 32, signature=b"4" * 64)
     msgs = [
         SetupRequest(round_id=3, participants=["a", "b", "c"], threshold=3, degree=2, ring_bits=32, vector_len=5,
-                     graph_seed=b"x" * 32),
+                     nonce=b"n" * 32, server_key=b"k" * 32),
         adv,
-        KeysBroadcast(round_id=3, adverts=[adv, adv]),
-        EncryptedShares(round_id=3, sender="a", ciphertexts={"b": b"\x00\x01", "c": b""}),
-        MaskedInput(round_id=3, sender="a", vector=np.arange(7, dtype=np.uint64)),
+        KeysBroadcast(round_id=3, adverts=[adv, KeyAdvertisement(**{**adv.__dict__, "sender": "é" * 3})]),
+        EncryptedShares(round_id=3, sender="a", ciphertexts={"b": b"\x00\x01", "c": b""},
+                        commitments={"a": b"c" * 64}, signature=b"s" * 64),
+        MaskedInput(round_id=3, sender="a", vector=np.arange(7, dtype=np.uint64), tag=b"t" * 16),
         UnmaskShares(round_id=3, sender="a", seed_shares={"a": b"s"}, key_shares={}),
     ]
     for m in msgs:
         back = decode(m.to_bytes())
         assert type(back) is type(m)
         if isinstance(m, MaskedInput):
-            assert np.array_equal(back.vector, m.vector) and back.vector.dtype == np.uint64
+            assert np.array_equal(back.vector, m.vector) and back.vector.dtype == np.uint64 and back.tag == m.tag
         else:
             assert back == m
     assert SetupRequest.from_bytes(msgs[0].to_bytes()).digest() == msgs[0].digest()
+    # A fresh nonce is a different setup.
+    assert SetupRequest(**{**msgs[0].__dict__, "nonce": b"m" * 32}).digest() != msgs[0].digest()
     with pytest.raises(ProtocolError, match="expected a SetupRequest"):
         SetupRequest.from_bytes(adv.to_bytes())
     with pytest.raises(ProtocolError, match="bad magic"):
         decode(b"nonsense")
     with pytest.raises(ProtocolError):
         decode(adv.to_bytes()[:-5])
-    d = adv.to_dict()
-    assert KeyAdvertisement.from_dict(d) == adv  # the dict form (hex bytes) also round-trips
+    blobs: list = []
+    d = adv.to_dict(blobs)
+    assert KeyAdvertisement.from_dict(d, blobs) == adv
     d["round_id"] = "x"
     with pytest.raises(ProtocolError, match="round_id"):
-        KeyAdvertisement.from_dict(d)
-    d = adv.to_dict()
+        KeyAdvertisement.from_dict(d, blobs)
+    d = adv.to_dict(blobs)
     d["extra"] = 1
     with pytest.raises(ProtocolError, match="do not match"):
-        KeyAdvertisement.from_dict(d)
+        KeyAdvertisement.from_dict(d, blobs)
+    # The header says a blob is a vector of objects: the field's declared type decides, not the header.
+    d = msgs[4].to_dict(blobs := [])
+    d["vector"]["dtype"] = "|O"
+    with pytest.raises(ProtocolError, match="field 'vector' is malformed"):
+        MaskedInput.from_dict(d, blobs)
+
+
+def test_a_deeply_nested_header_is_a_protocol_error_not_a_recursion_error():
+    import json
+    import struct
+
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    with pytest.raises(ProtocolError, match="malformed message header"):
+        decode(b"FSA2" + struct.pack(">I", len(deep)) + deep)
+    nested = json.dumps({"type": "KeysBroadcast", "round_id": 1, "adverts": {"$b": {"$b": {"$b": 0}}}}).encode()
+    with pytest.raises(ProtocolError):
+        decode(b"FSA2" + struct.pack(">I", len(nested)) + nested)
 
 
 def test_ring_headroom_and_exact_extremes():
     assert required_ring_bits(10, 8.0, 24) == 32
     assert required_ring_bits(16, 8.0, 24) == 64  # 16 * 2^27 = 2^31 does not fit the signed 32-bit range
-    assert required_ring_bits(10, 1.0, 8, vector_len=300_000_000) == 64  # the clipped counts need room too
     with pytest.raises(SecureAggregationError, match="overflows a 64-bit ring"):
         required_ring_bits(2**21, 8.0, 40)
-    n = 15
-    bits = required_ring_bits(n, 8.0, 24)
-    for v in (8.0, -8.0):
-        q = quantise(np.full(4, v, np.float32), 8.0, 24, bits)
-        total = np.zeros(4, q.dtype)
-        for _ in range(n):
-            total += q
-        assert np.all(dequantise(total, 24) == n * v)
+    # The default precision keeps the ring at 32 bits up to 1000 institutions (the upload = the fp32 adapter);
+    # at 1000 it is Flower's step (2^22 levels over [-8, 8] = 2^-18).
+    assert [fractional_bits_for(n, 8.0) for n in (3, 10, 16, 40, 100, 1000)] == [26, 24, 23, 22, 21, 18]
+    for n in (3, 10, 16, 40, 100, 1000):
+        assert required_ring_bits(n, 8.0, fractional_bits_for(n, 8.0)) == 32
+    for n, f in ((15, 24), (1000, 18)):
+        bits = required_ring_bits(n, 8.0, f)
+        for v in (8.0, -8.0):
+            q = quantise(np.full(4, v, np.float32), 8.0, f, bits)
+            total = np.zeros(4, q.dtype)
+            for _ in range(n):
+                total += q
+            assert np.all(dequantise(total, f) == n * v)
     q = quantise(np.array([0.1, -0.25, 3.0], np.float64), 8.0, 24, 64)
     assert np.array_equal(signed_integers(q), np.rint(np.array([0.1, -0.25, 3.0]) * 2**24).astype(np.int64))
 
@@ -148,3 +211,17 @@ def test_prg_is_deterministic_and_key_dependent():
     assert not np.array_equal(a[:1000], expand_mask(b"j" * 16, 1000, np.uint32))
     # Chunked streaming gives the same keystream as one call: the prefix of a longer mask equals a shorter one.
     assert np.array_equal(a[:70_000], expand_mask(b"k" * 16, 70_000, np.uint32))
+
+
+def test_the_table_in_security_md_is_the_derivation(repo_root):
+    text = (repo_root / "SECURITY.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    ns = [int(v) for v in rows["n"]]
+    table = MaskingRequirements().table(ns)
+    assert [str(r["degree"]) for r in table] == rows["k"]
+    assert [str(r["threshold"]) for r in table] == rows["t"]
+    assert [str(r["tolerated_colluders_per_neighbourhood"]) for r in table] == rows["tolerated per neighbourhood (2t − m − 1)"]

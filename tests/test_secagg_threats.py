@@ -8,14 +8,16 @@ import pytest
 from fedse_secure.secagg.backends.masking import MaskingBackend
 from fedse_secure.secagg.driver import InProcessParties, aggregate, drive_until
 from fedse_secure.secagg.masking import (
+    STAGES,
     AuthenticationError,
     ConsistencyRequest,
-    EncryptedShares,
     IdentityKey,
     MaskedInputRequest,
     MaskingSettings,
+    PeerMisbehaviourError,
     ProtocolError,
     PublicKeyRegistry,
+    RoundAbortedError,
     SecAggServer,
     Stage,
     UnmaskRequest,
@@ -26,7 +28,7 @@ from fedse_secure.secagg.masking import keys, shamir
 from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream, RandomSource
 from fedse_secure.secagg.masking.quantize import quantise
 
-NAMES = ["p0", "p1", "p2", "p3", "p4"]  # full graph, default threshold t = 4
+NAMES = ["p0", "p1", "p2", "p3", "p4"]  # full graph, default threshold t = 4 (Bell et al. for 10% colluders)
 
 
 def _inputs(size=64, seed=0):
@@ -97,7 +99,7 @@ def test_drive_until_hands_over_at_the_named_stage():
     reqs = drive_until(server, InProcessParties(clients, stages=backend.stages, interceptor=_decoded(observe)),
                        Stage.MASKED_INPUT)
     assert server.stage == Stage.MASKED_INPUT and sorted(reqs) == NAMES
-    assert seen == [Stage.ALL[0]] * 5 + [Stage.ALL[1]] * 5  # two honest stages, every reply observed
+    assert seen == [STAGES[0]] * 5 + [STAGES[1]] * 5  # two honest stages, every reply observed
     backend, server, clients, _xs, _ids = _machines(8, 16)
     with pytest.raises(SecureAggregationError, match="ended before stage 'nonsense'"):
         drive_until(server, InProcessParties(clients, stages=backend.stages), "nonsense")
@@ -106,8 +108,9 @@ def test_drive_until_hands_over_at_the_named_stage():
 def test_an_alive_client_refuses_to_be_listed_as_dropped():
     server, clients, *_ = _to_masked_inputs()
     lie = ConsistencyRequest(round_id=1, survivors=["p0", "p1", "p3", "p4"])
-    with pytest.raises(ProtocolError, match="lists this client as dropped although it sent its masked input"):
+    with pytest.raises(PeerMisbehaviourError, match="lists this institution as dropped although it sent its masked"):
         clients["p2"].handle(lie)
+    assert clients["p2"].aborted
 
 
 def test_claiming_an_alive_client_dropped_yields_its_mask_key_but_never_its_seed():
@@ -127,10 +130,10 @@ def test_claiming_an_alive_client_dropped_yields_its_mask_key_but_never_its_seed
     streams = []
     for v in NAMES:
         if v != "p2":
-            k = keys.pair_mask_key(sk, server.adverts[v].mask_public_key, server.digest, "p2", v)
+            k = keys.pair_mask_key(sk, server.adverts[v].mask_public_key, server.session, "p2", v)
             streams.append(MaskStream(k, y.dtype, -1 if "p2" < v else +1))
     MaskApplier(y.dtype).apply(y, streams)
-    q = quantise(xs["p2"], 8.0, 24, server.setup.ring_bits)
+    q = quantise(xs["p2"], 8.0, server.setup.fractional_bits, server.setup.ring_bits)
     # Still hidden by the self mask: no element equals the quantised input beyond chance.
     assert np.count_nonzero(y[:-1] == q) <= 1
     # A second request for the seed shares, with p2 now "alive", is refused by every client.
@@ -145,21 +148,21 @@ def test_equivocating_survivor_lists_are_refused():
     sig_a = {p: clients[p].handle(ConsistencyRequest(round_id=1, survivors=list_a)).signature for p in ("p0", "p1", "p2")}
     sig_b = {p: clients[p].handle(ConsistencyRequest(round_id=1, survivors=list_b)).signature for p in ("p3", "p4")}
     # To p3 (who signed list B): signatures of list A relabelled as list B do not verify.
-    with pytest.raises(AuthenticationError, match="does not verify"):
+    with pytest.raises(PeerMisbehaviourError, match="does not verify"):
         clients["p3"].handle(UnmaskRequest(round_id=1, survivors=list_b, signatures={**sig_b, "p0": sig_a["p0"],
                                                                                      "p1": sig_a["p1"]}))
     # To p4: only the two genuine list-B signatures, below t = 4.
-    with pytest.raises(ProtocolError, match="only 2 of its neighbourhood signed"):
+    with pytest.raises(PeerMisbehaviourError, match="only 2 of its neighbourhood signed"):
         clients["p4"].handle(UnmaskRequest(round_id=1, survivors=list_b, signatures=sig_b))
     # To p0 (who signed list A): list B is not what it signed.
-    with pytest.raises(ProtocolError, match="differs from the one this client signed"):
+    with pytest.raises(PeerMisbehaviourError, match="differs from the one this institution signed"):
         clients["p0"].handle(UnmaskRequest(round_id=1, survivors=list_b, signatures=sig_b))
     # A fresh round: p2 is alive and signs the full list; the server shows p3 a list that drops p2 together
     # with p2's own signature (to reach t). p3 sees a live client listed as dropped and refuses.
     server, clients, *_ = _to_masked_inputs(seed=1)
     s2 = clients["p2"].handle(ConsistencyRequest(round_id=1, survivors=list_a)).signature
     sb = {p: clients[p].handle(ConsistencyRequest(round_id=1, survivors=list_b)).signature for p in list_b}
-    with pytest.raises(ProtocolError, match="'p2' signed the survivor list but is listed as dropped"):
+    with pytest.raises(PeerMisbehaviourError, match="'p2' signed the survivor list but is listed as dropped"):
         clients["p3"].handle(UnmaskRequest(round_id=1, survivors=list_b, signatures={**sb, "p2": s2}))
 
 
@@ -173,7 +176,7 @@ def test_tampered_share_is_rejected():
             return MaskedInputRequest(round_id=msg.round_id, ciphertexts=ct)
         return None
 
-    with pytest.raises(AuthenticationError, match="shares from 'p0' fail AES-GCM authentication"):
+    with pytest.raises(PeerMisbehaviourError, match="shares from 'p0' fail AES-GCM authentication"):
         _Masking(1).aggregate(1, _inputs(), interceptor=tamper)
 
 
@@ -194,17 +197,16 @@ def test_replayed_and_misdirected_shares_are_rejected():
             return MaskedInputRequest(round_id=msg.round_id, ciphertexts={**msg.ciphertexts, "p0": old})
         return None
 
-    with pytest.raises(AuthenticationError, match="replayed from another round"):
+    with pytest.raises(PeerMisbehaviourError, match="replayed from another round"):
         agg.aggregate(2, _inputs(seed=1), interceptor=replay)
 
     def misdirect(stage, direction, name, msg):  # p2 gets the share p0 sent to p1
         if stage == Stage.SHARE_KEYS and direction == "to_server" and name == "p0":
-            cts = dict(msg.ciphertexts)
-            cts["p2"] = cts["p1"]
-            return EncryptedShares(round_id=msg.round_id, sender="p0", ciphertexts=cts)
+            msg.ciphertexts = {**msg.ciphertexts, "p2": msg.ciphertexts["p1"]}
+            return msg
         return None
 
-    with pytest.raises(AuthenticationError, match="shares from 'p0' fail AES-GCM"):
+    with pytest.raises(PeerMisbehaviourError, match="shares from 'p0' fail AES-GCM"):
         agg.aggregate(3, _inputs(seed=2), interceptor=misdirect)
 
 
@@ -219,15 +221,16 @@ def test_server_swapping_keys_is_caught():
             return msg
         return None
 
-    with pytest.raises(AuthenticationError, match="signature of 'p1' does not verify"):
+    with pytest.raises(PeerMisbehaviourError, match="signature of 'p1' does not verify"):
         _Masking(3).aggregate(1, _inputs(), interceptor=swap)
 
 
 @pytest.mark.parametrize("bad", [("p0",), ("p0", "p3")])
 def test_tampered_unmask_shares_are_caught_by_the_commitments(bad):
     """Corrupted shares never yield a wrong sum: the server checks every reconstruction against the owner's
-    signed commitment (seed) or public key (mask key). With one bad holder out of 5 (t = 4) another subset
-    of shares still reconstructs; with two, no 4 good shares remain and the round is abandoned."""
+    signed commitment (seed) or public key (mask key), and each share against its dealer's signed share
+    commitment. With one bad holder out of 5 (t = 4) the 4 good shares reconstruct; with two, no 4 good shares
+    remain and the round is abandoned, naming the bad holders."""
 
     def tamper(stage, direction, name, msg):
         if stage == Stage.UNMASK and direction == "to_server" and name in bad:
@@ -239,10 +242,11 @@ def test_tampered_unmask_shares_are_caught_by_the_commitments(bad):
     agg = _Masking(4)
     if len(bad) == 1:
         res = agg.aggregate(1, xs, interceptor=tamper)
-        want = sum(quantise(xs[p], 8.0, 24, 32).view(np.int32).astype(np.int64) for p in NAMES) / 2.0**24
-        assert np.array_equal(res.total, want)
+        f = res.measurements["fractional_bits"]
+        want = sum(quantise(xs[p], 8.0, f, 32).view(np.int32).astype(np.int64) for p in NAMES) / 2.0**f
+        assert np.array_equal(res.total, want) and res.measurements["shares_rejected"] == 5
     else:
-        with pytest.raises(AuthenticationError, match="matches its signed commitment"):
+        with pytest.raises(RoundAbortedError, match="match its signed commitments \\(corrupted by p0, p3\\)"):
             agg.aggregate(1, xs, interceptor=tamper)
 
 
@@ -285,7 +289,7 @@ def test_duplicate_or_replayed_key_advertisements_are_refused():
             return msg
         return None
 
-    with pytest.raises(ProtocolError, match="duplicate key advertisement from 'p1'"):
+    with pytest.raises(PeerMisbehaviourError, match="duplicate key advertisement from 'p1'"):
         _Masking(6).aggregate(1, _inputs(), interceptor=duplicate)
 
     captured = {}
@@ -305,7 +309,7 @@ def test_duplicate_or_replayed_key_advertisements_are_refused():
             return msg
         return None
 
-    with pytest.raises(ProtocolError, match="key advertisement of 'p1' is for round 1; replay rejected"):
+    with pytest.raises(PeerMisbehaviourError, match="key advertisement of 'p1' is for round 1; replay rejected"):
         agg.aggregate(2, _inputs(), interceptor=replay)
 
 

@@ -92,8 +92,12 @@ def test_invalid_combinations_are_refused_with_one_line(overrides, message):
 
 
 def test_a_backend_name_or_its_settings():
-    cfg = parse_config(apply_overrides(_base(), ["federation.secure_aggregation.threshold=2"]))
+    cfg = parse_config(apply_overrides(_base(), ["federation.secure_aggregation.threshold=2",
+                                                 "federation.secure_aggregation.colluder_fraction=0.0"]))
     assert (cfg.federation.secure_aggregation.backend, cfg.federation.secure_aggregation.threshold) == ("masking", 2)
+    # A threshold below what the declared colluder fraction needs is refused, naming the field.
+    with pytest.raises(ConfigError, match="threshold=2 is below 3"):
+        parse_config(apply_overrides(_base(), ["federation.secure_aggregation.threshold=2"]))
     # A name stands for that backend's defaults; settings of another backend are refused by name.
     cfg = parse_config(apply_overrides(_base(), ["federation.secure_aggregation=crypten"]))
     assert cfg.federation.secure_aggregation.backend == "crypten"

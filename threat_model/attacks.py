@@ -4,7 +4,10 @@ a chosen stage, stripping masks with stolen secrets).
 
 Protections are switched off through the backends' seams: a registry that accepts any signature, a share
 cipher without its tag check (``MaskingBackend(aead=...)``), a client class without the consistency round
-(``MaskingBackend(client_class=...)``), or the ``none`` backend instead of masking.
+(``MaskingBackend(client_class=...)``), institutions that accept any setup (``MaskingBackend(requirements=...)``),
+a coordinator machine that neither checks masked-input tags nor the range of the released sum, or one that
+rebuilds secrets without the dealers' share commitments (``MaskingBackend(server_class=...)``), or the ``none``
+backend instead of masking.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 
 from fedse_threat_model.harness import ProtectionSettings
 
-NAMES = ["inst0", "inst1", "inst2", "inst3", "inst4"]  # full graph, threshold t = 4 (default for n = 5)
+NAMES = ["inst0", "inst1", "inst2", "inst3", "inst4"]  # complete graph, t = 4 (the defaults for n = 5)
 
 
 class AcceptAnyRegistry:
@@ -59,8 +62,8 @@ def no_consistency_client_class():
     from fedse_secure.secagg.masking import (
         ConsistencyRequest,
         ConsistencySignature,
+        Phase,
         SecAggClient,
-        Stage,
         UnmaskRequest,
         UnmaskShares,
     )
@@ -71,14 +74,14 @@ def no_consistency_client_class():
         with the shares it asks for, keeping them for later requests."""
 
         def handle(self, msg):
-            if isinstance(msg, ConsistencyRequest) and self.expecting in (Stage.CONSISTENCY, Stage.UNMASK, "done"):
+            if isinstance(msg, ConsistencyRequest) and self.phase in (Phase.CONSISTENCY, Phase.UNMASK, Phase.DONE):
                 self.survivors = sorted(msg.survivors)
-                self.expecting = Stage.UNMASK
-                sig = self.identity.sign(survivors_payload(self.digest, self.round_id, self.survivors))
+                self.phase = Phase.UNMASK
+                sig = self.identity.sign(survivors_payload(self.session, self.round_id, self.survivors))
                 return ConsistencySignature(round_id=self.round_id, sender=self.name, signature=sig)
-            if isinstance(msg, UnmaskRequest) and self.expecting in (Stage.UNMASK, "done"):
+            if isinstance(msg, UnmaskRequest) and self.phase in (Phase.UNMASK, Phase.DONE):
                 alive = set(msg.survivors)
-                self.expecting = "done"
+                self.phase = Phase.DONE
                 return UnmaskShares(
                     round_id=self.round_id, sender=self.name,
                     seed_shares={p: self._seed_shares[p] for p in sorted(self.shared_with) if p in alive},
@@ -89,14 +92,105 @@ def no_consistency_client_class():
     return NoConsistencyClient
 
 
-def masking_backend(settings: ProtectionSettings, *, aead: bool = False, consistency: bool = False):
-    """The masking backend with the protections this check exercises switched per ``settings``: ``aead`` and
-    ``consistency`` name the seams the check puts under test (the others stay as shipped)."""
+def accept_any_requirements():
+    """What an institution without its own requirements amounts to: it accepts whatever the coordinator sets up
+    (the client of 4aa2a94 only checked t > m/2)."""
+    from fedse_secure.secagg.masking import MaskingRequirements
+
+    class AcceptAny(MaskingRequirements):
+        def refusal(self, n_listed, n_present, degree, threshold):
+            m = min(degree, n_present - 1) + 1
+            return None if 2 * threshold > m and threshold <= m else "threshold: not more than half"
+
+    return AcceptAny(colluder_fraction=0.0, dropout_fraction=0.0)
+
+
+def weakest_accepted(n: int) -> tuple[int, int]:
+    """The weakest (degree, threshold) the institutions of 4aa2a94 accepted by default for n participants:
+    degree 2 ceil(log2 n) (complete graph up to 32), t = floor(m/2) + 1."""
+    import math
+
+    k = n - 1 if n <= 32 else min(n - 1, 2 * math.ceil(math.log2(n)))
+    return k, (k + 1) // 2 + 1
+
+
+def weak_setup_server_class(degree: int, threshold: int):
+    """A coordinator that proposes (degree, threshold) whatever its institutions require, and never gives up on
+    its own (it skips its live-holder checks)."""
+    from fedse_secure.secagg.masking import SecAggServer
+
+    class WeakSetupServer(SecAggServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.setup.degree, self.setup.threshold = degree, threshold
+            self.threshold = threshold
+            self.digest = self.setup.digest()
+
+        def _require(self, owners, alive, stage):
+            return None
+
+    return WeakSetupServer
+
+
+def no_input_auth_server_class():
+    """The coordinator of 4aa2a94: masked inputs summed as they come, no tag, no range check on the sum."""
+    import numpy as np
+
+    from fedse_secure.secagg.masking import SecAggServer
+
+    class NoInputAuthServer(SecAggServer):
+        def _check_masked_input(self, m):
+            if self._sum is None:
+                self._sum = np.zeros(self.setup.vector_len + 1, dtype=self.dtype)
+            np.add(self._sum, m.vector, out=self._sum)
+
+        def _check_range(self, total, survivors):
+            return None
+
+    return NoInputAuthServer
+
+
+def no_share_commitments_server_class():
+    """The coordinator of 4aa2a94: shares are not checked against their dealers' commitments; it tries up to 64
+    t-subsets of the shares until one rebuilds the committed secret."""
+    import itertools
+
+    from fedse_secure.secagg.masking import RoundAbortedError, SecAggServer, SecureAggregationError, shamir
+
+    class NoShareCommitmentsServer(SecAggServer):
+        def _rebuild(self, owner, kind, shares, valid):
+            for subset in itertools.islice(itertools.combinations(sorted(shares), self.threshold), 64):
+                try:
+                    secret = shamir.combine([shares[h] for h in subset], self.threshold)
+                except SecureAggregationError:
+                    continue
+                if valid(secret):
+                    return secret
+            raise RoundAbortedError(f"round {self.round_id}: no {self.threshold} of the shares of {owner!r}'s {kind} "
+                                    "rebuild the committed secret (tried 64 subsets); nothing is released")
+
+    return NoShareCommitmentsServer
+
+
+def masking_backend(settings: ProtectionSettings, *, aead: bool = False, consistency: bool = False,
+                    requirements: bool = False, input_auth: bool = False, share_commitments: bool = False,
+                    masking_settings=None):
+    """The masking backend with the protections this check exercises switched per ``settings``: the keyword
+    arguments name the seams the check puts under test (the others stay as shipped)."""
     from fedse_secure.secagg.backends.masking import MaskingBackend
 
+    bases = []
+    if input_auth and not settings.on("input-auth"):
+        bases.append(no_input_auth_server_class())
+    if share_commitments and not settings.on("share-commitments"):
+        bases.append(no_share_commitments_server_class())
+    server_class = type("ServerWithoutProtections", tuple(bases), {}) if bases else None
     return MaskingBackend(
+        masking_settings,
         aead=UnauthenticatedAESGCM if aead and not settings.on("aead") else None,
         client_class=no_consistency_client_class() if consistency and not settings.on("consistency") else None,
+        requirements=accept_any_requirements() if requirements and not settings.on("requirements") else None,
+        server_class=server_class,
     )
 
 
@@ -104,15 +198,17 @@ class Federation:
     """NAMES with fixed long-term identities (reused across rounds, as in a deployment), a backend, and the
     registry every party verifies against (one that accepts anything when ``signatures`` is off)."""
 
-    def __init__(self, settings: ProtectionSettings, backend, seed: int) -> None:
+    def __init__(self, settings: ProtectionSettings, backend, seed: int, names=None, server_backend=None) -> None:
         from fedse_secure.secagg.masking import IdentityKey, PublicKeyRegistry
         from fedse_secure.secagg.masking.prg import RandomSource
 
+        self.names = list(names or NAMES)
         self.backend, self.seed = backend, seed
+        self.server_backend = server_backend or backend
         root = RandomSource.seeded(seed, "threat-check")
-        self.identities = {p: IdentityKey.generate(root.child("id/" + p)) for p in NAMES}
+        self.identities = {p: IdentityKey.generate(root.child("id/" + p)) for p in self.names}
         self.registry = (PublicKeyRegistry.from_identities(self.identities) if settings.on("signatures")
-                         else AcceptAnyRegistry(NAMES))
+                         else AcceptAnyRegistry(self.names))
 
     def aggregate(self, round_id: int, contributions: Mapping[str, np.ndarray], interceptor=None):
         from fedse_secure.secagg.driver import aggregate
@@ -122,9 +218,9 @@ class Federation:
 
     def machines(self, round_id: int, size: int, inputs: Mapping[str, np.ndarray]):
         """The server machine and every client machine of one round, inputs set, nothing exchanged yet."""
-        server = self.backend.server(round_id, NAMES, size, self.registry, seed=self.seed)
-        clients = {p: self.backend.client(p, self.identities[p], self.registry, seed=self.seed) for p in NAMES}
-        for p in NAMES:
+        server = self.server_backend.server(round_id, self.names, size, self.registry, seed=self.seed)
+        clients = {p: self.backend.client(p, self.identities[p], self.registry, seed=self.seed) for p in self.names}
+        for p in self.names:
             clients[p].set_input(inputs[p])
         return server, clients
 
@@ -179,12 +275,13 @@ def coordinator_view(settings: ProtectionSettings, contributions: Mapping[str, n
 
     backend = masking_backend(settings)
     result = Federation(settings, backend, seed).aggregate(round_id, dict(contributions), grab)
-    bits = backend.settings.fractional_bits
+    bits = result.measurements["fractional_bits"]
     # The masked vector ends with the masked count of clipped values; the update is the first n elements.
     return result, {p: dequantise(y, bits)[:n] for p, y in received.items()}, counts
 
 
-def round_to_consistency(settings: ProtectionSettings, size: int, seed: int, consistency: bool = False):
+def round_to_consistency(settings: ProtectionSettings, size: int, seed: int, consistency: bool = False,
+                         server_backend=None):
     """An honest run of the first three stages; returns what the coordinator and every client hold:
     (settings, server machine, client machines, updates, masked inputs)."""
     from fedse_secure.secagg.driver import InProcessParties, drive_until
@@ -192,8 +289,8 @@ def round_to_consistency(settings: ProtectionSettings, size: int, seed: int, con
 
     from fedse_threat_model.harness import updates
 
-    backend = masking_backend(settings, consistency=consistency)
-    fed = Federation(settings, backend, seed)
+    backend = masking_backend(settings, consistency=consistency, requirements=True)
+    fed = Federation(settings, backend, seed, server_backend=server_backend)
     xs = updates(NAMES, size, seed)
     server, clients = fed.machines(1, size, xs)
     masked = {}
@@ -215,16 +312,72 @@ def strip_pair_masks(y: np.ndarray, owner: str, owner_mask_key, server, peers: I
     y = y.copy()
     streams = []
     for v in sorted(peers):
-        k = keys.pair_mask_key(owner_mask_key, server.adverts[v].mask_public_key, server.digest, owner, v)
+        k = keys.pair_mask_key(owner_mask_key, server.adverts[v].mask_public_key, server.session, owner, v)
         streams.append(MaskStream(k, y.dtype, -1 if owner < v else +1))
     MaskApplier(y.dtype).apply(y, streams)
     return y
 
 
-def strip_self_mask(y: np.ndarray, seed: bytes, digest: bytes) -> np.ndarray:
+def strip_self_mask(y: np.ndarray, seed: bytes, session: bytes) -> np.ndarray:
     from fedse_secure.secagg.masking import keys
     from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream
 
     y = y.copy()
-    MaskApplier(y.dtype).apply(y, [MaskStream(keys.self_mask_key(seed, digest), y.dtype, -1)])
+    MaskApplier(y.dtype).apply(y, [MaskStream(keys.self_mask_key(seed, session), y.dtype, -1)])
     return y
+
+
+def split_survivor_lists(server, clients, victim: str, colluders: list[str]):
+    """The lying coordinator's split: "victim alive" to honest holders in group A (the victim signs that list
+    too), "victim dropped" to those in group B, as many in B as the key needs; colluders sign both lists and
+    hand over the shares they hold. Returns (seed shares, mask-key shares) of the victim it ends up with."""
+    from fedse_secure.secagg.masking import ConsistencyRequest, SecureAggregationError, UnmaskRequest
+    from fedse_secure.secagg.masking.messages import survivors_payload
+
+    names, t, rid = sorted(clients), server.threshold, server.round_id
+    honest = [p for p in names if p != victim and p not in colluders]
+    group_b = honest[: max(0, t - len(colluders))]
+    group_a = [p for p in honest if p not in group_b] + [victim]
+    lists = {"A": names, "B": [p for p in names if p != victim]}
+    sigs: dict[str, dict[str, bytes]] = {"A": {}, "B": {}}
+    for label, group in (("A", group_a), ("B", group_b)):
+        for p in group:
+            try:
+                sigs[label][p] = clients[p].handle(ConsistencyRequest(round_id=rid, survivors=lists[label])).signature
+            except SecureAggregationError:
+                pass
+        for c in colluders:
+            sigs[label][c] = clients[c].identity.sign(survivors_payload(server.session, rid, lists[label]))
+    seeds = [clients[c]._seed_shares[victim] for c in colluders]
+    mask_keys = [clients[c]._key_shares[victim] for c in colluders]
+    for label, group in (("A", group_a), ("B", group_b)):
+        for p in group:
+            try:
+                reply = clients[p].handle(UnmaskRequest(round_id=rid, survivors=lists[label], signatures=sigs[label]))
+            except SecureAggregationError:
+                continue
+            seeds.extend([reply.seed_shares[victim]] if victim in reply.seed_shares else [])
+            mask_keys.extend([reply.key_shares[victim]] if victim in reply.key_shares else [])
+    return seeds, mask_keys
+
+
+def exposure_rate(n: int, colluders: int, degree: int, threshold: int, trials: int, seed: int = 0) -> float:
+    """Fraction of random rings (``colluders`` of n placed at random) on which the coalition can expose someone:
+    a neighbourhood holding 2t - m colluders (split survivor lists), or two disjoint windows of k/2 institutions
+    each holding g = t - k/2 - 1 colluders (a cut whose arcs the coordinator unmasks separately)."""
+    rng = np.random.default_rng(seed)
+    half, m = degree // 2, degree + 1
+    need_split, g = 2 * threshold - m, threshold - half - 1
+    idx = np.arange(n)
+    hits = 0
+    for _ in range(trials):
+        bad = np.zeros(n, np.int64)
+        bad[rng.choice(n, colluders, replace=False)] = 1
+        csum = np.concatenate([[0], np.cumsum(np.concatenate([bad, bad[: degree + 1]]))])
+        centre = bad[(idx + half) % n]
+        around = csum[idx + degree + 1] - csum[idx] - centre
+        split = bool(np.any((around >= need_split) & (centre == 0)))
+        heavy = np.flatnonzero(csum[idx + half] - csum[idx] >= max(g, 1))
+        cut = heavy.size > 0 and half <= heavy.max() - heavy.min() <= n - half
+        hits += split or cut
+    return hits / trials

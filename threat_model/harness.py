@@ -13,6 +13,12 @@ How a check switches a protection off, always through an explicit seam of the li
   (``MaskingBackend(aead=...)``);
 * ``consistency`` - the masking backend gets a client class without the consistency round's guards
   (``MaskingBackend(client_class=...)``: the semi-honest SecAgg of Bonawitz et al.);
+* ``requirements`` - institutions accept whatever setup the coordinator proposes (``MaskingBackend(requirements=
+  ...)`` with a requirements object that refuses nothing), and the coordinator proposes the weakest one;
+* ``input-auth`` - the coordinator's machine neither checks masked-input tags nor the range of the released sum
+  (``MaskingBackend(server_class=...)``);
+* ``share-commitments`` - the coordinator's machine rebuilds secrets without the dealers' share commitments
+  (``MaskingBackend(server_class=...)``);
 * ``dp`` - the released model / update is trained or sent without DP;
 * ``ledger-chain`` - the ledger is read as plain JSON lines instead of through ``PrivacyLedger.verify``;
 * ``budget`` - rounds run without :class:`~fedse_secure.privacy.BudgetGuard`;
@@ -43,6 +49,12 @@ PROTECTIONS: dict[str, str] = {
     "signatures": "Ed25519 signatures on key advertisements and survivor lists, verified against the registry",
     "aead": "AES-256-GCM on the Shamir shares, with setup digest, round, sender and receiver in the AD",
     "consistency": "signed survivor list + reveal-once rule at every client (SecAgg consistency round)",
+    "requirements": "institutions pin the protocol: they refuse a setup weaker than Bell et al.'s parameters for "
+                    "their declared colluder and dropout fractions (MaskingRequirements)",
+    "input-auth": "masked inputs tagged (AES-GMAC bound to session, round, sender) and the released sum checked "
+                  "against +-n x clip",
+    "share-commitments": "dealer-signed commitments to every Shamir share: corrupted shares are identified and "
+                         "outvoted",
     "dp": "differential privacy: DP-SGD (record level) or client-level DP noise",
     "ledger-chain": "hash-chained privacy ledger with sealed head, checked by PrivacyLedger.verify",
     "budget": "BudgetGuard refuses a round before training if it would exceed the epsilon budget",

@@ -9,7 +9,8 @@ set of configs can be moved around together (and the examples in ``configs/deplo
   checkpoints go, and timeouts.
 * :class:`InstitutionDeployConfig` — one institution: its name, environment, data folder, DP budget, ledger,
   identity key, node-auth key, the CA it trusts, the registry of identity keys it trusts (received out of
-  band, never from the coordinator), and its SuperNode's own Runtime API certificate.
+  band, never from the coordinator), its SuperNode's own Runtime API certificate, and its node policy (what it
+  accepts from the coordinator, the secure-aggregation setup included: its own, never the coordinator's).
 """
 
 from __future__ import annotations

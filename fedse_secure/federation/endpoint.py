@@ -23,6 +23,19 @@ from fedse_secure.federation.wire import BUDGET_EXHAUSTED, EVALUATE, REFUSED, St
 from fedse_secure.secagg.base import Backend
 
 
+def institution_backend(experiment, policy=None) -> Backend:
+    """The experiment's secure-aggregation backend as one institution runs it. A masking client holds every
+    round's setup to the institution's own requirements (its node policy's ``secure_aggregation``), never to
+    the coordinator's settings; ``policy=None`` (a simulated institution without a policy file) accepts what
+    the experiment itself derives."""
+    from fedse_secure.secagg.masking.settings import MaskingSettings
+
+    settings = experiment.federation.secure_aggregation
+    if policy is None or not isinstance(settings, MaskingSettings):
+        return experiment.federation.backend()
+    return experiment.federation.backend(requirements=policy.secure_aggregation.masking_requirements())
+
+
 class Refused(FedseError, RuntimeError):
     """The institution will not act on this request (wrong experiment, no round state, ...); it drops out."""
 
@@ -170,9 +183,11 @@ class InstitutionEndpoint:
             raise Refused(f"{self.name}: {req.stage!r} is not a stage of {self.backend.name}")
         if req.train:
             self._client = None
+            client = self.backend.client(self.name, self.identity, self.registry)
+            # A setup this institution refuses (weaker than its requirements, replayed) costs it no training.
+            client.screen(req.blobs.get("request", b""))
             state = self._global_state(req, adapter_round=req.round_id - 1)
             local = self.institution.local_round(req.round_id, state, self.progress)
-            client = self.backend.client(self.name, self.identity, self.registry)
             client.set_input(local.payload)
             self._client, self._round = client, req.round_id
             reply = client.handle(req.blobs.get("request", b""))

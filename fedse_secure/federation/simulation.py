@@ -204,7 +204,7 @@ class Simulation:
         from fedse_secure.audit.attest import AdapterSigner
         from fedse_secure.federation.coordinator import Coordinator
         from fedse_secure.federation.driver import RoundDriver
-        from fedse_secure.federation.endpoint import InstitutionEndpoint
+        from fedse_secure.federation.endpoint import InstitutionEndpoint, institution_backend
         from fedse_secure.federation.transport import InProcessTransport
         from fedse_secure.federation.wire import run_key
         from fedse_secure.io_utils import atomic_write_bytes, atomic_write_text
@@ -227,7 +227,8 @@ class Simulation:
         endpoints = {}
         for c in cfg.clients:
             endpoint = InstitutionEndpoint(
-                by_name.get(c.name), backend, identities[c.name], registry, key=key, decision=self.decisions[c.name],
+                by_name.get(c.name), institution_backend(cfg, self.decisions[c.name].policy if c.policy else None),
+                identities[c.name], registry, key=key, decision=self.decisions[c.name],
                 audit=AuditLog(audit_path_for(self.ledgers[c.name])),
                 coordinator_key=coordinator_identity.public_bytes(), progress=self.progress)
             endpoint.record_session(cfg, self.ledgers[c.name])

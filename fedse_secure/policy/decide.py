@@ -12,7 +12,6 @@ model it did not approve — is a violation, and the institution takes no part.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 from fedse_secure.config import ExperimentConfig
@@ -180,25 +179,32 @@ def _check_secure_aggregation(policy: NodePolicy, experiment: ExperimentConfig, 
     if n < rules.min_participants:
         v(Violation("clients", f"{n} institutions", f"at least {rules.min_participants} "
                                                     "(secure_aggregation.min_participants)"))
-    backend = fed.backend()
-    contributors = backend.min_contributors(n)
-    colluders = math.ceil(rules.colluder_fraction * max(n - 1, 0))
+        return
     parameters = getattr(settings, "parameters", None)
     if parameters is not None:
-        graph = parameters(n)
-        if rules.min_threshold is not None and graph.threshold < rules.min_threshold:
-            v(Violation("federation.secure_aggregation.threshold", f"t={graph.threshold}",
-                        f">= {rules.min_threshold} (secure_aggregation.min_threshold)"))
-        if rules.min_degree is not None and graph.degree < rules.min_degree:
-            v(Violation("federation.secure_aggregation.neighbours", f"degree {graph.degree}",
-                        f">= {rules.min_degree} (secure_aggregation.min_degree)"))
-    # Colluders subtract their own inputs from a released sum: at least two honest inputs must remain in the
-    # smallest sum the backend releases, or one institution's update is exposed exactly.
+        # Masking: the setup the coordinator will propose, against the least this institution accepts for n
+        # participants (its masking client checks every round's actual setup again).
+        try:
+            graph = parameters(n)
+        except ValueError:
+            return  # the experiment's own validation names the problem
+        why = rules.masking_requirements().refusal(n, n, graph.degree, graph.threshold)
+        if why is not None:
+            name, _, detail = why.partition(": ")
+            field = {"degree": "federation.secure_aggregation.neighbours", "participants": "clients"}.get(
+                name, f"federation.secure_aggregation.{name}")
+            _, below, least = detail.partition(" is below ")
+            v(Violation(field, f"degree {graph.degree} and t={graph.threshold}", least if below else detail))
+        return
+    # Other backends: colluders subtract their own inputs from a released sum, so at least two honest inputs
+    # must remain in the smallest sum the backend releases, or one institution's update is exposed exactly.
+    contributors = fed.backend().min_contributors(n)
+    colluders = rules.masking_requirements().colluders(n) if n >= 2 else 0
     if colluders and contributors - colluders < 2:
         v(Violation("federation.secure_aggregation.threshold",
                     f"sums of as few as {contributors} contributors",
                     f"at least {colluders + 2}: two honest inputs beyond the {colluders} colluding institutions "
-                    f"assumed (secure_aggregation.colluder_fraction {rules.colluder_fraction:g} of the {n - 1} others)"))
+                    f"assumed (secure_aggregation.colluder_fraction {rules.colluder_fraction:g} of {n})"))
 
 
 def check_model(decision: Decision, model_sha256: str) -> None:

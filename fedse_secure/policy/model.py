@@ -13,13 +13,15 @@ by ``fedse policy explain``)::
       allow_non_private: false
     aggregation:
       rules: [fedavg, ffa, svd]
-    secure_aggregation: # backends and the weakest protocol parameters accepted
-      backends: [masking]
+    secure_aggregation: # backends and, for masking, what the institution assumes (the degree and threshold
+      backends: [masking] #  it accepts are derived from it every round; see MaskingRequirements)
       min_participants: 3
-      min_threshold: 2
-      min_degree: 2
-      colluder_fraction: 0.0
-      dropout_fraction: 0.0
+      colluder_fraction: 0.1
+      dropout_fraction: 0.1
+      security_bits: 40
+      correctness_bits: 20
+      min_degree: null
+      min_threshold: null
     exports:            # what may leave besides the DP-protected update (see fedse_secure.policy.exports)
       allow: []
     approvals:          # which experiments and base models this institution signed off ("any", or hashes)
@@ -47,6 +49,7 @@ from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, field_
 
 from fedse_secure.config import AccountantName, ConfigError, MechanismName, RuleName, format_validation_error
 from fedse_secure.schema import StrictModel
+from fedse_secure.secagg.masking.requirements import MaskingRequirements
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -114,30 +117,24 @@ class AggregationRules(StrictModel):
     )
 
 
-class SecureAggregationRules(StrictModel):
+class SecureAggregationRules(MaskingRequirements):
+    """The backends an institution accepts and, for masking, the weakest protocol it accepts: the fields of
+    :class:`MaskingRequirements`, from which its secure-aggregation client derives the least degree and threshold
+    for the participants a setup lists and refuses anything weaker (the coordinator's settings never count)."""
+
     backends: list[BackendName] = Field(
         default_factory=lambda: ["masking"],
         description="Secure-aggregation backends accepted (federation.secure_aggregation.backend).",
     )
+    # Below 3 only for backends other than masking (masking never runs with fewer than 3).
     min_participants: int = Field(3, ge=1, description="The fewest institutions (experiment clients) a round may "
                                                        "have.")
-    min_threshold: int | None = Field(
-        None, ge=2, description="masking: the smallest Shamir threshold t accepted (the fewest contributors a "
-                                "released sum holds); None: the backend's own minimum.",
-    )
-    min_degree: int | None = Field(
-        None, ge=1, description="masking: the smallest neighbour-graph degree accepted; None: any.",
-    )
-    colluder_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0,
-        description="Fraction of the other institutions assumed to collude with the coordinator: the threshold must "
-                    "exceed that many, and client-dp's honest_fraction may not assume more honesty than 1 - it.",
-    )
-    dropout_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0,
-        description="Fraction of institutions assumed to drop out in a round; declared for the secure-aggregation "
-                    "client's own protocol-parameter checks.",
-    )
+
+    def masking_requirements(self) -> MaskingRequirements:
+        """What this institution's masking client holds every round's setup to."""
+        fields = self.model_dump(exclude={"backends"})
+        fields["min_participants"] = max(3, self.min_participants)
+        return MaskingRequirements(**fields)
 
 
 class ExportRules(StrictModel):
@@ -205,7 +202,9 @@ class NodePolicy(StrictModel):
         policy = cls(
             privacy=PrivacyRules(mechanisms=MECHANISMS.names(), max_delta=0.999999, accountants=ACCOUNTANTS.names()),
             aggregation=AggregationRules(rules=RULES.names()),
-            secure_aggregation=SecureAggregationRules(backends=BACKENDS.names(), min_participants=1),
+            # Research runs: any setup the experiment itself considers safe (its own colluder assumption).
+            secure_aggregation=SecureAggregationRules(backends=BACKENDS.names(), min_participants=1,
+                                                      colluder_fraction=0.0, dropout_fraction=0.0),
             exports=ExportRules(allow=sorted(CATALOGUE)),
             adapters=AdapterRules(require_signature=True),
         )

@@ -12,7 +12,8 @@ h11's bytes-in, events-out):
   releases nothing.
 * :class:`ClientMachine` - one institution's side of one round: ``set_input(vector)``, then ``handle(request)``
   returns the reply bytes for each stage. Any :class:`SecureAggregationError` means the institution refuses
-  to go on; it answers nothing more, which the server sees as a dropout.
+  to go on; it answers nothing more, which the server sees as a dropout. ``screen(first request)`` lets an
+  institution refuse a round (e.g. a setup weaker than it accepts) before it trains for it.
 * :class:`Backend` - settings, :class:`Capabilities`, the stage names, the contributor arithmetic
   (:meth:`Backend.min_contributors`) and the two factories.
 
@@ -140,6 +141,11 @@ class ClientMachine(ABC):
     @abstractmethod
     def handle(self, data: bytes) -> bytes:
         """The reply to one request of the server; raises :class:`SecureAggregationError` to refuse."""
+
+    def screen(self, data: bytes) -> None:
+        """Check the round's first request before any local work (training) is spent on it: raise
+        :class:`SecureAggregationError` (one line naming the problem) if this party would refuse it. Changes
+        nothing; the default accepts everything."""
 
     @property
     @abstractmethod

@@ -108,7 +108,7 @@ class InstitutionSession:
         key = run_key(experiment_json)
         if self.endpoint is not None and self.endpoint.key == key:
             return self.endpoint
-        from fedse_secure.federation.endpoint import InstitutionEndpoint
+        from fedse_secure.federation.endpoint import InstitutionEndpoint, institution_backend
         from fedse_secure.policy import check_model, decide
 
         exp = self._local_experiment(experiment_json)
@@ -124,7 +124,7 @@ class InstitutionSession:
         else:
             log.warning("%s: refuses run %s under its node policy %s: %s", self.cfg.name, key, self.policy.source,
                         "; ".join(decision.lines))
-        endpoint = InstitutionEndpoint(inst, exp.federation.backend(), self.identity, self.registry, key=key,
+        endpoint = InstitutionEndpoint(inst, institution_backend(exp, self.policy), self.identity, self.registry, key=key,
                                        decision=decision, audit=self.audit, coordinator_key=self.coordinator_key)
         endpoint.record_session(exp, self.cfg.resolved_ledger_path)
         self.endpoint, self.experiment = endpoint, exp

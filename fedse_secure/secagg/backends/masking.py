@@ -2,17 +2,26 @@
 
 The protocol's state machines work on decoded messages (:class:`SecAggServer`, :class:`SecAggClient`); this
 module gives them the backend-neutral bytes interface and is the only place outside ``secagg/masking`` that
-constructs them. The seams a threat check needs are constructor arguments of :class:`MaskingBackend`: the
-share cipher (``aead``) and the client class (``client_class``), so a protection is switched off by
-injection, never by patching a module.
+constructs them.
+
+The institutions' side never takes its strength from the coordinator: ``MaskingBackend(settings,
+requirements=...)`` gives every client machine the institution's own :class:`MaskingRequirements` (in ``fedse
+simulate`` the experiment's ``settings.requirements()``; a deployed institution its own ``secure_aggregation``
+section), and the backend remembers every setup its clients answered, so a replayed setup is refused.
+
+The seams a threat check needs are constructor arguments too: the share cipher (``aead``), the client class
+(``client_class``) and the server class (``server_class``), so a protection is switched off by injection,
+never by patching a module.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 
 from fedse_secure.secagg.backends import BACKENDS
 from fedse_secure.secagg.base import Backend, Capabilities, ClientMachine, ServerMachine
+from fedse_secure.secagg.masking.requirements import MaskingRequirements
 from fedse_secure.secagg.masking.settings import MaskingSettings
 
 
@@ -24,7 +33,8 @@ class MaskingServer(ServerMachine):
 
     @property
     def stage(self) -> str | None:
-        return None if self.machine.done or self.machine.stage is None else self.machine.stage
+        stage = self.machine.stage
+        return None if stage is None else stage.value
 
     @property
     def result(self):
@@ -34,7 +44,12 @@ class MaskingServer(ServerMachine):
     def _encode(requests) -> dict[str, bytes]:
         # One stage often sends the same message to everybody: serialise each distinct message once.
         wire: dict[int, bytes] = {}
-        return {name: wire.setdefault(id(msg), msg.to_bytes()) for name, msg in requests.items()}
+        out = {}
+        for name, msg in requests.items():
+            if id(msg) not in wire:  # not setdefault: its default would serialise the message every time
+                wire[id(msg)] = msg.to_bytes()
+            out[name] = wire[id(msg)]
+        return out
 
     def start(self) -> dict[str, bytes]:
         return self._encode(self.machine.start())
@@ -70,7 +85,13 @@ class MaskingClient(ClientMachine):
     def handle(self, data: bytes) -> bytes:
         from fedse_secure.secagg.masking.messages import decode
 
+        # A masked input comes back as the bytearray it was masked into (no copy of the vector to send it).
         return self.machine.handle(decode(data)).to_bytes()
+
+    def screen(self, data: bytes) -> None:
+        from fedse_secure.secagg.masking.messages import decode
+
+        self.machine.screen(decode(data))
 
     @property
     def done(self) -> bool:
@@ -89,30 +110,51 @@ class MaskingBackend(Backend):
     capabilities = Capabilities(cross_machine=True, tolerates_dropouts=True, hides_inputs=True)
     stages = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
 
-    def __init__(self, settings: MaskingSettings | None = None, *, aead: Callable | None = None,
-                 client_class: type | None = None) -> None:
+    def __init__(self, settings: MaskingSettings | None = None, *, requirements: MaskingRequirements | None = None,
+                 aead: Callable | None = None, client_class: type | None = None,
+                 server_class: type | None = None) -> None:
         super().__init__(settings)
+        #: What this backend's client machines accept: the institution's own floor, never the coordinator's.
+        self.requirements = requirements if requirements is not None else self.settings.requirements()
         self.aead = aead
         self.client_class = client_class
+        self.server_class = server_class
+        # Setup digests each institution has answered, across the rounds this backend serves.
+        self._answered: dict[str, set[bytes]] = defaultdict(set)
 
     def check(self, n_participants: int) -> None:
         super().check(n_participants)
         from fedse_secure.secagg.base import SecureAggregationError
-        from fedse_secure.secagg.masking.quantize import required_ring_bits
+        from fedse_secure.secagg.masking.requirements import _least_threshold
 
         s = self.settings
-        if s.threshold is not None and s.threshold > n_participants:
+        n = n_participants
+        if s.threshold is not None and s.threshold > n:
             raise ValueError(f"federation.secure_aggregation.threshold={s.threshold} exceeds the number of clients "
-                             f"({n_participants}); lower it")
-        p = s.parameters(n_participants)
+                             f"({n}); lower it")
+        bare = MaskingRequirements(colluder_fraction=s.colluder_fraction, dropout_fraction=s.dropout_fraction)
+        try:
+            derived = bare.parameters(n)
+            p = s.parameters(n)
+        except ValueError as err:
+            raise ValueError(f"federation.secure_aggregation: {err}") from None
+        why = (f"the least that is safe for {n} institutions with colluder_fraction {s.colluder_fraction} (up to "
+               f"{bare.colluders(n)} colluding with the coordinator)")
+        fix = "raise it or leave it unset" + (", or lower colluder_fraction" if s.colluder_fraction else "")
+        if s.neighbours is not None and min(s.neighbours, n - 1) < derived.degree:
+            raise ValueError(f"federation.secure_aggregation.neighbours={s.neighbours} is below {derived.degree}, {why}; "
+                             f"{fix}")
+        least_t = _least_threshold(n, n, bare.colluders(n), p.degree, bare.security_bits)
+        if s.threshold is not None and s.threshold < least_t:
+            raise ValueError(f"federation.secure_aggregation.threshold={s.threshold} is below {least_t}, {why} and "
+                             f"degree {p.degree}; {fix}")
         if p.threshold > p.neighbourhood:
             raise ValueError(f"federation.secure_aggregation.threshold={p.threshold} exceeds the neighbourhood size "
                              f"{p.neighbourhood} (degree {p.degree} + 1); lower it or raise neighbours")
-        if 2 * p.threshold <= p.neighbourhood:
-            raise ValueError(f"federation.secure_aggregation.threshold={p.threshold} is not more than half of the "
-                             f"neighbourhood size {p.neighbourhood}; use at least {p.neighbourhood // 2 + 1}")
+        from fedse_secure.secagg.masking.quantize import required_ring_bits
+
         try:
-            required_ring_bits(n_participants, s.clip_range, s.fractional_bits)
+            required_ring_bits(n, s.clip_range, s.precision(n))
         except SecureAggregationError as err:  # the message names the fields to lower
             raise ValueError(str(err)) from None
 
@@ -129,7 +171,8 @@ class MaskingBackend(Backend):
         from fedse_secure.secagg.masking.server import SecAggServer
 
         rng = RandomSource(seed, f"server/{round_id}") if seed is not None else RandomSource()
-        return MaskingServer(SecAggServer(round_id, participants, vector_len, self.settings, registry, rng=rng))
+        cls = self.server_class or SecAggServer
+        return MaskingServer(cls(round_id, participants, vector_len, self.settings, registry, rng=rng))
 
     def client(self, name, identity=None, registry=None, *, seed=None) -> MaskingClient:
         from fedse_secure.secagg.masking.client import SecAggClient
@@ -138,4 +181,5 @@ class MaskingBackend(Backend):
         rng = RandomSource(seed, f"client/{name}") if seed is not None else RandomSource()
         kwargs = {"aead": self.aead} if self.aead is not None else {}
         cls = self.client_class or SecAggClient
-        return MaskingClient(cls(name, identity, registry, self.settings, rng=rng, **kwargs))
+        return MaskingClient(cls(name, identity, registry, self.settings, requirements=self.requirements, rng=rng,
+                                 answered=self._answered[name], **kwargs))

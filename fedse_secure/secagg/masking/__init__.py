@@ -10,7 +10,9 @@ Layout (no module does I/O):
   in its docstring);
 * :mod:`.server` - :class:`SecAggServer`, the coordinator's state machine (how a transport drives it, and
   how timeouts/dropouts are signalled, is in its docstring);
-* :mod:`.settings` - the backend's settings and the one derivation of its graph parameters;
+* :mod:`.requirements` - :class:`MaskingRequirements`, what an institution accepts, and the one derivation of
+  the graph parameters (degree, threshold) from colluder and dropout fractions (Bell et al., CCS 2020);
+* :mod:`.settings` - the backend's settings (what a coordinator proposes);
 * :mod:`.identity`, :mod:`.shamir`, :mod:`.quantize`, :mod:`.prg`, :mod:`.graph`, :mod:`.keys` - building blocks.
 
 ``fedse_secure.secagg.backends.masking`` wraps the two machines in the backend-neutral bytes interface; the
@@ -21,9 +23,11 @@ from fedse_secure.secagg.masking.client import SecAggClient
 from fedse_secure.secagg.masking.errors import (
     AuthenticationError,
     InvalidUpdateError,
+    PeerMisbehaviourError,
     ProtocolError,
     RoundAbortedError,
     SecureAggregationError,
+    UnsafeSetupError,
 )
 from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
 from fedse_secure.secagg.masking.messages import (
@@ -34,15 +38,18 @@ from fedse_secure.secagg.masking.messages import (
     KeysBroadcast,
     MaskedInput,
     MaskedInputRequest,
+    Phase,
     ProtocolMessage,
     SetupRequest,
+    STAGES,
     Stage,
     UnmaskRequest,
     UnmaskShares,
     decode,
 )
+from fedse_secure.secagg.masking.requirements import GraphParameters, MaskingRequirements
 from fedse_secure.secagg.masking.server import SecAggServer
-from fedse_secure.secagg.masking.settings import GraphParameters, MaskingSettings
+from fedse_secure.secagg.masking.settings import MaskingSettings
 
 __all__ = [
     "AuthenticationError",
@@ -56,17 +63,22 @@ __all__ = [
     "KeysBroadcast",
     "MaskedInput",
     "MaskedInputRequest",
+    "MaskingRequirements",
     "MaskingSettings",
+    "PeerMisbehaviourError",
+    "Phase",
     "ProtocolError",
     "ProtocolMessage",
     "PublicKeyRegistry",
     "RoundAbortedError",
     "SecAggClient",
     "SecAggServer",
+    "STAGES",
     "SecureAggregationError",
     "SetupRequest",
     "Stage",
     "UnmaskRequest",
     "UnmaskShares",
+    "UnsafeSetupError",
     "decode",
 ]

@@ -1,59 +1,70 @@
-"""The SecAgg+ neighbour graph (Bell et al., CCS 2020) and the default threshold.
+"""The SecAgg+ neighbour graph (Bell et al., CCS 2020), drawn from every key advertisement of the round.
 
-Participants are put in a pseudo-random cyclic order (sorted by SHA-256(graph_seed || name)) and each is
-joined to the k/2 nearest on either side: a k-regular "random ring lattice", as in Flower's SecAgg+. With
-k >= n - 1 this is the complete graph of the original SecAgg (Bonawitz et al., CCS 2017). Every party
-computes the graph itself from the signed round setup, so the server cannot show parties different graphs
-without their signatures disagreeing.
+Who is next to whom decides which coalitions can expose an institution, so nobody may choose the graph:
 
-A party's shares are held by its *neighbourhood*: its neighbours plus itself (m = k + 1 holders).
+* the **roster** is every signed key advertisement that reached the coordinator (each carries fresh X25519
+  keys its institution generated after the setup was fixed). Every institution receives all of them, verifies
+  every signature, and computes :func:`roster_digest` over them; that digest is also the round's **session**,
+  bound into every later key derivation, AES-GCM associated data and signature, so institutions that were
+  shown different rosters cannot complete a round together;
+* the **graph seed** is a memory-hard function (scrypt, 4 MiB) of the session: the coordinator learns it only
+  after every advertisement is in, and each seed it might get by leaving different institutions out of the
+  roster costs it a scrypt evaluation; Bell et al.'s parameters (``requirements``) put the chance that a seed
+  exposes anyone at 2^-40, so grinding for one is out of reach;
+* members are put in a pseudo-random cyclic order (sorted by SHA-256(seed || name)) and each is joined to the
+  k/2 nearest on either side: a k-regular "random ring lattice" (Harary graph), as in Bell et al. and
+  Flower's SecAgg+. With k >= n - 1 it is the complete graph of the original SecAgg (Bonawitz et al.).
+
+A member's shares are held by its *neighbourhood*: its neighbours plus itself (m = k + 1 holders).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections.abc import Sequence
 
-from fedse_secure.secagg.masking.errors import SecureAggregationError
+from fedse_secure.secagg.masking.messages import KeyAdvertisement, advert_record, frame
 
-FULL_GRAPH_MAX_N = 32
-
-
-def resolve_degree(n: int, neighbours: int | None) -> int:
-    """Graph degree k for n parties: the complete graph for small federations, else ~2*ceil(log2 n), even."""
-    if n < 2:
-        raise SecureAggregationError(f"secure aggregation needs at least 2 parties, got {n}")
-    if neighbours is None:
-        k = n - 1 if n <= FULL_GRAPH_MAX_N else 2 * math.ceil(math.log2(n))
-    else:
-        k = neighbours
-    # The ring lattice joins k/2 parties on each side, so an odd k is rounded up.
-    k += k % 2
-    return min(k, n - 1)
+#: scrypt cost of the graph seed: N = 2^12, r = 8 (4 MiB, ~30 ms once per round and process).
+SEED_SCRYPT_N = 1 << 12
+SEED_SCRYPT_R = 8
 
 
-def default_threshold(neighbourhood_size: int) -> int:
-    """``max(2, floor(2m/3) + 1)``: tolerates a third of a neighbourhood dropping, and more than half of it
-    must sign the same survivor list, so two conflicting lists can never both collect a threshold."""
-    return max(2, (2 * neighbourhood_size) // 3 + 1)
+def roster_digest(setup_digest: bytes, adverts: Sequence[KeyAdvertisement]) -> bytes:
+    """The session: SHA-256 over the setup digest and every advertisement of the roster (sorted by sender)."""
+    h = hashlib.sha256(frame("roster", setup_digest, len(adverts)))
+    for a in sorted(adverts, key=lambda a: a.sender):
+        h.update(advert_record(a))  # self-delimiting: name length, name, fixed-size fields
+    return h.digest()
 
 
-def neighbour_sets(participants: Sequence[str], degree: int, graph_seed: bytes) -> dict[str, frozenset[str]]:
-    """Each participant's neighbours. Pure function of its arguments; the result must not be mutated."""
-    return _neighbour_sets(tuple(participants), degree, graph_seed)
+@functools.lru_cache(maxsize=16)
+def graph_seed(session: bytes) -> bytes:
+    """The graph seed of a session (cached: every party of an in-process round derives the same one)."""
+    return hashlib.scrypt(session, salt=b"fedse-secagg/graph-seed", n=SEED_SCRYPT_N, r=SEED_SCRYPT_R, p=1,
+                          maxmem=64 << 20, dklen=32)
+
+
+def ring_order(members: Sequence[str], seed: bytes) -> list[str]:
+    """The members in their pseudo-random cyclic order under ``seed``."""
+    return sorted(members, key=lambda p: hashlib.sha256(seed + p.encode()).digest())
+
+
+def neighbour_sets(members: Sequence[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:
+    """Each member's neighbours. Pure function of its arguments; the result must not be mutated."""
+    return _neighbour_sets(tuple(sorted(members)), degree, seed)
 
 
 # Every party of an in-process round derives the same graph; computing it once keeps a 1000-party
 # simulation O(n log n) instead of O(n^2 log n).
 @functools.lru_cache(maxsize=8)
-def _neighbour_sets(participants: tuple[str, ...], degree: int, graph_seed: bytes) -> dict[str, frozenset[str]]:
-    n = len(participants)
+def _neighbour_sets(members: tuple[str, ...], degree: int, seed: bytes) -> dict[str, frozenset[str]]:
+    n = len(members)
     if degree >= n - 1:
-        everyone = frozenset(participants)
-        return {p: everyone - {p} for p in participants}
-    order = sorted(participants, key=lambda p: hashlib.sha256(graph_seed + p.encode()).digest())
+        everyone = frozenset(members)
+        return {p: everyone - {p} for p in members}
+    order = ring_order(members, seed)
     half = degree // 2
     out = {}
     for i, p in enumerate(order):

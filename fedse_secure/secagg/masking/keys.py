@@ -1,4 +1,10 @@
-"""Key agreement and per-round key derivation shared by clients and server."""
+"""Key agreement and per-round key derivation shared by clients and server.
+
+Every derivation is bound to the round's *session* (``graph.roster_digest``: the setup digest and every signed
+key advertisement), except the seed commitment, which is made before the session exists and binds the setup
+digest. An X25519 exchange that yields the all-zero secret (a low-order public key) raises ``ValueError``
+here; callers turn it into an abort (institution) or a rejected message (coordinator).
+"""
 
 from __future__ import annotations
 
@@ -50,3 +56,15 @@ def seed_commitment(seed: bytes, digest: bytes, owner: str) -> bytes:
 
 def share_aad(digest: bytes, round_id: int, sender: str, receiver: str) -> bytes:
     return frame("share", digest, round_id, sender, receiver)
+
+
+def input_tag_key(own_key: X25519PrivateKey, peer_public: bytes, session: bytes, sender: str) -> bytes:
+    """AES-128 key of ``sender``'s masked-input tag: its share-encryption key with the coordinator's setup key
+    (either side of the exchange derives the same key)."""
+    shared = own_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return hkdf(shared, b"input-tag", frame(session, sender), 16)
+
+
+def share_commitment(session: bytes, dealer: str, holder: str, kind: str, share: bytes) -> bytes:
+    """SHA-256 commitment to the ``kind`` ("seed" or "key") share of ``dealer`` that ``holder`` holds."""
+    return hashlib.sha256(frame("share-commitment", session, dealer, holder, kind, share)).digest()

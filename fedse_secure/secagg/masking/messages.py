@@ -1,6 +1,6 @@
-"""Protocol messages: plain dataclasses with a compact binary wire form.
+"""Protocol messages: plain dataclasses with a compact binary wire form, and the stage table.
 
-Stages, and who sends what (``S`` = server/coordinator, ``C`` = each client):
+Stages, and who sends what (``S`` = server/coordinator, ``C`` = each institution):
 
 ====================  ==========================  ================================
 stage                 S -> C (request)            C -> S (reply)
@@ -12,10 +12,11 @@ stage                 S -> C (request)            C -> S (reply)
 ``unmask``            :class:`UnmaskRequest`      :class:`UnmaskShares`
 ====================  ==========================  ================================
 
-Wire form (:meth:`ProtocolMessage.to_bytes`): ``b"FSA1"`` | u32 header length | UTF-8 JSON header | blobs,
-each as u64 length + raw bytes. ``bytes`` fields and numpy arrays travel as blobs (the masked vector is
-written straight from its buffer, not through JSON); everything else is in the header. :func:`decode` reads
-any message; ``Cls.from_bytes`` also checks the type. Malformed input raises :class:`ProtocolError`.
+Wire form (:meth:`ProtocolMessage.to_bytes`): ``b"FSA2"`` | u32 header length | UTF-8 JSON header | blobs,
+each as u64 length + raw bytes. ``bytes`` fields and the masked vector travel as blobs (the vector straight
+from its buffer); everything else is in the header. Each field is read back by its declared type, never by
+what the header claims, so :func:`decode` raises :class:`~fedse_secure.secagg.masking.errors.ProtocolError`,
+and nothing else, for any byte string (``tests/test_secagg_properties.py`` fuzzes it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,21 +33,51 @@ import numpy as np
 from fedse_secure.secagg.masking.errors import ProtocolError
 from fedse_secure.secagg.masking.prg import DOMAIN
 
-MAGIC = b"FSA1"
+MAGIC = b"FSA2"
+#: A round of 1000 institutions broadcasts 1000 key advertisements (~150 header bytes each).
+MAX_HEADER_BYTES = 1 << 24
+MAX_BLOBS = 1 << 20
+TAG_BYTES = 16
+_VECTOR_DTYPES = {"<u4": np.dtype("<u4"), "<u8": np.dtype("<u8")}
 
 
-class Stage:
-    """Stage names, in protocol order."""
+class Stage(StrEnum):
+    """The five stages, in protocol order (their values are the names configs and records use)."""
 
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
-    ALL = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
 
-    def __new__(cls, *args, **kwargs):  # noqa: D102 - a namespace, not a type
-        raise TypeError("Stage is a namespace of constants")
+
+STAGES: tuple[Stage, ...] = tuple(Stage)
+
+
+class Phase(StrEnum):
+    """Where a machine is: the stage whose request an institution expects next (or whose replies the coordinator
+    collects), ``IDLE`` before the coordinator starts, then ``DONE`` or, from anywhere, ``ABORTED``. Both terminal
+    states are sticky."""
+
+    IDLE = "idle"
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+#: The one transition table of both machines (any phase may also go to ABORTED).
+NEXT_PHASE: dict[Phase, Phase] = {
+    Phase.IDLE: Phase.ADVERTISE_KEYS,
+    Phase.ADVERTISE_KEYS: Phase.SHARE_KEYS,
+    Phase.SHARE_KEYS: Phase.MASKED_INPUT,
+    Phase.MASKED_INPUT: Phase.CONSISTENCY,
+    Phase.CONSISTENCY: Phase.UNMASK,
+    Phase.UNMASK: Phase.DONE,
+}
 
 
 def frame(*parts: bytes | str | int) -> bytes:
@@ -64,6 +96,122 @@ def frame(*parts: bytes | str | int) -> bytes:
 _REGISTRY: dict[str, type[ProtocolMessage]] = {}
 
 
+# -- typed field codecs: (encode into the header, decode from it) ----------------------------------------------
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _blob(v: Any, blobs: list) -> bytes:
+    if not (isinstance(v, dict) and set(v) == {"$b"} and _is_int(v["$b"]) and 0 <= v["$b"] < len(blobs)):
+        raise ValueError("not a blob reference")
+    return bytes(blobs[v["$b"]])
+
+
+def _ref(data: Any, blobs: list) -> dict[str, int]:
+    blobs.append(data)
+    return {"$b": len(blobs) - 1}
+
+
+def _enc_int(v, blobs):
+    return int(v)
+
+
+def _dec_int(v, blobs):
+    if not (_is_int(v) and -(2**63) <= v < 2**63):
+        raise ValueError("not a 64-bit integer")
+    return v
+
+
+def _dec_float(v, blobs):
+    if not (type(v) in (int, float) and np.isfinite(v)):
+        raise ValueError("not a finite number")
+    return float(v)
+
+
+def _dec_str(v, blobs):
+    if type(v) is not str:
+        raise ValueError("not a string")
+    return v
+
+
+def _dec_names(v, blobs):
+    if not (type(v) is list and all(type(x) is str for x in v)):
+        raise ValueError("not a list of names")
+    return list(v)
+
+
+def _enc_bytes_map(v, blobs):
+    return {str(k): _ref(bytes(x), blobs) for k, x in v.items()}
+
+
+def _dec_bytes_map(v, blobs):
+    if type(v) is not dict:
+        raise ValueError("not a mapping")
+    return {_dec_str(k, blobs): _blob(x, blobs) for k, x in v.items()}
+
+
+def _enc_vector(v, blobs):
+    arr = np.ascontiguousarray(v)
+    if arr.dtype.str not in _VECTOR_DTYPES:
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return {**_ref(arr, blobs), "dtype": arr.dtype.str}
+
+
+def _dec_vector(v, blobs):
+    if not (type(v) is dict and set(v) == {"$b", "dtype"} and v["dtype"] in _VECTOR_DTYPES):
+        raise ValueError("not a uint32/uint64 vector")
+    ref = {"$b": v["$b"]}
+    _blob(ref, [b""] * len(blobs))  # validates the index without copying the (large) blob
+    return np.frombuffer(blobs[v["$b"]], dtype=_VECTOR_DTYPES[v["dtype"]])
+
+
+# A roster of n advertisements travels as one blob of fixed-size records (u16 name length, name, round id,
+# three 32-byte keys/commitments, 64-byte signature): a 1000-institution roster decodes in milliseconds.
+_ADVERT_FIXED = struct.Struct(">q32s32s32s64s")
+
+
+def advert_record(a: KeyAdvertisement) -> bytes:
+    name = a.sender.encode()
+    if not (len(name) < 2**16 and len(a.mask_public_key) == len(a.enc_public_key) == len(a.seed_commitment) == 32
+            and len(a.signature) == 64):
+        raise ValueError(f"key advertisement of {a.sender!r} is malformed")
+    return struct.pack(">H", len(name)) + name + _ADVERT_FIXED.pack(
+        a.round_id, a.mask_public_key, a.enc_public_key, a.seed_commitment, a.signature)
+
+
+def _enc_adverts(v, blobs):
+    return _ref(b"".join(advert_record(a) for a in v), blobs)
+
+
+def _dec_adverts(v, blobs):
+    raw = _blob(v, blobs)
+    out, pos, size = [], 0, _ADVERT_FIXED.size
+    while pos < len(raw):
+        (nlen,) = struct.unpack_from(">H", raw, pos)
+        if pos + 2 + nlen + size > len(raw):
+            raise ValueError("truncated roster")
+        name = raw[pos + 2 : pos + 2 + nlen].decode()
+        rid, mpk, epk, sc, sig = _ADVERT_FIXED.unpack_from(raw, pos + 2 + nlen)
+        if rid < 0:
+            raise ValueError("negative round id in the roster")
+        out.append(KeyAdvertisement(round_id=rid, sender=name, mask_public_key=mpk, enc_public_key=epk,
+                                    seed_commitment=sc, signature=sig))
+        pos += 2 + nlen + size
+    return out
+
+
+_CODECS = {
+    "int": (_enc_int, _dec_int),
+    "float": (lambda v, b: float(v), _dec_float),
+    "str": (lambda v, b: str(v), _dec_str),
+    "bytes": (lambda v, b: _ref(bytes(v), b), _blob),
+    "list[str]": (lambda v, b: list(v), _dec_names),
+    "dict[str, bytes]": (_enc_bytes_map, _dec_bytes_map),
+    "list[KeyAdvertisement]": (_enc_adverts, _dec_adverts),
+    "np.ndarray": (_enc_vector, _dec_vector),
+}
+
+
 @dataclass
 class ProtocolMessage:
     """Base of all messages. ``round_id`` ties a message to one aggregation round."""
@@ -76,32 +224,28 @@ class ProtocolMessage:
         _REGISTRY[cls.__name__] = cls
 
     # -- dict form (what the JSON header holds; bytes and arrays become blob references) -------------------
-    def to_dict(self, blobs: list | None = None) -> dict[str, Any]:
-        return {"type": type(self).__name__, **{f.name: _enc(getattr(self, f.name), blobs) for f in fields(self)}}
+    def to_dict(self, blobs: list) -> dict[str, Any]:
+        return {"type": type(self).__name__,
+                **{f.name: _CODECS[str(f.type)][0](getattr(self, f.name), blobs) for f in fields(self)}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], blobs: list | None = None) -> ProtocolMessage:
-        kind = _REGISTRY.get(d.get("type", ""))
+    def from_dict(cls, d: Any, blobs: list) -> ProtocolMessage:
+        kind = _REGISTRY.get(d.get("type")) if isinstance(d, dict) and isinstance(d.get("type"), str) else None
         if kind is None or (cls is not ProtocolMessage and not issubclass(kind, cls)):
-            raise ProtocolError(f"expected a {cls.__name__} message, got {d.get('type')!r}")
-        names = {f.name for f in fields(kind)}
-        if set(d) - {"type"} != names:
-            raise ProtocolError(f"{kind.__name__}: fields {sorted(set(d) - {'type'})} do not match {sorted(names)}")
-        try:
-            return kind._typed(**{k: _dec(v, blobs) for k, v in d.items() if k != "type"})
-        except (TypeError, ValueError, KeyError, IndexError) as err:
-            raise ProtocolError(f"{kind.__name__}: malformed field ({err})") from None
-
-    @classmethod
-    def _typed(cls, **kw: Any) -> ProtocolMessage:
-        m = cls(**kw)
-        if not (_is_int(m.round_id) and 0 <= m.round_id < 2**63):
-            raise ValueError(f"round_id {m.round_id!r} is not an integer in [0, 2^63)")
-        for f in fields(m):
-            want = _FIELD_TYPES.get(str(f.type))
-            if want is not None and not want(getattr(m, f.name)):
-                raise ValueError(f"field {f.name!r} is not a {f.type}")
-        return m
+            got = d.get("type") if isinstance(d, dict) else type(d).__name__
+            raise ProtocolError(f"expected a {cls.__name__} message, got {str(got)[:40]!r}")
+        names = [f.name for f in fields(kind)]
+        if set(d) - {"type"} != set(names):
+            raise ProtocolError(f"{kind.__name__}: its fields do not match {sorted(names)}")
+        values = {}
+        for f in fields(kind):
+            try:
+                values[f.name] = _CODECS[str(f.type)][1](d[f.name], blobs)
+            except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
+                raise ProtocolError(f"{kind.__name__}: field {f.name!r} is malformed ({err})") from None
+        if not 0 <= values["round_id"] < 2**63:
+            raise ProtocolError(f"{kind.__name__}: round_id is not in [0, 2^63)")
+        return kind(**values)
 
     # -- wire form ------------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -115,113 +259,59 @@ class ProtocolMessage:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes | memoryview) -> ProtocolMessage:
-        mv = memoryview(data)
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> ProtocolMessage:
         try:
-            if bytes(mv[:4]) != MAGIC:
-                raise ProtocolError("not a fedse secure-aggregation message (bad magic); check the transport")
-            (hlen,) = struct.unpack(">I", mv[4:8])
+            mv = memoryview(data).cast("B")
+        except (TypeError, ValueError):
+            raise ProtocolError("not a byte string; check the transport") from None
+        if mv.nbytes < 8 or bytes(mv[:4]) != MAGIC:
+            raise ProtocolError("not a fedse secure-aggregation message (bad magic or too short); check the transport")
+        (hlen,) = struct.unpack(">I", mv[4:8])
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > mv.nbytes:
+            raise ProtocolError("malformed message: header length out of range; the transport corrupted it")
+        try:
             header = json.loads(bytes(mv[8 : 8 + hlen]))
-            pos = 8 + hlen
-            blobs = []
-            while pos < mv.nbytes:
-                (blen,) = struct.unpack(">Q", mv[pos : pos + 8])
-                if pos + 8 + blen > mv.nbytes:
-                    raise ProtocolError("truncated message; the transport cut it short")
-                blobs.append(mv[pos + 8 : pos + 8 + blen])
-                pos += 8 + blen
-        except (struct.error, ValueError) as err:
-            raise ProtocolError(f"malformed message ({err}); the transport corrupted it") from None
-        if not isinstance(header, dict):
-            raise ProtocolError("malformed message header")
-        return cls.from_dict(header, blobs)
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ProtocolError(f"malformed message header ({type(err).__name__}); the transport corrupted it") from None
+        pos, blobs = 8 + hlen, []
+        while pos < mv.nbytes:
+            if pos + 8 > mv.nbytes or len(blobs) >= MAX_BLOBS:
+                raise ProtocolError("malformed message: truncated blob; the transport cut it short")
+            (blen,) = struct.unpack(">Q", mv[pos : pos + 8])
+            if blen > mv.nbytes - pos - 8:
+                raise ProtocolError("malformed message: truncated blob; the transport cut it short")
+            blobs.append(mv[pos + 8 : pos + 8 + blen])
+            pos += 8 + blen
+        try:
+            return cls.from_dict(header, blobs)
+        except RecursionError:
+            raise ProtocolError("malformed message header (nested too deeply)") from None
 
 
-def decode(data: bytes | memoryview) -> ProtocolMessage:
-    """Any protocol message from its wire form."""
+def decode(data: bytes | bytearray | memoryview) -> ProtocolMessage:
+    """Any protocol message from its wire form; raises :class:`ProtocolError` (only) if it is not one."""
     return ProtocolMessage.from_bytes(data)
-
-
-_PLAIN = (str, int, float, bool, type(None))
-
-
-def _enc(v: Any, blobs: list | None) -> Any:
-    if isinstance(v, _PLAIN):
-        return v
-    if isinstance(v, list) and all(type(x) is str for x in v):  # name lists: the common large case
-        return v
-    if isinstance(v, ProtocolMessage):
-        return {"$m": v.to_dict(blobs)}
-    if isinstance(v, (bytes, bytearray)):
-        if blobs is None:
-            return {"$x": bytes(v).hex()}
-        blobs.append(bytes(v))
-        return {"$b": len(blobs) - 1}
-    if isinstance(v, np.ndarray):
-        if blobs is None:
-            return {"$x": v.tobytes().hex(), "dtype": v.dtype.str}
-        blobs.append(np.ascontiguousarray(v))
-        return {"$b": len(blobs) - 1, "dtype": v.dtype.str}
-    if isinstance(v, dict):
-        return {str(k): _enc(x, blobs) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_enc(x, blobs) for x in v]
-    return v
-
-
-def _dec(v: Any, blobs: list | None) -> Any:
-    if isinstance(v, _PLAIN):
-        return v
-    if isinstance(v, list) and all(type(x) is str for x in v):
-        return v
-    if isinstance(v, dict):
-        if "$m" in v:
-            return ProtocolMessage.from_dict(v["$m"], blobs)
-        if "$b" in v or "$x" in v:
-            raw = bytes.fromhex(v["$x"]) if "$x" in v else blobs[v["$b"]]
-            if "dtype" in v:
-                dt = np.dtype(v["dtype"])
-                if dt not in (np.dtype("<u4"), np.dtype("<u8")):
-                    raise ValueError(f"unsupported array dtype {dt}")
-                return np.frombuffer(raw, dtype=dt)
-            return bytes(raw)
-        return {k: _dec(x, blobs) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_dec(x, blobs) for x in v]
-    return v
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_FIELD_TYPES = {
-    "int": _is_int,
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "bytes": lambda v: isinstance(v, bytes),
-    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    "dict[str, bytes]": lambda v: isinstance(v, dict) and all(isinstance(x, bytes) for x in v.values()),
-    "list[KeyAdvertisement]": lambda v: isinstance(v, list) and all(isinstance(x, KeyAdvertisement) for x in v),
-    "np.ndarray": lambda v: isinstance(v, np.ndarray),
-}
 
 
 # ---- stage 0: advertise keys -----------------------------------------------------------------------------
 @dataclass
 class SetupRequest(ProtocolMessage):
-    """S -> C: the round's parameters. Every party derives the graph and the key-derivation context from its
-    :meth:`digest`, and signs that digest, so a server that shows parties different setups is caught."""
+    """S -> C: the round's parameters. Every institution signs :meth:`digest` in its key advertisement, so a
+    coordinator that shows institutions different setups is caught when they verify each other. ``nonce`` is
+    fresh per round (no two setups share a digest, and an institution refuses one it has answered before);
+    ``server_key`` is the coordinator's fresh X25519 key, against which institutions tag their masked inputs.
+    The neighbour graph is not in the setup: it is drawn from every key advertisement (``graph``)."""
 
     STAGE: ClassVar[str] = Stage.ADVERTISE_KEYS
     participants: list[str] = field(default_factory=list)
     threshold: int = 0
     degree: int = 0
-    ring_bits: int = 64
+    ring_bits: int = 32
     fractional_bits: int = 24
     clip_range: float = 8.0
     vector_len: int = 0
-    graph_seed: bytes = b""
+    nonce: bytes = b""
+    server_key: bytes = b""
 
     def digest(self) -> bytes:
         canon = {
@@ -233,7 +323,8 @@ class SetupRequest(ProtocolMessage):
             "fractional_bits": self.fractional_bits,
             "clip_range": repr(float(self.clip_range)),
             "vector_len": self.vector_len,
-            "graph_seed": self.graph_seed.hex(),
+            "nonce": self.nonce.hex(),
+            "server_key": self.server_key.hex(),
         }
         return hashlib.sha256(frame("setup", json.dumps(canon, sort_keys=True))).digest()
 
@@ -261,7 +352,9 @@ class KeyAdvertisement(ProtocolMessage):
 # ---- stage 1: share keys ---------------------------------------------------------------------------------
 @dataclass
 class KeysBroadcast(ProtocolMessage):
-    """S -> C: the signed advertisements of the recipient's neighbours (and its own) that reached the server."""
+    """S -> C: every signed advertisement that reached the server (the roster). Each institution verifies all
+    of them and derives the graph seed from all of them, so neither the coordinator nor any institution
+    chooses the graph."""
 
     STAGE: ClassVar[str] = Stage.SHARE_KEYS
     adverts: list[KeyAdvertisement] = field(default_factory=list)
@@ -270,11 +363,20 @@ class KeysBroadcast(ProtocolMessage):
 @dataclass
 class EncryptedShares(ProtocolMessage):
     """C -> S: for each neighbour, AES-256-GCM(nonce || ciphertext) of the sender's Shamir shares of its
-    self-mask seed and mask private key; the AD binds setup digest, round, sender and receiver."""
+    self-mask seed and mask private key (the AD binds session, round, sender and receiver); for each holder
+    (itself included) the SHA-256 commitments to the two shares it holds; and the sender's signature over
+    those commitments, which lets the server tell a corrupted share from a good one."""
 
     STAGE: ClassVar[str] = Stage.SHARE_KEYS
     sender: str = ""
     ciphertexts: dict[str, bytes] = field(default_factory=dict)
+    commitments: dict[str, bytes] = field(default_factory=dict)
+    signature: bytes = b""
+
+
+def commitments_payload(session: bytes, round_id: int, dealer: str, commitments: dict[str, bytes]) -> bytes:
+    return frame("share-commitments", session, round_id, dealer,
+                 *[part for h in sorted(commitments) for part in (h, commitments[h])])
 
 
 # ---- stage 2: masked input -------------------------------------------------------------------------------
@@ -289,12 +391,59 @@ class MaskedInputRequest(ProtocolMessage):
 
 @dataclass
 class MaskedInput(ProtocolMessage):
-    """C -> S: the masked, quantised update (uint32 or uint64 ring elements); its last element is the masked
-    count of clipped values, so ``vector.size == setup.vector_len + 1``."""
+    """C -> S: the masked, quantised update (uint32 or uint64 ring elements; its last element is the masked
+    count of clipped values, so ``vector.size == setup.vector_len + 1``) and a 16-byte AES-GMAC tag over it,
+    keyed by the sender's share-encryption key and the coordinator's setup key, bound to session, round and
+    sender: a tampered, relabelled or replayed vector is rejected before it reaches the sum."""
 
     STAGE: ClassVar[str] = Stage.MASKED_INPUT
     sender: str = ""
-    vector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    vector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    tag: bytes = b""
+
+    @classmethod
+    def allocate(cls, round_id: int, sender: str, size: int, dtype: np.dtype) -> tuple[bytearray, np.ndarray,
+                                                                                      memoryview]:
+        """The wire form of a masked input, with the vector and tag still to be written in place: (buffer,
+        vector view, tag view). The masking pass writes straight into the message, so the masked vector is
+        never copied to be sent."""
+        dtype = np.dtype(dtype).newbyteorder("<")
+        header = json.dumps({"type": cls.__name__, "round_id": int(round_id), "sender": str(sender),
+                             "vector": {"$b": 0, "dtype": dtype.str}, "tag": {"$b": 1}},
+                            separators=(",", ":")).encode()
+        # Trailing spaces (valid JSON) put the vector at a multiple of 64 bytes into the message: numpy's loops
+        # over a misaligned uint32 array are several times slower, on both ends.
+        header += b" " * (-(len(MAGIC) + 4 + len(header) + 8) % 64)
+        nbytes = size * dtype.itemsize
+        head = MAGIC + struct.pack(">I", len(header)) + header + struct.pack(">Q", nbytes)
+        buf = bytearray(len(head) + nbytes + 8 + TAG_BYTES)
+        buf[: len(head)] = head
+        at = len(head) + nbytes
+        buf[at : at + 8] = struct.pack(">Q", TAG_BYTES)
+        view = memoryview(buf)
+        vector = np.frombuffer(view[len(head) : at], dtype=dtype)
+        return buf, vector, view[at + 8 :]
+
+    @classmethod
+    def prebuilt(cls, wire: bytearray, round_id: int, sender: str, vector: np.ndarray, tag: bytes) -> MaskedInput:
+        """The message whose wire form :meth:`allocate` made and the client filled in."""
+        msg = cls(round_id=round_id, sender=sender, vector=vector, tag=tag)
+        msg._wire = (wire, round_id, sender, vector, tag)
+        return msg
+
+    def to_bytes(self) -> bytes:
+        prebuilt = self.__dict__.get("_wire")
+        # The buffer is this message only while no field was replaced since (a test or a threat check may
+        # relabel or swap one); changes made to the vector in place are in the buffer already.
+        if prebuilt is not None and prebuilt[1:3] == (self.round_id, self.sender) and prebuilt[3] is self.vector \
+                and prebuilt[4] == self.tag:
+            return prebuilt[0]
+        return super().to_bytes()
+
+
+def masked_input_header(session: bytes, round_id: int, sender: str, size: int) -> bytes:
+    """What the masked-input tag authenticates before the vector itself."""
+    return frame("masked-input", session, round_id, sender, size)
 
 
 # ---- stage 3: consistency check --------------------------------------------------------------------------
@@ -308,15 +457,15 @@ class ConsistencyRequest(ProtocolMessage):
 
 @dataclass
 class ConsistencySignature(ProtocolMessage):
-    """C -> S: the sender's Ed25519 signature over (setup digest, sorted survivors)."""
+    """C -> S: the sender's Ed25519 signature over (session, round, sorted survivors)."""
 
     STAGE: ClassVar[str] = Stage.CONSISTENCY
     sender: str = ""
     signature: bytes = b""
 
 
-def survivors_payload(setup_digest: bytes, round_id: int, survivors: list[str]) -> bytes:
-    return frame("survivors", setup_digest, round_id, json.dumps(sorted(survivors)))
+def survivors_payload(session: bytes, round_id: int, survivors: list[str]) -> bytes:
+    return frame("survivors", session, round_id, json.dumps(sorted(survivors)))
 
 
 # ---- stage 4: unmask -------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 * Masks are AES-128-CTR keystreams (AES-NI: ~8 GB/s per core when written in L2-sized chunks). A mask key
   is used for exactly one round: keys are derived with HKDF-SHA256 whose ``info`` binds the round's setup
   digest, so a zero IV is safe.
+* :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, ~5 GB/s per core
+  with PCLMUL), fed chunk by chunk while the chunk is still in cache. Its key is used for one message only, so
+  a fixed nonce is safe.
 * :class:`RandomSource` is where every random byte of the protocol comes from: ``os.urandom`` in
   production, or a ChaCha20 keystream under a seed for reproducible tests (never use a seed in production).
 """
@@ -73,9 +76,10 @@ class MaskApplier:
         self._tmp = np.frombuffer(self._scratch, dtype=self.dtype, count=chunk)
         self.keystream_bytes = 0
 
-    def apply(self, vec: np.ndarray, streams: list[MaskStream], before_chunk=None) -> None:
+    def apply(self, vec: np.ndarray, streams: list[MaskStream], before_chunk=None, after_chunk=None) -> None:
         """``vec += sum(sign * stream)`` in the ring. ``before_chunk(start, stop, view)`` fills a chunk first
-        (the client quantises its update into the chunk there, so the input is read exactly once)."""
+        (the client quantises its update into the chunk there, so the input is read exactly once);
+        ``after_chunk(view)`` sees the finished chunk while it is in cache (the client tags it there)."""
         n = vec.size
         zeros, scratch, tmp = self._zeros, self._scratch, self._tmp
         for start in range(0, n, self.chunk):
@@ -91,7 +95,26 @@ class MaskApplier:
                     np.add(view, t, out=view)
                 else:
                     np.subtract(view, t, out=view)
+            if after_chunk is not None:
+                after_chunk(view)
         self.keystream_bytes += n * self.dtype.itemsize * len(streams)
+
+
+class InputTag:
+    """AES-GMAC over a header, then a ring vector chunk by chunk: the tag of a masked input."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, key: bytes, header: bytes) -> None:
+        self._ctx = Cipher(algorithms.AES(key), modes.GCM(b"\x00" * 12)).encryptor()
+        self._ctx.authenticate_additional_data(header)
+
+    def update(self, chunk: np.ndarray) -> None:
+        self._ctx.authenticate_additional_data(memoryview(chunk).cast("B"))
+
+    def tag(self) -> bytes:
+        self._ctx.finalize()
+        return self._ctx.tag
 
 
 def expand_mask(key: bytes, size: int, dtype: np.dtype) -> np.ndarray:
