@@ -99,7 +99,7 @@ class Institution:
         if self.experiment.exploration.action_mode == "score":
             from fedse_secure.agent.rollout import as_score_format
 
-            # Score mode ranks "Thought: \nAction: <a>"; training on full thoughts would score the model on a
+            # Score mode ranks an empty thought and the action; training on full thoughts would score the model on a
             # context it never saw.
             demos = [as_score_format(d) for d in demos]
         return self.buffer.add(demos[: self.client.seed_demos])
