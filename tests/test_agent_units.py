@@ -246,7 +246,10 @@ def test_action_modes_run_everywhere_and_act_validly(agent, env_name, mode):
     ReAct layout, and batched decoding equals one-at-a-time decoding."""
     agent.load_adapter_state(_perturbed(agent, seed=4))
     # Score mode runs every candidate with the whole prompt (hundreds of rows in TextCraft): fewer turns there.
-    tasks, turns = ([0, 2, 1], 3) if mode == "constrained" else ([0, 1], 1 if env_name in ("textcraft", "wordle") else 2)
+    if mode == "constrained":
+        tasks, turns = [0, 2, 1], 3
+    else:
+        tasks, turns = [0, 1], 1 if env_name in ("textcraft", "wordle") else 2
     runs = {}
     for bs in (2, 1):
         settings = RolloutSettings(max_turns=turns, max_new_tokens=10, greedy=True, batch_size=bs,

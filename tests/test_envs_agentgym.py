@@ -355,7 +355,8 @@ def test_adapter_refuses_two_actions_locally_for_babyai():
         r = remote.step("Action: turn left\nAction: turn right")
         assert r.observation.startswith("Error: Only one 'Action' is allowed") and len(mock.log) == steps
         r = remote.step("Thought:\nx\n\nAction:\nturn left!")  # punctuation dropped as the client does
-        assert mock.log[-1] == ("POST", "step", ("action", "id")) and not r.done and "Available actions" in r.observation
+        assert mock.log[-1] == ("POST", "step", ("action", "id"))
+        assert not r.done and "Available actions" in r.observation
     finally:
         server.shutdown()
         server.server_close()

@@ -259,3 +259,23 @@ def test_valid_actions_are_literal_and_accepted(name, parsing):
             if result.done:
                 break
             observation = result.observation
+
+
+def test_configs_check_option_values_before_building_anything():
+    from fedse_secure.config import ConfigError, parse_config
+
+    def client(env, options):
+        return {"model": {"name_or_path": "tiny-llama"}, "federation": {"secure_aggregation": "none"},
+                "clients": [{"name": "a", "env": env, "env_options": options}]}
+
+    for env, options, message in [
+        ("babyai", {"success_rule": "reward == 1"}, "success_rule must be one of agentgym, any_step"),
+        ("wordle", {"vocabulary": "tweets"}, "vocabulary must be one of agentgym, full"),
+        ("webshop", {"catalogue": "amazon"}, "catalogue must be one of realistic, simple"),
+        ("maze", {"parsing": "strict"}, "parsing must be one of agentgym, lenient"),
+        ("maze", {"max_turns": 0}, "max_turns must be an integer >= 1"),
+        ("textcraft", {"prompt_file": "/no/such/prompt.json"}, "does not exist"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(client(env, options))
+    assert parse_config(client("babyai", {"success_rule": "any_step", "parsing": "lenient"}))

@@ -23,9 +23,11 @@ Every local environment speaks AgentGym's conversation layout (``base.py``), par
 client and server for it do (``parsing: agentgym``, the default), enumerates its valid actions (score and
 constrained action modes) and keeps its test set unfiltered (the first N ids; ``check.py`` reports the oracle's
 ceiling on it).
+
 Each module's docstring states what it keeps from AgentGym and where (and why) it differs. Environment modules
-import their heavy dependencies (minigrid, textcraft) inside functions, so looking a name up stays cheap. ``check.check_oracles``
-backs ``fedse envs check``; ``agentgym_server`` serves local environments over AgentGym's HTTP protocol.
+import their heavy dependencies (minigrid, textcraft) inside functions, so looking a name up stays cheap.
+``check`` backs ``fedse envs check``; ``agentgym_server`` serves local environments over AgentGym's HTTP protocol
+(``fedse envs serve``) and ``agentgym`` drives AgentGym's own servers.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class EnvSpec:
             raise ValueError(f"environment {self.name!r} needs option(s) {', '.join(missing)}, e.g. "
                              f"make_env({self.name!r}, " + ", ".join(f"{m}=..." for m in missing) + ")")
 
+    def validate(self, options: Mapping[str, Any]) -> None:
+        """``check_options`` and then the values the class can check without being built."""
+        self.check_options(options)
+        self.env_class.validate_options(dict(options))
+
     def make(self, **options) -> TextEnv:
         self.check_options(options)
         return self.env_class(**options)
@@ -101,7 +108,8 @@ def make_env(name: str, **options) -> TextEnv:
 
 
 def check_env_options(name: str, options: Mapping[str, Any]) -> None:
-    ENVIRONMENTS.get(name).check_options(options)
+    """``ValueError`` (one line) unless ``options`` fit the environment: names, and values it can check cheaply."""
+    ENVIRONMENTS.get(name).validate(options)
 
 
 def make_oracle(name: str) -> Oracle:

@@ -127,6 +127,7 @@ class BabyAIEnv(TextEnv):
     name = "babyai"
     max_turns = 20
     default_prompt = Prompt(INSTRUCTION)
+    option_choices = {**TextEnv.option_choices, "success_rule": SUCCESS_RULES}
 
     def __init__(
         self,
@@ -136,8 +137,7 @@ class BabyAIEnv(TextEnv):
         success_rule: str = "agentgym",
     ):
         self._configure(max_turns, parsing, prompt_file)
-        if success_rule not in SUCCESS_RULES:
-            raise ValueError(f"success_rule must be one of {', '.join(SUCCESS_RULES)}, got {success_rule!r}")
+        self.validate_options({"success_rule": success_rule})
         self.success_rule = success_rule
         self._gym_envs: dict[str, object] = {}
         self.env = None  # the unwrapped minigrid env of the current episode

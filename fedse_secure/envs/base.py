@@ -181,17 +181,30 @@ class TextEnv(ABC):
     #: The environment's own wording (the class default); ``prompt_file`` replaces any of its fields.
     default_prompt: ClassVar[Prompt]
 
+    #: Options with a fixed set of values (checked by ``validate_options`` without building the environment).
+    option_choices: ClassVar[dict[str, tuple[str, ...]]] = {"parsing": PARSINGS}
+
     prompt: Prompt
     parsing: str = "agentgym"
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """``ValueError`` (one line: the value and the fix) for a bad value of a common or fixed-choice option;
+        what a config checks before anything is built."""
+        max_turns = options.get("max_turns")
+        if max_turns is not None and (not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1):
+            raise ValueError(f"max_turns must be an integer >= 1, got {max_turns!r}")
+        for name, choices in cls.option_choices.items():
+            if name in options and options[name] not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {options[name]!r}")
+        if options.get("prompt_file") is not None:
+            load_prompt(options["prompt_file"], Prompt(""))
+
     def _configure(self, max_turns: int | None, parsing: str, prompt_file: str | None) -> None:
         """The options every local environment takes (one place for their checks and error messages)."""
+        type(self).validate_options({"max_turns": max_turns, "parsing": parsing})
         if max_turns is not None:
-            if not isinstance(max_turns, int) or max_turns < 1:
-                raise ValueError(f"max_turns must be an integer >= 1, got {max_turns!r}")
             self.max_turns = max_turns
-        if parsing not in PARSINGS:
-            raise ValueError(f"parsing must be one of {', '.join(PARSINGS)}, got {parsing!r}")
         self.parsing = parsing
         self.prompt = load_prompt(prompt_file, self.default_prompt)
 

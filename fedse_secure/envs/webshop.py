@@ -118,6 +118,7 @@ class WebShopEnv(TextEnv):
     name = "webshop"
     max_turns = 10
     default_prompt = Prompt(INSTRUCTION, reply="Ok.")
+    option_choices = {**TextEnv.option_choices, "catalogue": CATALOGUES}
 
     def __init__(
         self,
@@ -130,8 +131,7 @@ class WebShopEnv(TextEnv):
         self._configure(max_turns, parsing, prompt_file)
         if not isinstance(results_per_page, int) or not 1 <= results_per_page <= RESULTS:
             raise ValueError(f"results_per_page must be an integer in 1..{RESULTS}, got {results_per_page!r}")
-        if catalogue not in CATALOGUES:
-            raise ValueError(f"catalogue must be one of {', '.join(CATALOGUES)}, got {catalogue!r}")
+        self.validate_options({"catalogue": catalogue})
         self.per_page = results_per_page
         self.catalogue_name = catalogue
         self.catalogue: SearchIndex = globals()["catalogue"](catalogue)

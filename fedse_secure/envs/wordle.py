@@ -187,6 +187,7 @@ class WordleEnv(TextEnv):
     #: AgentGym's default turn cap; the game itself ends after 6 attempts.
     max_turns = 8
     default_prompt = Prompt(INSTRUCTION, preamble=PREAMBLE_LISTED)
+    option_choices = {**TextEnv.option_choices, "vocabulary": VOCABULARIES}
 
     def __init__(
         self,
@@ -195,8 +196,7 @@ class WordleEnv(TextEnv):
         prompt_file: str | None = None,
         vocabulary: str = "agentgym",
     ):
-        if vocabulary not in VOCABULARIES:
-            raise ValueError(f"vocabulary must be one of {', '.join(VOCABULARIES)}, got {vocabulary!r}")
+        self.validate_options({"vocabulary": vocabulary})
         self.vocab = globals()["vocabulary"](vocabulary)
         if not self.vocab.listed:
             self.default_prompt = Prompt(INSTRUCTION, preamble=PREAMBLE_UNLISTED)
