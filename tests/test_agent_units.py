@@ -290,3 +290,42 @@ def test_candidate_scores_equal_unpadded_log_likelihood(agent):
                 logp = torch.log_softmax(agent.model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
             direct = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(c))
             assert float(score) == pytest.approx(direct, abs=1e-3)
+
+
+def test_action_constraint_allows_exactly_the_valid_actions(tok):
+    """The trie and the slot grammar, without a model: every valid action can be decoded, and any walk through
+    the allowed tokens ends in a valid action."""
+    import random
+
+    from fedse_secure.agent.constrained import ACTION_LEAD, SLOT_MAX_TOKENS, ActionConstraint, token_vocabulary
+    from fedse_secure.envs.base import ActionSpace
+
+    vocab = token_vocabulary(tok)
+    space = ActionSpace(literals=("go to red ball 1", "go to red ball 10", "turn left"), slots=(("search[", "]"),))
+    eos = tok.eos_token_id
+    for action in ("go to red ball 1", "go to red ball 10", "turn left", "search[red shoes]"):
+        c = ActionConstraint(vocab, space, eos)
+        for token in tok("Action:" + ACTION_LEAD + action, add_special_tokens=False)["input_ids"][2:]:
+            assert not c.finished and bool(c.mask()[token]), (action, tok.decode([token]))
+            c.advance(token)
+        if not c.finished:  # "go to red ball 1" could continue as "... 10": the end-of-turn token closes it
+            assert bool(c.mask()[eos])
+            c.advance(eos)
+        assert c.finished
+    rng = random.Random(0)
+    for _ in range(30):
+        c, text = ActionConstraint(vocab, space, eos), ""
+        for _ in range(c.max_tokens):
+            allowed = c.mask().nonzero().flatten().tolist()
+            token = rng.choice(allowed)
+            c.advance(token)
+            text += "" if token == eos else vocab.texts[token]
+            if c.finished:
+                break
+        assert c.finished and text.startswith(ACTION_LEAD) and space.accepts(text[len(ACTION_LEAD):]), text
+    # A search argument as long as a slot may be: only the closing bracket is left.
+    c = ActionConstraint(vocab, space, eos)
+    letter = tok("a", add_special_tokens=False)["input_ids"][0]
+    for token in tok("Action:\nsearch[", add_special_tokens=False)["input_ids"][2:] + [letter] * SLOT_MAX_TOKENS:
+        c.advance(token)
+    assert int(c.mask().sum()) == 1 and bool(c.mask()[tok("]", add_special_tokens=False)["input_ids"][0]])

@@ -261,8 +261,9 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
             for row, constraint in enumerate(constraints):
                 if constraint is not None and not done[row]:
                     allowed = constraint.mask()
+                    n = min(allowed.shape[0], logits.shape[-1])
                     blocked = torch.ones(logits.shape[-1], dtype=torch.bool)
-                    blocked[: allowed.shape[0]] = ~allowed
+                    blocked[:n] = ~allowed[:n]
                     logits[row, blocked] = float("-inf")
         token = _pick(logits, settings, generator)
         for row in range(n_rows):
