@@ -1,13 +1,18 @@
 """Invalid-action rate of the agent per action mode: constrained decoding against free generation.
 
 The untrained default model (SmolLM2-135M-Instruct) plays the first ``--episodes`` test tasks of each environment
-greedily at the environment's own turn limit, once per mode, in the same run. An action is invalid when the
+greedily, at the environment's own turn limit or ``--max-turns``, once per mode, in the same run. An action is invalid when the
 environment says so (``StepResult.info["invalid"]``: not parseable, or not an action of the current state). In
 constrained mode the thought is free and the action is decoded under the environment's valid actions, so its rate
 must be 0; free generation shows what the constraint removes. Success rates are printed beside the oracle's
 ceiling on the same tasks.
 
     .venv/bin/python benchmarks/action_modes.py --json [--episodes 20] [--env maze ...] [--modes constrained]
+                                                [--max-turns 6]
+
+Once a conversation outgrows ``--max-context-tokens`` its window shifts every turn and the whole window is
+encoded again (the prefix cache only keeps the head), so on a CPU the paper's 10-20 turns cost hours here;
+``--max-turns`` caps the episodes for a quicker figure.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=32, help="reply budget (constrained: the thought's)")
     ap.add_argument("--max-context-tokens", type=int, default=1024)
+    ap.add_argument("--max-turns", type=int, default=None, help="turn cap (default: each environment's own)")
     args = ap.parse_args(argv)
     torch = offline_torch(args.threads)
 
@@ -46,10 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.env or ENVS:
         probe = make_env(name)
         tasks = list(probe.test_task_ids())[: args.episodes]
-        row = {"tasks": len(tasks), "max_turns": probe.max_turns,
-               "oracle_success": oracle_success(name, tasks)["oracle_success"]}
+        turns = args.max_turns or probe.max_turns
+        row = {"tasks": len(tasks), "max_turns": turns,
+               "oracle_success": oracle_success(name, tasks, max_turns=turns)["oracle_success"]}
         for mode in args.modes:
-            settings = RolloutSettings(max_turns=probe.max_turns, max_new_tokens=args.max_new_tokens, greedy=True,
+            settings = RolloutSettings(max_turns=turns, max_new_tokens=args.max_new_tokens, greedy=True,
                                        batch_size=args.batch_size, max_context_tokens=args.max_context_tokens,
                                        action_mode=mode)
             start = time.perf_counter()
