@@ -6,6 +6,7 @@ size differs. Prints a table, and with ``--json`` a last line of JSON:
 
     python benchmarks/rollouts.py --json
     python benchmarks/rollouts.py --model tiny-llama --env wordle --episodes 16 --batch-size 16
+    python benchmarks/rollouts.py --action-mode constrained   (or score: the environment's valid actions)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-context-tokens", type=int, default=1024)
     ap.add_argument("--sample", action="store_true", help="temperature-1.0 sampling instead of greedy")
+    ap.add_argument("--action-mode", default="generate", choices=["generate", "score", "constrained"])
     args = ap.parse_args(argv)
     torch = offline_torch(args.threads)
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = RolloutSettings(
             max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
             temperature=1.0, batch_size=batch_size, max_context_tokens=args.max_context_tokens,
+            action_mode=args.action_mode,
         )
         trajs, stats = run_episodes(agent.model, agent.tokenizer, lambda: make_env(args.env), tasks, settings, seed=0)
         return {
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     sequential, s_trajs = run(1)
     result = {
         "model": args.model, "env": args.env, "episodes": args.episodes, "batch_size": args.batch_size,
+        "action_mode": args.action_mode,
         "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,
         "decoding": "sample" if args.sample else "greedy", "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "model_load_s": round(load_s, 2),

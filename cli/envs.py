@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -48,8 +49,17 @@ def check(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (and nothing else) on stdout."),
     env: list[str] = typer.Option(None, "--env", help="Check only this environment (repeatable)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Check only the first N test tasks of each environment."),
+    config: Path = typer.Option(
+        None, "--config", help="Check under this experiment config's turn limit, on the test tasks it evaluates."
+    ),
 ) -> None:
-    """Run every oracle on every test task; exit 1 when an oracle falls below its threshold."""
+    """Run the oracles on the test tasks; exit 1 when an oracle falls below its bar.
+
+    Without --config: every test task at the paper's turn limits (the oracle's ceiling per environment). With
+    --config: each institution's environment at that config's limits, beside the ceiling on the same tasks.
+    """
+    if config is not None:
+        return _check_config(config, json_output, bool(env or limit))
     from fedse_secure.envs.check import THRESHOLDS, check_oracles, failures
 
     names = _validate(env)
@@ -67,10 +77,57 @@ def check(
             report = check_oracles(names, limit=limit, on_task=on_task)
         for name, row in report.items():
             typer.echo(
-                f"{name:10s} tasks={row['tasks']:<4d} oracle_success={row['oracle_success']:.2%} "
-                f"(required {THRESHOLDS[name]:.0%})  steps/s={row['steps_per_s']}"
+                f"{name:10s} tasks={row['tasks']:<4d} max_turns={row['max_turns']:<3d} "
+                f"oracle_success={row['oracle_success']:.2%} (required {THRESHOLDS[name]:.0%})  "
+                f"steps/s={row['steps_per_s']}"
             )
-    problems = failures(report)
+    _exit_on(failures(report), json_output)
+
+
+def _check_config(path: Path, json_output: bool, extra_filters: bool) -> None:
+    from fedse_secure.config import ConfigError
+    from fedse_secure.envs.check import check_config, config_failures
+
+    if extra_filters:
+        _fail("--config checks the config's own environments and test tasks; drop --env and --limit")
+    try:
+        cfg = _experiment_of(path)
+    except ConfigError as err:
+        _fail(str(err))
+    report = check_config(cfg)
+    if json_output:
+        typer.echo(json.dumps(report))
+    else:
+        for key, row in report.items():
+            if row.get("oracle", True) is None:
+                typer.echo(f"{key:16s} (remote AgentGym server: no local oracle)")
+                continue
+            typer.echo(
+                f"{key:16s} tasks={row['tasks']:<4d} max_turns={row['max_turns']:<3d} "
+                f"oracle_success={row['oracle_success']:.0%} (required {row['required']:.0%}; "
+                f"{row['ceiling']:.0%} at the paper's {row['paper_max_turns']})"
+            )
+    _exit_on(config_failures(report), json_output)
+
+
+def _experiment_of(path: Path):
+    """The experiment of an experiment config, or of a deployment's coordinator config (its ``experiment``)."""
+    import yaml
+
+    from fedse_secure.config import load_config
+
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        data = None  # load_config reports the syntax error
+    if isinstance(data, dict) and "experiment" in data:
+        from fedse_secure.federation.deploy_config import load_coordinator_config
+
+        return load_coordinator_config(path).experiment
+    return load_config(path)
+
+
+def _exit_on(problems: list[str], json_output: bool) -> None:
     if problems:
         if not json_output:
             from fedse_cli.progress import console

@@ -193,10 +193,11 @@ class ExplorationConfig(StrictModel):
                     "20, Maze 15, Wordle 8).",
     )
     batch_size: int = Field(8, ge=1, description="Episodes generated together in one batch; 1 = one at a time.")
-    action_mode: Literal["generate", "score"] = Field(
+    action_mode: Literal["generate", "score", "constrained"] = Field(
         "generate",
-        description="generate: free-text ReAct ('Thought: ... Action: ...'), as the paper; score: rank the "
-                    "environment's valid actions by log-likelihood (helps very small models).",
+        description="generate: free-text ReAct ('Thought:' then 'Action:'), as the paper; score: rank the "
+                    "environment's valid actions by log-likelihood (helps very small models); constrained: free "
+                    "thought, then the action decoded under the environment's valid actions (never invalid).",
     )
     filter_success: bool = Field(True, description="Keep only successful trajectories (False: the paper's "
                                                    "'w/o Filtering' ablation).")

@@ -18,6 +18,7 @@ from fedse_secure.agent.sft import (
 )
 from fedse_secure.config import ConfigError, LoraSettings, ModelConfig
 from fedse_secure.envs import generate_demonstrations, make_env
+from fedse_secure.envs.trajectory import conversation_head
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,9 @@ def test_each_turn_example_is_the_prompt_the_agent_sees_plus_its_action(agent, h
     tok = agent.tokenizer
     traj = generate_demonstrations("maze", [0])[0]
     examples = encode_turns(tok, traj, 1024, history_turns, context_budget=976)
-    turns = [i for i, m in enumerate(traj.messages) if m["role"] == "assistant"]
+    # The agent's turns: not the "OK" that answers the instruction in AgentGym's layout.
+    head = conversation_head(traj.messages)
+    turns = [i for i, m in enumerate(traj.messages) if m["role"] == "assistant" and i >= head]
     assert len(examples) == len(turns)
     count = TokenCounter(tok)
     for example, i in zip(examples, turns):
@@ -118,7 +121,7 @@ def test_sft_benchmark_runs_and_its_two_losses_agree(repo_root):
 
     proc = subprocess.run(
         [sys.executable, str(repo_root / "benchmarks" / "sft.py"), "--model", "tiny-llama", "--blocks", "1",
-         "--steps-per-block", "1", "--max-seq-len", "256", "--threads", "1", "--json"],
+         "--steps-per-block", "1", "--max-seq-len", "768", "--threads", "1", "--json"],
         capture_output=True, text=True, timeout=300, cwd=repo_root,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

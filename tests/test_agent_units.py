@@ -4,6 +4,7 @@ and batched rollouts that match one-episode-at-a-time generation exactly (paddin
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fedse_secure.agent.sft import IGNORE_INDEX, collate_examples, encode_messag
 from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.config import LoraSettings, ModelConfig, TrainingConfig
 from fedse_secure.envs import generate_demonstrations, make_env
+from fedse_secure.envs.maze import MazeEnv
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,15 @@ def test_labels_cover_exactly_the_assistant_turns(tok):
     assert "maze" not in tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
 
 
+def test_agentgym_layout_ok_turn_is_context(tok):
+    """AgentGym's conversation start: the instruction as a user turn answered "OK" (``loss: False`` there)."""
+    chat = [{"role": "user", "content": "You move in a maze."},
+            {"role": "assistant", "content": "OK. I'll follow your instructions."}] + CHAT[1:]
+    ex = encode_messages(tok, chat, max_seq_len=4096)
+    targets = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+    assert "OK" not in targets and targets.count("move down") == 2
+
+
 def test_truncation_drops_whole_turns(tok):
     full = encode_messages(tok, CHAT, max_seq_len=4096)
     first_only = encode_messages(tok, CHAT[:3], max_seq_len=4096)
@@ -99,6 +110,20 @@ def test_fit_history_keeps_head_and_latest_turns():
     # Even a tiny budget keeps the instructions, the task and the latest action and observation.
     assert [m["content"] for m in fit_history(msgs, budget=1, count=count)] == ["S", "TASK", "A9", "O9"]
     assert fit_history(msgs[:2], budget=1, count=count) == msgs[:2]
+
+
+def test_fit_history_agentgym_layout():
+    """The head is the instruction, its "OK" and the first observation; a memoryless agent keeps the instruction
+    and its "OK" with the current observation."""
+    msgs = [{"role": "user", "content": "I"}, {"role": "assistant", "content": "OK"}, {"role": "user", "content": "T"}]
+    for i in range(5):
+        msgs += [{"role": "assistant", "content": f"A{i}"}, {"role": "user", "content": f"O{i}"}]
+    count = lambda text: 10  # noqa: E731
+    assert [m["content"] for m in fit_history(msgs, budget=10 * 7, count=count)] == ["I", "OK", "T", "A3", "O3",
+                                                                                     "A4", "O4"]
+    assert [m["content"] for m in fit_history(msgs, budget=10**6, count=count, max_pairs=0)] == ["I", "OK", "O4"]
+    assert [m["content"] for m in fit_history(msgs, budget=10**6, count=count, max_pairs=1)] == ["I", "OK", "T",
+                                                                                                 "A4", "O4"]
 
 
 def _traj(task_id, action="move up", source="explore", round_id=1):
@@ -178,13 +203,13 @@ def test_first_reply_matches_hf_generate(agent):
     env = make_env("maze")
     settings = RolloutSettings(max_turns=1, max_new_tokens=10, greedy=True, batch_size=1)
     trajs, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0], settings)
-    chat = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": env.reset(0)}]
+    chat = [*env.conversation_start(), {"role": "user", "content": env.reset(0)}]
     enc = agent.tokenizer(agent.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
                           return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = agent.model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=agent.tokenizer.pad_token_id)
     expected = agent.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert trajs[0].messages[2]["content"] == expected
+    assert trajs[0].messages[3]["content"] == expected
 
 
 def test_sampling_is_seeded_and_score_mode_picks_valid_actions(agent):
@@ -198,11 +223,54 @@ def test_sampling_is_seeded_and_score_mode_picks_valid_actions(agent):
     score = RolloutSettings(max_turns=3, max_new_tokens=8, greedy=True, batch_size=2, action_mode="score")
     trajs, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], score)
     for t in trajs:
-        for m in t.messages:
-            if m["role"] == "assistant":
-                assert m["content"].split("Action: ")[1] in ("move up", "move down", "move left", "move right")
-    with pytest.raises(ValueError, match="action_mode 'score' needs valid actions"):
-        run_episodes(agent.model, agent.tokenizer, lambda: make_env("wordle"), [0], score)
+        for m in t.messages[3::2]:
+            assert m["content"].split("Action:\n")[1] in ("move up", "move down", "move left", "move right")
+
+
+class _NoActions(MazeEnv):
+    def valid_actions(self):
+        return None
+
+
+@pytest.mark.parametrize("mode", ["score", "constrained"])
+def test_modes_that_need_valid_actions_refuse_an_env_without(agent, mode):
+    settings = RolloutSettings(max_turns=1, max_new_tokens=4, greedy=True, batch_size=1, action_mode=mode)
+    with pytest.raises(ValueError, match=f"action_mode '{mode}' needs valid actions"):
+        run_episodes(agent.model, agent.tokenizer, _NoActions, [0], settings)
+
+
+@pytest.mark.parametrize("env_name", ["babyai", "webshop", "textcraft", "maze", "wordle"])
+@pytest.mark.parametrize("mode", ["score", "constrained"])
+def test_action_modes_run_everywhere_and_act_validly(agent, env_name, mode):
+    """Score and constrained modes on all five environments: every action is valid, the reply keeps AgentGym's
+    ReAct layout, and batched decoding equals one-at-a-time decoding."""
+    agent.load_adapter_state(_perturbed(agent, seed=4))
+    # Score mode runs every candidate with the whole prompt (hundreds of rows in TextCraft): fewer turns there.
+    if mode == "constrained":
+        tasks, turns = [0, 2, 1], 3
+    else:
+        tasks, turns = [0, 1], 1 if env_name in ("textcraft", "wordle") else 2
+    runs = {}
+    for bs in (2, 1):
+        settings = RolloutSettings(max_turns=turns, max_new_tokens=10, greedy=True, batch_size=bs,
+                                   max_context_tokens=2048, action_mode=mode)
+        runs[bs], _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env(env_name), tasks, settings)
+    assert [t.messages for t in runs[2]] == [t.messages for t in runs[1]]
+    for t in runs[2]:
+        assert t.info["invalid_actions"] == 0
+        for m in t.messages[3::2]:
+            assert re.fullmatch(r"(?s).*Action:\n[^\n]+", m["content"]), m["content"]
+            if mode == "constrained":
+                assert m["content"].count("Action:") == 1
+
+
+def test_constrained_sampling_stays_valid(agent):
+    agent.load_adapter_state(_perturbed(agent, seed=5))
+    settings = RolloutSettings(max_turns=4, max_new_tokens=12, temperature=1.0, batch_size=3,
+                               max_context_tokens=2048, action_mode="constrained")
+    for env_name in ("webshop", "textcraft"):
+        trajs, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env(env_name), [0, 1, 2], settings, seed=3)
+        assert all(t.info["invalid_actions"] == 0 for t in trajs)
 
 
 def test_candidate_scores_equal_unpadded_log_likelihood(agent):
@@ -222,3 +290,42 @@ def test_candidate_scores_equal_unpadded_log_likelihood(agent):
                 logp = torch.log_softmax(agent.model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
             direct = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(c))
             assert float(score) == pytest.approx(direct, abs=1e-3)
+
+
+def test_action_constraint_allows_exactly_the_valid_actions(tok):
+    """The trie and the slot grammar, without a model: every valid action can be decoded, and any walk through
+    the allowed tokens ends in a valid action."""
+    import random
+
+    from fedse_secure.agent.constrained import ACTION_LEAD, SLOT_MAX_TOKENS, ActionConstraint, token_vocabulary
+    from fedse_secure.envs.base import ActionSpace
+
+    vocab = token_vocabulary(tok)
+    space = ActionSpace(literals=("go to red ball 1", "go to red ball 10", "turn left"), slots=(("search[", "]"),))
+    eos = tok.eos_token_id
+    for action in ("go to red ball 1", "go to red ball 10", "turn left", "search[red shoes]"):
+        c = ActionConstraint(vocab, space, eos)
+        for token in tok("Action:" + ACTION_LEAD + action, add_special_tokens=False)["input_ids"][2:]:
+            assert not c.finished and bool(c.mask()[token]), (action, tok.decode([token]))
+            c.advance(token)
+        if not c.finished:  # "go to red ball 1" could continue as "... 10": the end-of-turn token closes it
+            assert bool(c.mask()[eos])
+            c.advance(eos)
+        assert c.finished
+    rng = random.Random(0)
+    for _ in range(30):
+        c, text = ActionConstraint(vocab, space, eos), ""
+        for _ in range(c.max_tokens):
+            allowed = c.mask().nonzero().flatten().tolist()
+            token = rng.choice(allowed)
+            c.advance(token)
+            text += "" if token == eos else vocab.texts[token]
+            if c.finished:
+                break
+        assert c.finished and text.startswith(ACTION_LEAD) and space.accepts(text[len(ACTION_LEAD):]), text
+    # A search argument as long as a slot may be: only the closing bracket is left.
+    c = ActionConstraint(vocab, space, eos)
+    letter = tok("a", add_special_tokens=False)["input_ids"][0]
+    for token in tok("Action:\nsearch[", add_special_tokens=False)["input_ids"][2:] + [letter] * SLOT_MAX_TOKENS:
+        c.advance(token)
+    assert int(c.mask().sum()) == 1 and bool(c.mask()[tok("]", add_special_tokens=False)["input_ids"][0]])

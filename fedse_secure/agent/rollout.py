@@ -4,13 +4,17 @@ This is the hot path of self-evolution. Episodes are packed into slots; every tu
 slots are left-padded into one batch and generated together (with the KV cache inside ``generate``). When an
 episode ends its slot is refilled with the next pending task (continuous batching), so the batch stays full.
 
-Two action modes:
+Three action modes:
 
-* ``generate`` — free-text ReAct ("Thought: ... Action: ..."), sampled at the exploration temperature (1.0, as
-  the paper) or greedy for evaluation (as AgentGym evaluates);
-* ``score`` — the environment's valid actions are ranked by the model's log-likelihood of
-  ``"Thought: \\nAction: <a>"`` (sampled from the softmax at the temperature, or argmax when greedy). Useful for
-  very small models; needs environments that enumerate valid actions.
+* ``generate`` — free-text ReAct ("Thought:\\n...\\n\\nAction:\\n..."), sampled at the exploration temperature
+  (1.0, as the paper) or greedy for evaluation (as AgentGym evaluates);
+* ``score`` — the environment's valid actions are ranked by the model's log-likelihood of ``SCORE_TEMPLATE`` (an
+  empty thought, then the action), sampled from the softmax at the temperature, or argmax when greedy. Useful for
+  very small models;
+* ``constrained`` — the thought is generated freely and the action is decoded under the environment's valid
+  actions (``constrained.py``): the paper's ReAct format, and never an invalid action.
+
+Every local environment enumerates its valid actions, so all three modes run on all five.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from fedse_secure.envs.trajectory import Trajectory
-from fedse_secure.envs.base import TextEnv
+from fedse_secure.envs.base import ACTION_MARKER, TextEnv, react
+from fedse_secure.envs.trajectory import Trajectory, conversation_head
 from fedse_secure.models.device import model_device
 
 
@@ -35,6 +39,7 @@ class RolloutSettings:
     greedy: bool = False
     batch_size: int = 8
     max_context_tokens: int = 1024
+    #: generate | score | constrained (see the module docstring).
     action_mode: str = "generate"
     # Past (action, observation) pairs the prompt may keep after the task; None = as many as the budget allows.
     history_turns: int | None = None
@@ -69,21 +74,23 @@ class TokenCounter:
 def fit_history(
     messages: list[dict[str, str]], budget: int, count: Callable[[str], int], max_pairs: int | None = None
 ) -> list[dict[str, str]]:
-    """Keep the system prompt, the task (first observation) and as many of the latest turns as fit ``budget``.
+    """Keep the conversation's head (the instruction and its "OK", or a system prompt, then the first
+    observation) and as many of the latest turns as fit ``budget``.
 
     Older (assistant, observation) pairs are dropped first; the latest pair (the agent's last action and the
     observation it must answer) is always kept, even over budget. Dropping whole pairs keeps the roles
     alternating, as in training: a dangling observation would put two user messages in a row. ``max_pairs``
     caps the kept pairs (at least the latest is kept) for agents that act on a short window; ``max_pairs=0``
-    is a memoryless agent, which sees the system prompt and the current observation only (enough where the
-    observation is the whole state, as in Maze).
+    is a memoryless agent, which sees the instruction (with its "OK") and the current observation only (enough
+    where the observation is the whole state, as in Maze).
     """
+    n_head = conversation_head(messages)
     if max_pairs == 0:
         if messages[-1]["role"] != "user":
             raise ValueError("a memoryless prompt needs the current observation as the last message")
-        return [messages[0], messages[-1]]
-    head = messages[:2]
-    tail = messages[2:]
+        return [*messages[: n_head - 1], messages[-1]]
+    head = messages[:n_head]
+    tail = messages[n_head:]
     used = sum(count(m["content"]) for m in head)
     kept: list[dict[str, str]] = []
     i = len(tail)
@@ -199,12 +206,16 @@ def _num_layers(model) -> int:
 @torch.no_grad()
 def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list[_SlotCache],
                      settings: RolloutSettings, stats: RolloutStats, generator: torch.Generator,
-                     eos: set[int]) -> list[list[int]]:
+                     eos: set[int], *, max_new_tokens: int | None = None, stop_text: str | None = None,
+                     constraints: Sequence | None = None) -> list[list[int]]:
     """Generate for every prompt in one batch; update each slot's cache; return each row's new token ids.
 
     Layout of row i: ``[pad | reused cache (p_i) | pad | new prompt tokens (d_i) | generated]``. The attention
     mask hides the pads and explicit position ids count only real tokens, so each row computes what it would
     compute alone (up to floating-point summation order).
+
+    A row stops at an end-of-turn token, once its text contains ``stop_text``, or when its constraint (an object
+    with ``mask()``, ``advance(token)`` and ``finished``, see ``constrained.py``) says its action is complete.
     """
     n_rows = len(prompt_ids)
     device = model_device(model)
@@ -213,7 +224,8 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
         p = _common_prefix(cache.ids, ids) if cache.kv is not None else 0
         reuse.append(min(p, len(ids) - 1))  # at least one new token: its logits start generation
     fresh = [ids[p:] for ids, p in zip(prompt_ids, reuse)]
-    C, D, T = max(reuse), max(len(f) for f in fresh), settings.max_new_tokens
+    C, D = max(reuse), max(len(f) for f in fresh)
+    T = max_new_tokens if max_new_tokens is not None else settings.max_new_tokens
     capacity = C + D + T
     pad = tokenizer.pad_token_id
     if C > 0:
@@ -247,12 +259,27 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
     generated: list[list[int]] = [[] for _ in range(n_rows)]
     done = [False] * n_rows
     for t in range(T):
+        if constraints is not None:
+            logits = logits.clone()
+            for row, constraint in enumerate(constraints):
+                if constraint is not None and not done[row]:
+                    allowed = constraint.mask()
+                    n = min(allowed.shape[0], logits.shape[-1])
+                    blocked = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                    blocked[:n] = ~allowed[:n].to(logits.device)
+                    logits[row, blocked] = float("-inf")
         token = _pick(logits, settings, generator)
         for row in range(n_rows):
             if not done[row]:
                 tok = int(token[row])
                 generated[row].append(tok)
-                done[row] = tok in eos
+                if constraints is not None and constraints[row] is not None:
+                    constraints[row].advance(tok)
+                    done[row] = constraints[row].finished
+                else:
+                    done[row] = tok in eos
+                if not done[row] and stop_text is not None and stop_text in tokenizer.decode(generated[row]):
+                    done[row] = True
         if all(done) or t == T - 1:
             break
         # Finished rows keep stepping (outputs discarded): dropping them would copy the whole cache each time.
@@ -279,22 +306,26 @@ def _decode_reply(tokenizer, ids: list[int], eos: set[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-SCORE_TEMPLATE = "Thought: \nAction: {action}"
+#: What score mode ranks: AgentGym's reply layout with an empty thought.
+SCORE_TEMPLATE = react("", "{action}")
 
 
 def as_score_format(trajectory: Trajectory) -> Trajectory:
-    """The trajectory with every assistant turn rewritten to ``SCORE_TEMPLATE`` (the thought dropped).
+    """The trajectory with every agent turn rewritten to ``SCORE_TEMPLATE`` (the thought dropped).
 
     Score mode ranks exactly these strings, so a model meant to act in score mode should be trained on them:
-    trained on full thoughts, it would be scored on a context (an empty thought) it never saw.
+    trained on full thoughts, it would be scored on a context (an empty thought) it never saw. The "OK" of the
+    conversation start is not an agent turn and stays.
     """
     from dataclasses import replace
 
     from fedse_secure.envs.base import extract_action
 
+    head = conversation_head(trajectory.messages)
     messages = [
-        {**m, "content": SCORE_TEMPLATE.format(action=extract_action(m["content"]))} if m["role"] == "assistant" else m
-        for m in trajectory.messages
+        {**m, "content": SCORE_TEMPLATE.format(action=extract_action(m["content"]))}
+        if m["role"] == "assistant" and i >= head else m
+        for i, m in enumerate(trajectory.messages)
     ]
     return replace(trajectory, messages=messages)
 
@@ -348,6 +379,30 @@ def _score_actions(model, tokenizer, prompts: list[str], candidates: list[list[s
     return chosen
 
 
+def _constrained_replies(model, tokenizer, prompts: list[str], envs: list[TextEnv], caches: list[_SlotCache],
+                         settings: RolloutSettings, stats: RolloutStats, generator: torch.Generator,
+                         eos: set[int]) -> list[str]:
+    """Free thought up to ``Action:``, then the action decoded under each environment's action space."""
+    from fedse_secure.agent.constrained import ActionConstraint, thought_part, token_vocabulary
+
+    spaces = [env.action_space() for env in envs]
+    if any(space is None for space in spaces):
+        name = next(env.name for env, space in zip(envs, spaces) if space is None)
+        raise ValueError(f"action_mode 'constrained' needs valid actions, but {name} gives none; use "
+                         "exploration.action_mode: generate")
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    first = _generate_cached(model, tokenizer, ids, caches, settings, stats, generator, eos, stop_text=ACTION_MARKER)
+    thoughts = [thought_part(_decode_reply(tokenizer, x, eos)) for x in first]
+    vocab = token_vocabulary(tokenizer)
+    constraints = [ActionConstraint(vocab, space, tokenizer.eos_token_id) for space in spaces]
+    ids = [tokenizer(p + t, add_special_tokens=False)["input_ids"] for p, t in zip(prompts, thoughts)]
+    cap = max(c.max_tokens for c in constraints)
+    second = _generate_cached(model, tokenizer, ids, caches, settings, stats, generator, eos,
+                              max_new_tokens=cap, constraints=constraints)
+    actions = [tokenizer.decode([t for t in x if t not in eos], skip_special_tokens=True) for x in second]
+    return [t + a for t, a in zip(thoughts, actions)]
+
+
 def run_episodes(
     model,
     tokenizer,
@@ -382,15 +437,16 @@ def run_episodes(
         env = envs[s]
         obs = env.reset(task_id)
         slots[s] = {
-            "order": order, "task_id": task_id, "turns": 0, "reward": 0.0, "success": False,
-            "messages": [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": obs}],
+            "order": order, "task_id": task_id, "turns": 0, "reward": 0.0, "success": False, "invalid": 0,
+            "messages": [*env.conversation_start(), {"role": "user", "content": obs}],
         }
 
     def finish_slot(s: int) -> None:
         st = slots[s]
         traj = Trajectory(
             env=envs[s].name, task_id=st["task_id"], messages=st["messages"], reward=st["reward"],
-            success=st["success"], source="explore", round=round_id, info={"turns": st["turns"]},
+            success=st["success"], source="explore", round=round_id,
+            info={"turns": st["turns"], "invalid_actions": st["invalid"]},
         )
         results[st["order"]] = traj
         stats.episodes += 1
@@ -398,35 +454,47 @@ def run_episodes(
         if on_episode is not None:
             on_episode(traj)
 
-    while pending or any(slots):
-        for s in range(n_slots):
-            if slots[s] is None and pending:
-                start_slot(s)
-        active = [s for s in range(n_slots) if slots[s] is not None]
-        chats = [fit_history(slots[s]["messages"], budget, count, settings.history_turns) for s in active]
-        prompts = prompt_texts(tokenizer, chats)
-        if settings.action_mode == "score":
-            cands = [envs[s].valid_actions() for s in active]
-            if any(not c for c in cands):
-                raise ValueError(f"action_mode 'score' needs valid actions, but {envs[active[0]].name} gives none; "
-                                 "use exploration.action_mode: generate")
-            replies = _score_actions(model, tokenizer, prompts, cands, settings, generator)
-        else:
-            ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            new_ids = _generate_cached(model, tokenizer, ids, [caches[s] for s in active], settings, stats,
-                                       generator, eos)
-            replies = [_decode_reply(tokenizer, x, eos) for x in new_ids]
-        for s, reply in zip(active, replies):
-            st = slots[s]
-            result = envs[s].step(reply)
-            stats.agent_steps += 1
-            st["turns"] += 1
-            st["messages"].append({"role": "assistant", "content": reply})
-            st["reward"] = result.reward
-            st["success"] = bool(result.success)
-            if result.done or st["turns"] >= settings.max_turns:
-                finish_slot(s)
+    def run_slots() -> None:
+        while pending or any(slots):
+            for s in range(n_slots):
+                if slots[s] is None and pending:
+                    start_slot(s)
+            active = [s for s in range(n_slots) if slots[s] is not None]
+            chats = [fit_history(slots[s]["messages"], budget, count, settings.history_turns) for s in active]
+            prompts = prompt_texts(tokenizer, chats)
+            if settings.action_mode == "score":
+                cands = [envs[s].valid_actions() for s in active]
+                if any(not c for c in cands):
+                    name = next(envs[s].name for s, c in zip(active, cands) if not c)
+                    raise ValueError(f"action_mode 'score' needs valid actions, but {name} gives none; use "
+                                     "exploration.action_mode: generate")
+                replies = _score_actions(model, tokenizer, prompts, cands, settings, generator)
+            elif settings.action_mode == "constrained":
+                replies = _constrained_replies(model, tokenizer, prompts, [envs[s] for s in active],
+                                               [caches[s] for s in active], settings, stats, generator, eos)
             else:
-                st["messages"].append({"role": "user", "content": result.observation})
+                ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+                new_ids = _generate_cached(model, tokenizer, ids, [caches[s] for s in active], settings, stats,
+                                           generator, eos)
+                replies = [_decode_reply(tokenizer, x, eos) for x in new_ids]
+            for s, reply in zip(active, replies):
+                st = slots[s]
+                result = envs[s].step(reply)
+                stats.agent_steps += 1
+                st["turns"] += 1
+                st["messages"].append({"role": "assistant", "content": reply})
+                st["reward"] = result.reward
+                st["success"] = bool(result.success)
+                st["invalid"] += bool(result.info.get("invalid"))
+                if result.done or st["turns"] >= settings.max_turns:
+                    finish_slot(s)
+                else:
+                    st["messages"].append({"role": "user", "content": result.observation})
+
+    try:
+        run_slots()
+    finally:
+        for env in envs:
+            env.close()  # a remote AgentGym server's instances are released, whatever happened
     stats.seconds = time.perf_counter() - start
     return [results[i] for i in range(len(task_ids))], stats

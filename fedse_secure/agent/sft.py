@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedse_secure.agent.rollout import TokenCounter, fit_history
-from fedse_secure.envs.trajectory import Trajectory
+from fedse_secure.envs.trajectory import Trajectory, conversation_head
 from fedse_secure.config import TrainingConfig
 
 IGNORE_INDEX = -100
@@ -39,13 +39,15 @@ def _render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt
 def encode_messages(
     tokenizer, messages: Sequence[dict[str, str]], max_seq_len: int, last_turn_only: bool = False
 ) -> EncodedExample:
-    """Tokenise a chat; assistant content (and its end-of-turn marker) is the only target.
+    """Tokenise a chat; the agent's turns (content and end-of-turn marker) are the only targets. The "OK" that
+    answers the instruction in AgentGym's layout is context, as AgentGym trains it (``loss: False``).
 
     If the conversation is longer than ``max_seq_len``, whole later turns are dropped (the system prompt, the
     task and the earliest turns are kept), so no example ends in the middle of an action. With
     ``last_turn_only`` earlier assistant turns are context, not targets (one example per turn).
     """
     last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    first_target = conversation_head(messages)
     ids: list[int] = []
     labels: list[int] = []
     rendered = ""
@@ -67,7 +69,7 @@ def encode_messages(
             if eos in body_ids:
                 last = len(body_ids) - 1 - body_ids[::-1].index(eos)
                 body_labels[last + 1 :] = [IGNORE_INDEX] * (len(body_ids) - last - 1)
-            if last_turn_only and i != last_assistant:
+            if (last_turn_only and i != last_assistant) or i < first_target:
                 body_labels = [IGNORE_INDEX] * len(body_ids)
             seg_labels = [IGNORE_INDEX] * len(head_ids) + body_labels
             rendered = full
@@ -150,7 +152,7 @@ def encode_turns(
     messages = trajectory.messages
     out = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < conversation_head(messages):
             continue
         window = fit_history(list(messages[:i]), budget, count, history_turns) + [m]
         example = encode_messages(tokenizer, window, max_seq_len, last_turn_only=True)

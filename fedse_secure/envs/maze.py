@@ -5,12 +5,24 @@ positions in their order (the 26th is the goal cell itself, which LMRL-Gym rejec
 ``move up/down/left/right``, observations "The goal is at position 8, 6. Your current position is at position r, c.
 There are walls ...", reward 1 on reaching the goal and 0 otherwise, and the ``Success`` observation at the goal.
 
+Conversation (AgentGym's ``MazeEnvClient``): the instruction turn is one sentence; the rules, a worked example, the
+four actions and the reply format open the first observation. Written here in our own words with a shorter worked
+example; ``prompt_file`` plugs in AgentGym's exact text. (The paper's own Maze prompt, its Table 5, is a few-shot
+prompt with explicit row/column offsets; the oracle's thoughts reason the same way.)
+
+Parsing. ``agentgym``: the client keeps the text between the first ``Action:`` and the next one, stripped, and
+LMRL-Gym accepts only an exact ``move up``/``move down``/``move left``/``move right``; anything else leaves the
+agent where it is and answers the same position description (a turn is used). ``lenient``: the first line after
+the last ``Action:``, any case and punctuation, "up" alone or "go up"; anything else answers "Invalid action."
+with the actions.
+
 Split. AgentGym evaluates on the start positions and its AgentTraj demonstrations come from the same maze and
 goal, so train and test overlap there. Here the test set is the 25 playable AgentGym starts (task ids 0..24, the
 paper's 25 test tasks) and the train pool is disjoint: the same maze with every *other* free cell as the goal and
 every remaining cell as the start, kept when the shortest path fits the 15-turn limit (task ids 25..609,
 585 tasks, shuffled deterministically so that any prefix is diverse). Goal and position are in every observation,
-so what is learnt on the train pool (read the goal, move towards it around walls) is exactly the skill the test needs, without leaking test episodes into training.
+so what is learnt on the train pool (read the goal, move towards it around walls) is exactly the skill the test
+needs, without leaking test episodes into training.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from fedse_secure.envs import register_env
-from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
+from fedse_secure.envs.base import Oracle, Prompt, StepResult, TextEnv, agentgym_first_split, extract_action, react
 
 _LAYOUT = (
     "#############",
@@ -46,20 +58,12 @@ AGENTGYM_STARTS: tuple[tuple[int, int], ...] = (
 TEST_STARTS = tuple(p for p in AGENTGYM_STARTS if p != GOAL)
 MOVES: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 ACTIONS = tuple(f"move {d}" for d in MOVES)
+LENIENT_INVALID = 'Invalid action. Your possible actions are "move up", "move down", "move left", "move right". '
 #: LMRL-Gym's internal step cap; the agent-side turn limit (max_turns) is tighter.
 ENV_STEP_CAP = 50
 
 _WALL_ORDER = (("to your right", (0, 1)), ("to your left", (0, -1)), ("above you", (-1, 0)), ("below you", (1, 0)))
 _ACTION_RE = re.compile(r"\b(?:move\s+|go\s+)?(up|down|left|right)\b")
-
-SYSTEM_PROMPT = (
-    "You are an expert maze solver. Reach the goal in as few steps as possible. Each step you are told the goal "
-    "position, your current position (row, column) and the walls next to you. \"move down\" adds 1 to the row, "
-    "\"move right\" adds 1 to the column.\n"
-    'Actions: "move up", "move down", "move left", "move right".\n'
-    "Reply exactly in this format:\nThought: <your thought>\nAction: <your action>"
-)
-
 
 def is_free(cell: tuple[int, int]) -> bool:
     r, c = cell
@@ -112,8 +116,40 @@ def describe(position: tuple[int, int], goal: tuple[int, int]) -> str:
     )
 
 
-def parse_move(action_text: str) -> str | None:
-    """The direction named by the model's output ("Action: move up", "up", "Move Up."), else None."""
+def _worked_example() -> str:
+    """A short game in the rules' format, rendered by the environment itself so it can never disagree with it."""
+    lines, position = [], (5, 4)
+    for move in ("right", "up", "right", "down", "down", "down"):
+        lines.append(f"environment: {describe(position, GOAL)}")
+        lines.append(f"action: move {move}")
+        nxt = (position[0] + MOVES[move][0], position[1] + MOVES[move][1])
+        position = nxt if is_free(nxt) else position
+    lines.append("environment: Success")
+    return "\n".join(lines)
+
+
+INSTRUCTION = "You are an expert at solving mazes."
+PREAMBLE = (
+    "Reach the goal in as few moves as possible. Every turn you are told where the goal is, where you are, and "
+    "which of the four cells next to you are walls.\n\n"
+    "Positions are (row, column): \"move down\" adds 1 to the row and \"move right\" adds 1 to the column. "
+    "Moving into a wall leaves you where you are.\n\n"
+    "An example game:\n```\n" + _worked_example() + "\n```\n\n"
+    'The actions are "move up", "move down", "move left" and "move right". Reply in exactly this format:\n'
+    "Thought:\n<your reasoning>\n\nAction:\n<one action>\n\n"
+    "A new game starts now. Give your reasoning and the best move for this state:"
+)
+
+
+def parse_move(action_text: str, parsing: str = "agentgym") -> str | None:
+    """The direction of the model's reply, else None.
+
+    ``agentgym``: exactly "move <direction>" after the first ``Action:``. ``lenient``: any of "Action: move up",
+    "up", "Move Up.".
+    """
+    if parsing == "agentgym":
+        action = agentgym_first_split(action_text)
+        return action[5:] if action in ACTIONS else None
     action = extract_action(action_text).lower()
     m = _ACTION_RE.search(action)
     return m.group(1) if m else None
@@ -122,26 +158,21 @@ def parse_move(action_text: str) -> str | None:
 class MazeEnv(TextEnv):
     name = "maze"
     max_turns = 15
+    default_prompt = Prompt(INSTRUCTION, preamble=PREAMBLE)
 
-    def __init__(self, max_turns: int | None = None):
-        if max_turns is not None:
-            if max_turns < 1:
-                raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-            self.max_turns = max_turns
+    def __init__(self, max_turns: int | None = None, parsing: str = "agentgym", prompt_file: str | None = None):
+        self._configure(max_turns, parsing, prompt_file)
         self.goal: tuple[int, int] = GOAL
         self.position: tuple[int, int] | None = None
         self.turns = 0
         self.done = True
-
-    def system_prompt(self) -> str:
-        return SYSTEM_PROMPT
 
     def reset(self, task_id: int) -> str:
         self.goal, self.position = task_spec(task_id)
         self.task_id = task_id
         self.turns = 0
         self.done = False
-        return describe(self.position, self.goal)
+        return self.prompt.first_observation(describe(self.position, self.goal))
 
     def step(self, action_text: str) -> StepResult:
         if self.position is None:
@@ -149,14 +180,13 @@ class MazeEnv(TextEnv):
         if self.done:
             return StepResult("The episode is over; call reset(task_id).", 0.0, True, False, {"invalid": True})
         self.turns += 1
-        direction = parse_move(action_text)
+        direction = parse_move(action_text, self.parsing)
         out_of_turns = self.turns >= min(self.max_turns, ENV_STEP_CAP)
         if direction is None:
             self.done = out_of_turns
-            obs = (
-                'Invalid action. Your possible actions are "move up", "move down", "move left", "move right". '
-                + describe(self.position, self.goal)
-            )
+            obs = describe(self.position, self.goal)
+            if self.parsing == "lenient":
+                obs = LENIENT_INVALID + obs
             return StepResult(obs, 0.0, self.done, False, {"invalid": True, "turns": self.turns})
         dr, dc = MOVES[direction]
         nxt = (self.position[0] + dr, self.position[1] + dc)
@@ -217,7 +247,7 @@ class MazeOracle(Oracle):
         rows = f"{abs(dr)} row{'s' if abs(dr) != 1 else ''} {'down' if dr >= 0 else 'up'}"
         cols = f"{abs(dc)} column{'s' if abs(dc) != 1 else ''} {'right' if dc >= 0 else 'left'}"
         thought = f"The goal is {rows} and {cols}. The open path goes {move}, {len(path)} steps to go."
-        return f"Thought: {thought}\nAction: move {move}"
+        return react(thought, f"move {move}")
 
 
 register_env("maze", MazeEnv, MazeOracle)

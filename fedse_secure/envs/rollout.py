@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedse_secure.envs.trajectory import Trajectory
 from fedse_secure.envs.base import Oracle, TextEnv
+from fedse_secure.envs.trajectory import Trajectory
 
 
 def run_oracle_episode(env: TextEnv, oracle: Oracle, task_id: int, max_turns: int | None = None) -> Trajectory:
@@ -14,7 +14,7 @@ def run_oracle_episode(env: TextEnv, oracle: Oracle, task_id: int, max_turns: in
     limit = max_turns if max_turns is not None else env.max_turns
     observation = env.reset(task_id)
     oracle.reset(env, task_id)
-    messages = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": observation}]
+    messages = [*env.conversation_start(), {"role": "user", "content": observation}]
     reward, success, steps = 0.0, False, 0
     for _ in range(limit):
         reply = oracle.act(env, observation)

@@ -8,8 +8,9 @@ to stdout when a craft has the wrong counts.
 
 Kept from AgentGym:
 - Goal pool: every craftable item with recipe depth >= 1, sorted by depth ascending; task id = index (AgentGym's
-  ``data_idx``). Ties are ordered by item id here (AgentGym's order within a depth follows ``os.listdir``, which is
-  not reproducible across machines); the recipe tree is loaded in sorted file order for the same reason.
+  ``data_idx``). Ties are ordered by item id here: AgentGym's order within a depth follows ``os.listdir`` (and its
+  command order follows set iteration, which changes with hash randomisation), so it is not reproducible across
+  machines; the recipe tree is loaded in sorted file order for the same reason.
 - First observation "Crafting commands:\\n<recipes>\\n\\nGoal: craft <item>." with every recipe of the goal's tree
   plus up to 10 distractor recipes, shuffled (seeded by the task id).
 - Commands ``get N item``, ``craft N item using N a, N b``, ``inventory``; the same messages ("Got ...",
@@ -18,17 +19,29 @@ Kept from AgentGym:
   specific item of that group ("oak planks").
 - Success rule: reward 1 and done when the goal item is crafted, or obtained with ``get`` (AgentGym's rule; the
   PyPI package does not count ``get``). Goals are always craftable, so ``get`` never yields them in practice.
-- Lenient parsing as AgentGym's client: the text after ``Action:``, characters other than letters, digits, commas
-  and spaces dropped, spaces collapsed, lower-cased; ``look`` means ``inventory``.
+- Conversation: AgentGym's instruction (format, the three commands, the reminders) in our own words, as the first
+  user turn; ``prompt_file`` plugs in AgentGym's text.
 
-Split: the 544 goals are sorted by depth. 13 of them need more than 20 actions even with the expert plan (so no
-agent can finish them within the 20-turn limit); they stay valid task ids but are in neither split. Of the other
-531, 100 evenly spaced ones (so every depth 1..4 is represented) are the test tasks and 431 the train pool.
+Parsing. ``agentgym`` (AgentGym's client, then its server): the line after the only ``Action:`` (a reply with two
+is answered "Error: Only one 'Action' is allowed ..."), characters other than letters, digits, commas and spaces
+dropped, spaces collapsed; the server matches the command at the start of that line, case-sensitively.
+``lenient``: the first line after the last ``Action:``, the same characters dropped, lower-cased, ``look`` means
+``inventory``, and the whole line must be the command.
+
+Valid actions (score and constrained modes): ``inventory``; ``get N item`` for each item the shown recipes use
+that can be got (members of a generic group included), N a multiple (1 to 8 times) of a count a recipe asks for
+or the amount a chain of the shown recipes needs for one goal; and each shown recipe as a ``craft`` command, a
+generic ingredient replaced by each member in the inventory.
+
+Split: the 544 goals are sorted by depth; 100 evenly spaced ones (so every depth 1..4 is represented) are the
+test tasks, the other 444 the train pool. Nothing is filtered by what the expert can do: 13 goals need more than
+20 actions even with the expert plan, and the oracle's ceiling on the test set is reported beside the agent's.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import itertools
 import math
 import os
 import random
@@ -39,20 +52,36 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedse_secure.envs import register_env
-from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
+from fedse_secure.envs.base import (
+    MULTIPLE_ACTIONS,
+    Oracle,
+    Prompt,
+    StepResult,
+    TextEnv,
+    agentgym_action_line,
+    extract_action,
+    react,
+)
 
 N_TEST = 100
 MAX_DISTRACTORS = 10
 
-SYSTEM_PROMPT = (
-    'You are given few useful crafting recipes to craft items in Minecraft. Crafting commands are of the format '
-    '"craft [target object] using [input ingredients]". You can "get" an object (ingredients) from the '
-    'environment, look up the game inventory by "inventory", or "craft" (target) using any of the crafting '
-    "commands.\n"
-    "Reminder: 1. Always specify the quantity, e.g. get 1 lapis lazuli; craft 1 blue dye using 1 lapis lazuli. "
-    "2. Use ONLY the crafting commands provided. If a command uses a generic ingredient like \"planks\", use a "
-    'special type of it, e.g. "dark oak planks".\n'
-    "Reply exactly in this format:\nThought: <your thought>\nAction: <your action>"
+#: How many times a recipe's ingredient count a ``get`` may ask for, among the valid actions.
+GET_MULTIPLES = 8
+
+INSTRUCTION = (
+    "You are given a few useful recipes for crafting items in Minecraft. A crafting command has the form "
+    '"craft [target object] using [input ingredients]".\n'
+    "Each turn I give you an observation, and you reply with one action for the current state. You can \"get\" "
+    'an object (an ingredient) from the environment, look at your inventory with "inventory", or "craft" a target '
+    "with one of the crafting commands.\n"
+    'Reply strictly in this format: "Thought:\n<your reasoning>\n\nAction:\n<your next action>"\n\n'
+    "Remember:\n"
+    "1. Always give the quantity with \"get\" and \"craft\", for example: get 1 lapis lazuli; craft 1 blue dye "
+    "using 1 lapis lazuli; craft 1 golden carrot using 8 gold nugget, 1 carrot.\n"
+    '2. With "get", do not say whether the item comes from the inventory or the environment.\n'
+    "3. Use only the crafting commands you are given, never your own. Where a command names a generic ingredient "
+    'such as "planks", use a specific kind of it, for example "dark oak planks".\n'
 )
 
 
@@ -137,6 +166,15 @@ class RecipeBook:
                 for name, _ in r.inputs:
                     uses.setdefault(name, set()).add(r)
         self.uses = {k: sorted(v, key=lambda r: r.text) for k, v in uses.items()}
+        self.by_text: dict[str, Recipe] = {}
+        for recipes in list(self.item_recipes.values()) + list(self.tag_recipes.values()):
+            for r in recipes:
+                self.by_text.setdefault(r.text, r)
+
+    def gettable(self, name: str) -> list[str]:
+        """The items ``get`` can fetch for an ingredient: the item itself, or a generic group's members."""
+        members = self.tag_members.get(name, ()) if name in self.tags else (name,)
+        return [m for m in members if m in self.items and not self.is_craftable(m) and m not in self.tags]
 
     def is_craftable(self, name: str) -> bool:
         return name in self.item_recipes or name in self.tag_recipes
@@ -178,20 +216,10 @@ def recipe_book() -> RecipeBook:
 
 
 @lru_cache(maxsize=1)
-def feasible_ids() -> tuple[int, ...]:
-    """Goals whose expert plan fits the 20-turn limit (531 of 544); the others are in neither split."""
-    book = recipe_book()
-    return tuple(
-        i
-        for i in range(len(book.goals))
-        if len(plan(book, book.goals[i], make_task(i).commands)) <= TextCraftEnv.max_turns
-    )
-
-
-@lru_cache(maxsize=1)
 def test_ids() -> tuple[int, ...]:
-    pool = feasible_ids()
-    return tuple(pool[int(i * len(pool) / N_TEST)] for i in range(N_TEST))
+    """100 goal ids evenly spaced over the depth-sorted pool (no goal left out for being hard)."""
+    n = len(recipe_book().goals)
+    return tuple(int(i * n / N_TEST) for i in range(N_TEST))
 
 
 @dataclass(frozen=True)
@@ -227,9 +255,13 @@ def make_task(task_id: int, max_distractors: int = MAX_DISTRACTORS) -> Task:
 _GET = re.compile(r"get ([0-9]+) (.+)")
 _CRAFT = re.compile(r"craft (.+?) using (.+)")
 _COUNT = re.compile(r"([0-9]+) (.+)")
+_INVENTORY = re.compile(r"inventory")
 
 
-def normalise_action(action_text: str) -> str:
+def normalise_action(action_text: str, parsing: str = "lenient") -> str | None:
+    """The command of a reply (None: several ``Action:`` lines, which AgentGym's client refuses)."""
+    if parsing == "agentgym":
+        return agentgym_action_line(action_text)
     action = extract_action(action_text)
     action = re.sub(r"[^A-Za-z0-9, ]+", "", action)
     action = " ".join(action.split()).strip().lower()
@@ -239,12 +271,16 @@ def normalise_action(action_text: str) -> str:
 class TextCraftEnv(TextEnv):
     name = "textcraft"
     max_turns = 20
+    default_prompt = Prompt(INSTRUCTION)
 
-    def __init__(self, max_turns: int | None = None, max_distractors: int = MAX_DISTRACTORS):
-        if max_turns is not None:
-            if max_turns < 1:
-                raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-            self.max_turns = max_turns
+    def __init__(
+        self,
+        max_turns: int | None = None,
+        max_distractors: int = MAX_DISTRACTORS,
+        parsing: str = "agentgym",
+        prompt_file: str | None = None,
+    ):
+        self._configure(max_turns, parsing, prompt_file)
         if max_distractors < 0:
             raise ValueError(f"max_distractors must be >= 0, got {max_distractors}")
         self.max_distractors = max_distractors
@@ -254,12 +290,10 @@ class TextCraftEnv(TextEnv):
         self.turns = 0
         self.done = True
 
-    def system_prompt(self) -> str:
-        return SYSTEM_PROMPT
-
     def reset(self, task_id: int) -> str:
         self.task = make_task(task_id, self.max_distractors)
         self.task_id = task_id
+        self._gets = self._get_actions()
         self.inventory = {}
         self.turns = 0
         self.done = False
@@ -276,8 +310,11 @@ class TextCraftEnv(TextEnv):
         if self.done:
             return StepResult("The episode is over; call reset(task_id).", 0.0, True, False, {"invalid": True})
         self.turns += 1
-        action = normalise_action(action_text)
-        observation, success, invalid = self._apply(action)
+        action = normalise_action(action_text, self.parsing)
+        if action is None:
+            observation, success, invalid = MULTIPLE_ACTIONS, False, True
+        else:
+            observation, success, invalid = self._apply(action)
         self.done = success or self.turns >= self.max_turns
         info = {"turns": self.turns}
         if invalid:
@@ -285,9 +322,12 @@ class TextCraftEnv(TextEnv):
         return StepResult(observation, 1.0 if success else 0.0, self.done, success, info)
 
     def _apply(self, action: str) -> tuple[str, bool, bool]:
-        """(observation, goal reached, invalid)."""
+        """(observation, goal reached, invalid: not a command of the game, or one naming no recipe or item)."""
         book = self.book
-        if m := _CRAFT.fullmatch(action):
+        # AgentGym's server matches a command at the start of the line (re.match); lenient parsing wants it whole.
+        match = (lambda regex, text: regex.match(text)) if self.parsing == "agentgym" else (
+            lambda regex, text: regex.fullmatch(text))
+        if m := match(_CRAFT, action):
             target, ingredients = m.group(1), m.group(2)
             cm = _COUNT.fullmatch(target)
             target_id = _item_id(cm.group(2) if cm else target)
@@ -298,7 +338,8 @@ class TextCraftEnv(TextEnv):
                     return f"Wrong item format: {part.strip()}", False, True
                 offered.append((_item_id(pm.group(2)), int(pm.group(1))))
             if any(self.inventory.get(item, 0) < n for item, n in offered):
-                return f"Could not find enough items to craft {target_id}", False, True
+                # A well-formed command the inventory cannot pay for: a failed action, not an invalid one.
+                return f"Could not find enough items to craft {target_id}", False, False
             recipe = next((r for r in book.item_recipes.get(target_id, ()) if book.matches(r, offered)), None)
             if recipe is None:
                 return f"Could not find a valid recipe for {_name(target_id)}", False, True
@@ -308,22 +349,69 @@ class TextCraftEnv(TextEnv):
                     del self.inventory[item]
             self.inventory[recipe.output] = self.inventory.get(recipe.output, 0) + recipe.count
             return f"Crafted {recipe.count} {recipe.output}", recipe.output == self.goal, False
-        if m := _GET.fullmatch(action):
+        if m := match(_GET, action):
             amount, item = int(m.group(1)), m.group(2)
             item_id = _item_id(item)
             if amount < 1 or book.is_craftable(item_id) or item_id in book.tags or item_id not in book.items:
                 return f"Could not find {item}", False, True
             self.inventory[item_id] = self.inventory.get(item_id, 0) + amount
             return f"Got {amount} {item}", item_id == self.goal, False
-        if action == "inventory":
+        if match(_INVENTORY, action):
             if not self.inventory:
                 return "Inventory: You are not carrying anything.", False, False
             return "Inventory: " + " ".join(f"[{_name(i)}] ({n})" for i, n in self.inventory.items()), False, False
         return f"Could not execute {action}", False, True
 
+    def _get_actions(self) -> list[str]:
+        assert self.task is not None
+        recipes = [self.book.by_text[text] for text in self.task.commands]
+        counts: dict[str, set[int]] = {}
+        for recipe in recipes:
+            for name, n in recipe.inputs:
+                for item in self.book.gettable(name):
+                    counts.setdefault(item, set()).update(n * k for k in range(1, GET_MULTIPLES + 1))
+        # Amounts a chain of the shown recipes asks for when crafting one goal (9 ice -> 1 packed ice, 9 packed
+        # ice -> 1 blue ice: 81 ice), which small multiples miss.
+        need: dict[str, set[int]] = {self.task.goal: {1}}
+        frontier = [(self.task.goal, 1)]
+        while frontier:
+            name, amount = frontier.pop()
+            for recipe in recipes:
+                makes_tag = name in self.book.tags and self.book.item_tag.get(recipe.output) == name
+                if recipe.output != name and not makes_tag:
+                    continue
+                batches = math.ceil(amount / recipe.count)
+                for ingredient, n in recipe.inputs:
+                    total = n * batches
+                    if total not in need.setdefault(ingredient, set()) and total <= 4096:
+                        need[ingredient].add(total)
+                        frontier.append((ingredient, total))
+        for name, totals in need.items():
+            for item in self.book.gettable(name):
+                counts.setdefault(item, set()).update(totals)
+        return [f"get {n} {_name(item)}" for item in sorted(counts) for n in sorted(counts[item])]
+
+    def valid_actions(self) -> list[str]:
+        """``inventory``, the gets the shown recipes call for, and the shown recipes as crafts (a generic ingredient
+        replaced by each member in the inventory; a recipe whose generic ingredient has none held is left out)."""
+        assert self.task is not None
+        crafts = []
+        for text in self.task.commands:
+            recipe = self.book.by_text[text]
+            choices = []
+            for name, n in recipe.inputs:
+                if name in self.book.tags:
+                    choices.append([(m, n) for m in self.book.tag_members.get(name, ()) if m in self.inventory])
+                else:
+                    choices.append([(name, n)])
+            for combo in itertools.product(*choices):
+                ingredients = ", ".join(f"{n} {_name(i)}" for i, n in combo)
+                crafts.append(f"craft {recipe.count} {_name(recipe.output)} using {ingredients}")
+        return ["inventory", *self._gets, *sorted(set(crafts))]
+
     def train_task_ids(self) -> Sequence[int]:
         test = set(test_ids())
-        return tuple(i for i in feasible_ids() if i not in test)
+        return tuple(i for i in range(len(self.book.goals)) if i not in test)
 
     def test_task_ids(self) -> Sequence[int]:
         return test_ids()
@@ -437,7 +525,7 @@ class TextCraftOracle(Oracle):
     def act(self, env: TextEnv, observation: str) -> str:
         assert isinstance(env, TextCraftEnv) and env.task is not None
         if not self._plan:
-            return "Thought: I have everything I need; let me check the inventory.\nAction: inventory"
+            return react("I have everything I need; let me check the inventory.", "inventory")
         action = self._plan.pop(0)
         goal = _name(env.task.goal)
         if action.startswith("get"):
@@ -449,7 +537,7 @@ class TextCraftOracle(Oracle):
                 thought = f"I have all the ingredients, so I craft the goal, {goal}."
             else:
                 thought = f"{target.capitalize()} is an ingredient on the way to {goal}; I have what it needs."
-        return f"Thought: {thought}\nAction: {action}"
+        return react(thought, action)
 
 
 register_env("textcraft", TextCraftEnv, TextCraftOracle)

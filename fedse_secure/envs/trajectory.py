@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def conversation_head(messages: Sequence[dict[str, str]]) -> int:
+    """How many messages precede the agent's first own turn.
+
+    AgentGym's layout opens with the instruction (user) and its fixed "OK" (assistant), then the first observation:
+    3. A system prompt and the first observation: 2. A bare chat that starts with the observation: 1. The "OK" is
+    context, never a target.
+    """
+    roles = [m["role"] for m in messages[:3]]
+    if roles[:1] == ["system"]:
+        return 2
+    if roles == ["user", "assistant", "user"]:
+        return 3
+    return 1
+
+
 @dataclass
 class Trajectory:
-    """One episode: ``messages`` = system prompt, then alternating user (observation) / assistant turns.
+    """One episode: ``messages`` = the conversation start (instruction, "OK"), the first observation, then
+    alternating assistant (agent) and user (observation) turns.
 
-    Assistant turns are ``"Thought: ...\\nAction: ..."``; training puts loss on assistant tokens only.
+    Agent turns are ``"Thought:\\n...\\n\\nAction:\\n..."``; training puts loss on the agent's turns only.
     """
 
     env: str
@@ -28,7 +45,9 @@ class Trajectory:
 
     @property
     def num_turns(self) -> int:
-        return sum(1 for m in self.messages if m["role"] == "assistant")
+        """The agent's turns (the "OK" of the conversation start is not one)."""
+        head = conversation_head(self.messages)
+        return sum(1 for m in self.messages[head:] if m["role"] == "assistant")
 
     def content_key(self) -> str:
         """Identity for de-duplication: the environment, task and exact conversation."""

@@ -1,26 +1,35 @@
-"""WebShop (Yao et al. 2022) re-implemented over a synthetic catalogue (see ``webshop_catalog``).
+"""WebShop (Yao et al. 2022) re-implemented over a synthetic catalogue (``catalogue``: ``realistic`` by default,
+``webshop_families``; or ``simple``, ``webshop_catalog``).
 
 Kept from WebShop / AgentGym:
 - Pages and their text form with ``[SEP]`` separators: the search page ("WebShop [SEP] Instruction: [SEP] ... [SEP]
   Search"), result pages ("Page 1 (Total results: 50)", "Next >", "< Prev", "Back to Search", then ASIN, title and
   price per hit, from the top 50 BM25 hits), item pages (option groups and values, title, price, rating, Description,
   Features, Reviews, "Buy Now") and the description/features/reviews sub-pages.
-- Actions ``search[keywords]`` (only on the search page) and ``click[value]`` (a clickable of the current page,
-  case-insensitive). Anything else "performs nothing": the page is shown again after "Invalid action.".
+- Actions ``search[keywords]`` and ``click[value]`` (a clickable of the current page, case-insensitive).
 - The reward on "Buy Now" (WebShop's ``get_reward``): r_type * (attribute matches + option matches + price ok) /
   (attributes + options + 1), with r_type from WebShop's type rule (query match, category-path match with at
   least 2 levels in common, or title-noun overlap; 0.5 / 0.1 / 0 otherwise). Attributes match when the product has
   the attribute or its title contains it; options match the values selected on the item page. The item page
   adds "Selected: ..." once options are clicked (WebShop's HTML shows the selection; its text mode drops it).
   Success (as AgentGym counts it) = reward 1.
-- 10 turns (AgentGym's default for WebShop).
+- 10 turns (AgentGym's default for WebShop); AgentGym's instruction turn (answered "Ok.") in our own words.
 
-Page size: WebShop shows 10 hits per page; the default here is 5 so that a results page stays near 250 tokens for
-a 1k-token model (``results_per_page=10`` restores WebShop's page; the oracle solves every task either way).
+Parsing. ``agentgym``: AgentGym's client keeps everything after the last ``Action:`` (without the marker, the whole
+reply if it mentions ``search[`` or ``click[``), and WebShop reads ``name[argument]`` at the start of it; anything
+else, or a click on something not on the page, does nothing and the same page is shown again. ``lenient``: the
+first ``search[...]``/``click[...]`` after the last ``Action:``, anywhere on the line; an invalid action is
+answered "Invalid action." above the page.
 
-Tasks: task id -> a goal generated from the catalogue with a per-task seed (a random target product, 1-2 of its
-attributes, one value per option group, a price ceiling above its price), so every task is solvable. Test = ids
-0..199 (the paper's 200), train = ids 200..4129 (3,930, AgentTraj's WebShop count).
+Differences: a search is accepted on the search page only (WebShop also runs one typed on another page; the
+instruction tells the agent to search where search is available). Page size: WebShop shows 10 hits per page;
+the default here is 5 so that a results page stays near 250 tokens for a 1k-token model
+(``results_per_page=10`` restores WebShop's page; the oracle solves every task either way).
+
+Tasks: task id -> a goal generated from the catalogue with a per-task seed. Test = ids 0..199 (the paper's 200),
+train = ids 200..4129 (3,930, AgentTraj's WebShop count). ``heuristic_episode`` plays WebShop's rule baseline
+(search the instruction, open the first hit, click the option values the instruction names, buy):
+``benchmarks/webshop_heuristic.py`` reports its success rate.
 """
 
 from __future__ import annotations
@@ -29,26 +38,47 @@ import re
 from collections.abc import Sequence
 
 from fedse_secure.envs import register_env
-from fedse_secure.envs.base import Oracle, StepResult, TextEnv, extract_action
-from fedse_secure.envs.webshop_catalog import Catalogue, Goal, Product, catalogue, tokenize
+from fedse_secure.envs.base import (
+    ActionSpace,
+    Oracle,
+    Prompt,
+    StepResult,
+    TextEnv,
+    agentgym_react_tail,
+    extract_action,
+    react,
+)
+from fedse_secure.envs.webshop_catalog import CATALOGUES, Goal, Product, SearchIndex, catalogue, tokenize
 
 N_TEST = 200
 N_TRAIN = 3930
 RESULTS = 50
 
-SYSTEM_PROMPT = (
-    "You are web shopping. I will give you instructions about what to do. Every round I will give you an "
-    "observation; respond with one action based on the state and instruction. Actions:\n"
-    "search[keywords] (only when search is available)\nclick[value] (value must be a clickable on the page)\n"
-    "If the action is not valid, nothing happens.\n"
-    "Reply exactly in this format:\nThought: <your thought>\nAction: <your action>"
+INSTRUCTION = (
+    "You are shopping on a website.\nI will give you instructions about what to do.\nYou have to follow them.\n"
+    "Each turn I give you an observation and the actions you can take, and you reply with one action based on the "
+    "page and the instruction.\nYou can search when search is available.\nYou can click one of the buttons on the "
+    "page.\nAn action has one of these forms:\nsearch[keywords]\nclick[value]\nAn action that is not valid does "
+    "nothing.\nThe search keywords are up to you, but the value you click must be one of the clickable values on "
+    "the page.\nChoose your search keywords carefully.\nReply in this format:\n\nThought:\nI think ... \n\n"
+    "Action: \nclick[something]"
 )
-
+_AGENTGYM_ACTION_RE = re.compile(r"(.+)\[(.+)\]")
 _ACTION_RE = re.compile(r"^(search|click)\s*\[(.*)\]\s*\.?$", re.IGNORECASE | re.DOTALL)
+#: How an invalid action is answered under lenient parsing (AgentGym's client says this when it cannot parse).
+INVALID_PREFIX = "Invalid action.\n\n"
 
 
-def parse_action(action_text: str) -> tuple[str, str] | None:
-    """("search"|"click", argument) from the model's output, or None."""
+def parse_action(action_text: str, parsing: str = "lenient") -> tuple[str, str] | None:
+    """(action name, argument) from the model's reply, or None.
+
+    ``agentgym``: ``name[argument]`` at the start of the text after the last ``Action:`` (WebShop's
+    ``parse_action``; the name is returned as written, so only "search" and "click" act). ``lenient``: the first
+    ``search[...]``/``click[...]`` after the last ``Action:``, name lower-cased, spaces in the argument collapsed.
+    """
+    if parsing == "agentgym":
+        m = _AGENTGYM_ACTION_RE.match(agentgym_react_tail(action_text))
+        return (m.group(1), m.group(2)) if m else None
     action = extract_action(action_text)
     m = _ACTION_RE.match(action.strip())
     if not m:
@@ -87,21 +117,26 @@ def purchase_reward(product: Product, goal: Goal, selected: dict[str, str]) -> f
 class WebShopEnv(TextEnv):
     name = "webshop"
     max_turns = 10
+    default_prompt = Prompt(INSTRUCTION, reply="Ok.")
+    option_choices = {**TextEnv.option_choices, "catalogue": CATALOGUES}
 
-    def __init__(self, max_turns: int | None = None, results_per_page: int = 5):
-        if max_turns is not None:
-            if max_turns < 1:
-                raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-            self.max_turns = max_turns
-        if not 1 <= results_per_page <= RESULTS:
-            raise ValueError(f"results_per_page must be in 1..{RESULTS}, got {results_per_page}")
+    def __init__(
+        self,
+        max_turns: int | None = None,
+        results_per_page: int = 5,
+        parsing: str = "agentgym",
+        prompt_file: str | None = None,
+        catalogue: str = "realistic",
+    ):
+        self._configure(max_turns, parsing, prompt_file)
+        if not isinstance(results_per_page, int) or not 1 <= results_per_page <= RESULTS:
+            raise ValueError(f"results_per_page must be an integer in 1..{RESULTS}, got {results_per_page!r}")
+        self.validate_options({"catalogue": catalogue})
         self.per_page = results_per_page
-        self.catalogue: Catalogue = catalogue()
+        self.catalogue_name = catalogue
+        self.catalogue: SearchIndex = globals()["catalogue"](catalogue)
         self.goal: Goal | None = None
         self.done = True
-
-    def system_prompt(self) -> str:
-        return SYSTEM_PROMPT
 
     def reset(self, task_id: int) -> str:
         if not isinstance(task_id, int) or not 0 <= task_id < N_TEST + N_TRAIN:
@@ -142,9 +177,16 @@ class WebShopEnv(TextEnv):
         if self.page == "search":
             assert self.goal is not None
             words = self.goal.instruction.split(", and price lower than")[0]
-            words = re.sub(r"^(i am looking for|i need|i want to buy|find me)\s+(an?\s+)?", "", words)
-            return [f"search[{' '.join(words.replace(',', ' ').split())}]"]
+            words = re.sub(r"^(i am looking for|i need|i want to buy|find me|i would like|get me)\s+(an?\s+)?", "",
+                           words)
+            return [f"search[{' '.join(re.sub(r'[,:]', ' ', words).split())}]"]
         return [f"click[{c}]" for c in self.clickables()]
+
+    def action_space(self) -> ActionSpace:
+        """On the search page any ``search[keywords]``; elsewhere a click on each clickable."""
+        if self.page == "search":
+            return ActionSpace(slots=(("search[", "]"),))
+        return ActionSpace(literals=tuple(self.valid_actions()))
 
     def _page_items(self) -> list[Product]:
         start = (self.page_no - 1) * self.per_page
@@ -187,22 +229,24 @@ class WebShopEnv(TextEnv):
         if self.done:
             return StepResult("The episode is over; call reset(task_id).", 0.0, True, False, {"invalid": True})
         self.turns += 1
-        parsed = parse_action(action_text)
+        parsed = parse_action(action_text, self.parsing)
         reward, bought, invalid = 0.0, False, False
         if parsed is None:
             invalid = True
         elif parsed[0] == "search":
-            if self.page == "search" and parsed[1]:
-                self.results = self.catalogue.search(parsed[1], RESULTS)
+            if self.page == "search" and parsed[1].strip():
+                self.results = self.catalogue.search(parsed[1].lower(), RESULTS)
                 self.page, self.page_no = "results", 1
             else:
                 invalid = True
-        else:
+        elif parsed[0] == "click":
             value = parsed[1].lower()
             if value not in self.clickables():
                 invalid = True
             else:
                 reward, bought = self._click(value)
+        else:
+            invalid = True
         if bought:
             self.done = True
             observation = (
@@ -211,7 +255,8 @@ class WebShopEnv(TextEnv):
             )
         else:
             self.done = self.turns >= self.max_turns
-            observation = ("Invalid action.\n\n" if invalid else "") + self.render()
+            prefix = INVALID_PREFIX if invalid and self.parsing == "lenient" else ""
+            observation = prefix + self.render()
         info = {"turns": self.turns}
         if invalid:
             info["invalid"] = True
@@ -314,9 +359,27 @@ class WebShopOracle(Oracle):
 
     def act(self, env: TextEnv, observation: str) -> str:
         if not self.script:
-            return "Thought: I go back to the search page.\nAction: click[back to search]"
+            return react("I go back to the search page.", "click[back to search]")
         kind, arg, thought = self.script.pop(0)
-        return f"Thought: {thought}\nAction: {kind}[{arg}]"
+        return react(thought, f"{kind}[{arg}]")
+
+
+def heuristic_episode(env: WebShopEnv, task_id: int) -> float:
+    """WebShop's rule baseline on one task: search the whole instruction, open the first hit, click every option
+    value of the item page that the instruction names (the first per group), buy. Returns the reward."""
+    env.reset(task_id)
+    assert env.goal is not None
+    instruction = env.goal.instruction.lower()
+    env.step(react("", f"search[{env.goal.instruction}]"))
+    if not env.results:
+        return 0.0
+    env.step(react("", f"click[{env.results[0].asin.lower()}]"))
+    assert env.item is not None
+    for _, values in env.item.options:
+        named = [v for v in values if re.search(rf"(?<![a-z0-9]){re.escape(v.lower())}(?![a-z0-9])", instruction)]
+        if named:
+            env.step(react("", f"click[{named[0]}]"))
+    return env.step(react("", "click[buy now]")).reward
 
 
 register_env("webshop", WebShopEnv, WebShopOracle)

@@ -1,10 +1,16 @@
-"""A synthetic WebShop catalogue: products, goals (instructions) and a BM25 search engine.
+"""Synthetic WebShop catalogues: products, goals (instructions) and a BM25 search engine.
 
-WebShop's real data (1.18M Amazon products, human instructions, a pyserini index) must be downloaded, so this module
-generates a catalogue with the same structure from a fixed seed: each product has an ASIN, a title, a category path
-("department > aisle > product type"), attributes (e.g. "sulfate free"), option groups (e.g. size, scent) with
-their values, a price, a description and features. Goals mirror WebShop's: a product type, 1-2 attributes, one
+WebShop's real data (1.18M Amazon products, human instructions, a pyserini index) must be downloaded, so the
+catalogues are generated from a fixed seed with the same structure: each product has an ASIN, a title, a category
+path ("department > aisle > product type"), attributes (e.g. "sulfate free"), option groups (e.g. size, scent)
+with their values, a price, a description and features. Goals mirror WebShop's: a product type, attributes, one
 value per option group and a price ceiling, phrased as "i am looking for ..., and price lower than 30.00 dollars".
+
+Two catalogues (WebShopEnv's ``catalogue`` option):
+- ``realistic`` (the default, ``webshop_families``): goals with 2-15 attributes among several hundred, families of
+  near-duplicate products; a crude heuristic solves few goals, as on the real site.
+- ``simple`` (this module's :class:`Catalogue`): 23 product types, goals with 1-2 attributes among 104 and no
+  near-duplicates; the catalogue before the realistic one, kept for comparison.
 """
 
 from __future__ import annotations
@@ -222,7 +228,52 @@ class Goal:
     target_asin: str = field(compare=False)
 
 
-class Catalogue:
+class SearchIndex:
+    """BM25 over each product's title, type, attributes, aisle and description (options and price are not
+    indexed, as in WebShop); subclasses set ``products`` and ``by_asin`` and call ``_build_index``."""
+
+    products: tuple[Product, ...]
+    by_asin: dict[str, Product]
+
+    def _doc_text(self, p: Product) -> str:
+        return " ".join([p.title, p.product_type, " ".join(p.attributes), p.aisle, p.description])
+
+    def _build_index(self, k1: float = 1.2, b: float = 0.75) -> None:
+        self._k1, self._b = k1, b
+        self._tf: list[Counter] = [Counter(tokenize(self._doc_text(p))) for p in self.products]
+        self._len = [sum(tf.values()) for tf in self._tf]
+        self._avg = sum(self._len) / len(self._len)
+        df: Counter = Counter()
+        postings: dict[str, list[int]] = {}
+        for i, tf in enumerate(self._tf):
+            for term in tf:
+                df[term] += 1
+                postings.setdefault(term, []).append(i)
+        n = len(self.products)
+        self._idf = {t: math.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+        self._postings = postings
+
+    def search(self, query: str, limit: int = 50) -> list[Product]:
+        """BM25 ranking (ties by catalogue order); at most ``limit`` results, as WebShop returns its top 50."""
+        scores: dict[int, float] = {}
+        for term in set(tokenize(query)):
+            idf = self._idf.get(term)
+            if idf is None:
+                continue
+            for i in self._postings[term]:
+                f = self._tf[i][term]
+                norm = f * (self._k1 + 1) / (f + self._k1 * (1 - self._b + self._b * self._len[i] / self._avg))
+                scores[i] = scores.get(i, 0.0) + idf * norm
+        ranked = sorted(scores, key=lambda i: (-scores[i], i))[:limit]
+        return [self.products[i] for i in ranked]
+
+    def goal(self, task_id: int) -> Goal:
+        raise NotImplementedError
+
+
+class Catalogue(SearchIndex):
+    """The ``simple`` catalogue (see the module docstring)."""
+
     def __init__(self, seed: int = CATALOGUE_SEED, per_type: int = PRODUCTS_PER_TYPE):
         rng = random.Random(seed)
         products: list[Product] = []
@@ -258,40 +309,6 @@ class Catalogue:
         self.products: tuple[Product, ...] = tuple(products)
         self.by_asin = {p.asin: p for p in self.products}
         self._build_index()
-
-    # -- BM25 ------------------------------------------------------------------------------------------------
-
-    def _doc_text(self, p: Product) -> str:
-        return " ".join([p.title, p.product_type, " ".join(p.attributes), p.aisle, p.description])
-
-    def _build_index(self, k1: float = 1.2, b: float = 0.75) -> None:
-        self._k1, self._b = k1, b
-        self._tf: list[Counter] = [Counter(tokenize(self._doc_text(p))) for p in self.products]
-        self._len = [sum(tf.values()) for tf in self._tf]
-        self._avg = sum(self._len) / len(self._len)
-        df: Counter = Counter()
-        postings: dict[str, list[int]] = {}
-        for i, tf in enumerate(self._tf):
-            for term in tf:
-                df[term] += 1
-                postings.setdefault(term, []).append(i)
-        n = len(self.products)
-        self._idf = {t: math.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
-        self._postings = postings
-
-    def search(self, query: str, limit: int = 50) -> list[Product]:
-        """BM25 ranking (ties by catalogue order); at most ``limit`` results, as WebShop returns its top 50."""
-        scores: dict[int, float] = {}
-        for term in set(tokenize(query)):
-            idf = self._idf.get(term)
-            if idf is None:
-                continue
-            for i in self._postings[term]:
-                f = self._tf[i][term]
-                norm = f * (self._k1 + 1) / (f + self._k1 * (1 - self._b + self._b * self._len[i] / self._avg))
-                scores[i] = scores.get(i, 0.0) + idf * norm
-        ranked = sorted(scores, key=lambda i: (-scores[i], i))[:limit]
-        return [self.products[i] for i in ranked]
 
     # -- goals -----------------------------------------------------------------------------------------------
 
@@ -330,6 +347,15 @@ def _phrase(rng: random.Random, ptype: str, attrs, options, ceiling: float) -> s
     return f"{text}, and price lower than {ceiling:.2f} dollars"
 
 
-@lru_cache(maxsize=1)
-def catalogue() -> Catalogue:
-    return Catalogue()
+CATALOGUES = ("realistic", "simple")
+
+
+@lru_cache(maxsize=2)
+def catalogue(name: str = "realistic") -> SearchIndex:
+    if name == "simple":
+        return Catalogue()
+    if name == "realistic":
+        from fedse_secure.envs.webshop_families import FamilyCatalogue
+
+        return FamilyCatalogue()
+    raise ValueError(f"catalogue must be one of {', '.join(CATALOGUES)}, got {name!r}")

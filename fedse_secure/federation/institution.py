@@ -75,6 +75,7 @@ class Institution:
         self.max_turns = experiment.exploration.max_turns or probe.max_turns
         self.train_ids = list(probe.train_task_ids())
         self.test_ids = list(probe.test_task_ids())
+        self._ceiling: tuple[list[int], float | None] | None = None  # (test ids, the oracle's success on them)
         self.buffer = ExperienceBuffer(self.workdir / "buffer.jsonl")
         # A deployment may keep the ledger where its compliance office reads it, outside the data folder.
         self.ledger_path = Path(ledger_path) if ledger_path else self.workdir / "privacy_ledger.jsonl"
@@ -99,7 +100,7 @@ class Institution:
         if self.experiment.exploration.action_mode == "score":
             from fedse_secure.agent.rollout import as_score_format
 
-            # Score mode ranks "Thought: \nAction: <a>"; training on full thoughts would score the model on a
+            # Score mode ranks an empty thought and the action; training on full thoughts would score the model on a
             # context it never saw.
             demos = [as_score_format(d) for d in demos]
         return self.buffer.add(demos[: self.client.seed_demos])
@@ -198,4 +199,19 @@ class Institution:
         wins = sum(t.success for t in trajectories)
         return {"env": self.env_name, "test_tasks": len(ids), "successes": wins,
                 "success_rate": wins / len(ids) if ids else None, "seconds": time.perf_counter() - t0,
-                "agent_steps": stats.agent_steps}
+                "agent_steps": stats.agent_steps, "oracle_success_rate": self.oracle_ceiling(ids)}
+
+    def oracle_ceiling(self, ids: list[int]) -> float | None:
+        """The expert oracle's success on these test tasks at this run's turn limit: the ceiling to read the
+        agent's success against (test sets are not filtered by what the oracle can do). None without an oracle
+        (a remote AgentGym server). Computed once per run."""
+        if self._ceiling is None or self._ceiling[0] != ids:
+            from fedse_secure.envs.check import oracle_success
+
+            if ENVIRONMENTS.get(self.client.env).oracle_class is None or not ids:
+                value = None
+            else:
+                options = {k: v for k, v in self._env_options.items() if k != "max_turns"}
+                value = oracle_success(self.client.env, ids, options, self.max_turns)["oracle_success"]
+            self._ceiling = (list(ids), value)
+        return self._ceiling[1]

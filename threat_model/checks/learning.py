@@ -48,6 +48,7 @@ def _records(n: int, first_task: int) -> _Records:
 
     from fedse_secure.agent.sft import IGNORE_INDEX, EncodedExample, encode_messages
     from fedse_secure.envs import generate_demonstrations, make_env
+    from fedse_secure.envs.trajectory import conversation_head
     from fedse_secure.models.loading import prepare_tiny_model
 
     tok = AutoTokenizer.from_pretrained(str(prepare_tiny_model()), local_files_only=True)
@@ -60,8 +61,12 @@ def _records(n: int, first_task: int) -> _Records:
     alphabet = list("ABCDEFGHJKLMNPQRSTUVWXYZ23456789")
     encoded = []
     for d in demos:
-        user = next(m for m in d.messages if m["role"] == "user")
-        reply = next(m for m in d.messages if m["role"] == "assistant")
+        # The first observation without the rules the Maze prompt opens it with (records stay short), and the
+        # agent's first reply (after the conversation start's "OK").
+        head = conversation_head(d.messages)
+        observation = d.messages[head - 1]["content"].removeprefix(env.prompt.preamble).lstrip("\n")
+        user = {"role": "user", "content": observation}
+        reply = d.messages[head]
         ref = "".join(rng.choice(alphabet, 6))
         thought, action = reply["content"].split("\nAction:", 1)
         msgs = [user, {"role": "assistant", "content": f"{thought} Case {ref}.\nAction:{action}"}]
