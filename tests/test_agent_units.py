@@ -329,3 +329,39 @@ def test_action_constraint_allows_exactly_the_valid_actions(tok):
     for token in tok("Action:\nsearch[", add_special_tokens=False)["input_ids"][2:] + [letter] * SLOT_MAX_TOKENS:
         c.advance(token)
     assert int(c.mask().sum()) == 1 and bool(c.mask()[tok("]", add_special_tokens=False)["input_ids"][0]])
+
+
+def test_packed_scores_equal_the_reference_with_and_without_cached_prefixes(agent):
+    """All candidates of a prompt in one row (4D mask, restarted positions), the prompt's prefix from a cache or the
+    shared template: the same log-likelihoods as scoring every candidate on its own full row."""
+    from fedse_secure.agent.rollout import (
+        SCORE_TEMPLATE,
+        RolloutStats,
+        _SlotCache,
+        _Template,
+        candidate_log_likelihoods,
+        packed_log_likelihoods,
+    )
+
+    agent.load_adapter_state(_perturbed(agent, seed=4))
+    tok = agent.tokenizer
+    system = "<|im_start|>system\nYou are in a maze; answer with a move.<|im_end|>\n"
+    turns = [["<|im_start|>user\nshort<|im_end|>\n<|im_start|>assistant\n",
+              "<|im_start|>user\na much longer observation with many more words in it<|im_end|>\n<|im_start|>assistant\n"],
+             ["<|im_start|>user\nthe next state<|im_end|>\n<|im_start|>assistant\n",
+              "<|im_start|>user\nanother state, also new<|im_end|>\n<|im_start|>assistant\n"]]
+    cands = [["move up", "move down"], ["move left", "move right", "inventory"]]
+    caches, template, stats = [_SlotCache(), _SlotCache()], _Template(), RolloutStats()
+    for step in turns:
+        prompts = [system + t for t in step]
+        want = candidate_log_likelihoods(agent.model, tok, prompts, cands)
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        cand_ids = [[tok(SCORE_TEMPLATE.format(action=a), add_special_tokens=False)["input_ids"] for a in c]
+                    for c in cands]
+        got = packed_log_likelihoods(agent.model, tok, ids, cand_ids, caches, template, stats)
+        for w, g in zip(want, got):
+            assert torch.allclose(w, g, atol=2e-3), (w, g)
+    # The second step reused every token of the shared system prompt from the caches.
+    system_len = len(tok(system, add_special_tokens=False)["input_ids"])
+    assert stats.reused_tokens >= 2 * system_len and len(template.ids) >= system_len
+

@@ -3,7 +3,6 @@ over gloo, file rendezvous. Each test starts a fresh set of processes (a few sec
 
 from __future__ import annotations
 
-import os
 import stat
 import sys
 import time

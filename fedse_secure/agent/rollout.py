@@ -19,6 +19,7 @@ Every local environment enumerates its valid actions, so all three modes run on 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,14 @@ class RolloutStats:
     generated_tokens: int = 0
     generate_calls: int = 0
     seconds: float = 0.0
+    #: Real tokens run through the model (prompt tokens not found in a cache, candidate tokens, generated tokens).
+    encoded_tokens: int = 0
+    #: Prompt tokens whose keys and values came from a cache instead (the shared template or the slot's own).
+    reused_tokens: int = 0
+    #: Positions whose logits went through the LM head.
+    head_positions: int = 0
+    #: Seconds inside the model's forward passes (the rest is tokenising, sampling and the environments).
+    forward_seconds: float = 0.0
 
 
 class TokenCounter:
@@ -179,6 +188,70 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+@dataclass
+class _Template:
+    """The KV of the token prefix every prompt of this rollout has shared so far: the chat template and the
+    environment's system prompt. It seeds a slot whose own cache shares less with its prompt (every new episode),
+    so the system prompt is encoded once per rollout instead of once per episode. It only ever shrinks: after each
+    batch it is cut to the prefix common to every prompt seen."""
+
+    ids: list[int] = field(default_factory=list)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def seed(self, cache: _SlotCache, ids: Sequence[int]) -> None:
+        if self.kv is None:
+            return
+        n = _common_prefix(self.ids, ids)
+        if n > (_common_prefix(cache.ids, ids) if cache.kv is not None else 0):
+            cache.ids, cache.kv = self.ids[:n], [(k[:, :n], v[:, :n]) for k, v in self.kv]
+
+    def learn(self, cache: _SlotCache, prompt_len: int) -> None:
+        """Fold in a slot's freshly encoded prompt (its first ``prompt_len`` cached tokens)."""
+        if self.kv is None:
+            self.ids = list(cache.ids[:prompt_len])
+            self.kv = [(k[:, :prompt_len], v[:, :prompt_len]) for k, v in cache.kv]
+            return
+        n = _common_prefix(self.ids, cache.ids[:prompt_len])
+        if n < len(self.ids):
+            self.ids, self.kv = self.ids[:n], [(k[:, :n], v[:, :n]) for k, v in self.kv]
+
+
+def _reuse(prompt_ids: list[list[int]], caches: list[_SlotCache], template: _Template | None) -> list[int]:
+    """Per row, how many leading prompt tokens come from its cache (seeded from the template); at least one
+    token is always left to encode, because its logits start the next step."""
+    reuse = []
+    for ids, cache in zip(prompt_ids, caches):
+        if template is not None:
+            template.seed(cache, ids)
+        p = _common_prefix(cache.ids, ids) if cache.kv is not None else 0
+        reuse.append(min(p, len(ids) - 1))
+    return reuse
+
+
+def _stacked_cache(model, caches: list[_SlotCache], reuse: list[int], capacity: int) -> list[_BufferLayer]:
+    """One batch cache: row i holds its slot's first ``reuse[i]`` cached tokens, right-aligned at ``max(reuse)``."""
+    C = max(reuse)
+    if C == 0:
+        return [_BufferLayer(capacity) for _ in range(_num_layers(model))]
+    layers = []
+    ref = next(c.kv for c, p in zip(caches, reuse) if p > 0)
+    for layer, (k_ref, v_ref) in enumerate(ref):
+        heads, _, dim = k_ref.shape
+        kbuf = k_ref.new_zeros((len(caches), heads, capacity, dim))
+        vbuf = v_ref.new_zeros((len(caches), heads, capacity, dim))
+        for row, (cache, p) in enumerate(zip(caches, reuse)):
+            if p:
+                kbuf[row, :, C - p : C] = cache.kv[layer][0][:, :p]
+                vbuf[row, :, C - p : C] = cache.kv[layer][1][:, :p]
+        layers.append(_BufferLayer(capacity, kbuf, vbuf, length=C))
+    return layers
+
+
+def _keep(layers: list[_BufferLayer], row: int, index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row ``row``'s keys and values at the cache positions ``index`` (its real tokens, in order)."""
+    return [(layer.kbuf[row].index_select(1, index), layer.vbuf[row].index_select(1, index)) for layer in layers]
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -206,8 +279,8 @@ def _num_layers(model) -> int:
 @torch.no_grad()
 def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list[_SlotCache],
                      settings: RolloutSettings, stats: RolloutStats, generator: torch.Generator,
-                     eos: set[int], *, max_new_tokens: int | None = None, stop_text: str | None = None,
-                     constraints: Sequence | None = None) -> list[list[int]]:
+                     eos: set[int], template: _Template | None = None, *, max_new_tokens: int | None = None,
+                     stop_text: str | None = None, constraints: Sequence | None = None) -> list[list[int]]:
     """Generate for every prompt in one batch; update each slot's cache; return each row's new token ids.
 
     Layout of row i: ``[pad | reused cache (p_i) | pad | new prompt tokens (d_i) | generated]``. The attention
@@ -219,29 +292,13 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
     """
     n_rows = len(prompt_ids)
     device = model_device(model)
-    reuse = []
-    for ids, cache in zip(prompt_ids, caches):
-        p = _common_prefix(cache.ids, ids) if cache.kv is not None else 0
-        reuse.append(min(p, len(ids) - 1))  # at least one new token: its logits start generation
+    reuse = _reuse(prompt_ids, caches, template)
     fresh = [ids[p:] for ids, p in zip(prompt_ids, reuse)]
     C, D = max(reuse), max(len(f) for f in fresh)
     T = max_new_tokens if max_new_tokens is not None else settings.max_new_tokens
     capacity = C + D + T
     pad = tokenizer.pad_token_id
-    if C > 0:
-        layers = []
-        ref = next(c.kv for c, p in zip(caches, reuse) if p > 0)
-        for layer, (k_ref, v_ref) in enumerate(ref):
-            heads, _, dim = k_ref.shape
-            kbuf = k_ref.new_zeros((n_rows, heads, capacity, dim))
-            vbuf = v_ref.new_zeros((n_rows, heads, capacity, dim))
-            for row, (cache, p) in enumerate(zip(caches, reuse)):
-                if p:
-                    kbuf[row, :, C - p : C] = cache.kv[layer][0][:, :p]
-                    vbuf[row, :, C - p : C] = cache.kv[layer][1][:, :p]
-            layers.append(_BufferLayer(capacity, kbuf, vbuf, length=C))
-    else:
-        layers = [_BufferLayer(capacity) for _ in range(_num_layers(model))]
+    layers = _stacked_cache(model, caches, reuse, capacity)
     kv_cache = Cache(layers=layers)
     mask = torch.zeros((n_rows, capacity), dtype=torch.long)
     input_ids = torch.full((n_rows, D), pad, dtype=torch.long)
@@ -254,6 +311,7 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
         positions[row, D - d :] = torch.arange(p, p + d)
     next_pos = torch.tensor([p + len(f) for p, f in zip(reuse, fresh)], dtype=torch.long, device=device)
     mask, input_ids, positions = mask.to(device), input_ids.to(device), positions.to(device)
+    t_forward = time.perf_counter()
     logits = model(input_ids=input_ids, attention_mask=mask[:, : C + D], position_ids=positions,
                    past_key_values=kv_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     generated: list[list[int]] = [[] for _ in range(n_rows)]
@@ -288,15 +346,20 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
         logits = model(input_ids=feed[:, None], attention_mask=mask[:, : C + D + t + 1],
                        position_ids=(next_pos + t)[:, None], past_key_values=kv_cache, use_cache=True,
                        logits_to_keep=1).logits[:, -1]
+    stats.forward_seconds += time.perf_counter() - t_forward
     stats.generate_calls += 1
     # Keep, per row, the KV of its real tokens: the prompt and every generated token that was fed back.
     for row, (cache, p, f, gen) in enumerate(zip(caches, reuse, fresh, generated)):
         fed = len(gen) - 1
         index = torch.cat([torch.arange(C - p, C), torch.arange(C + D - len(f), C + D + fed)]).to(device)
-        cache.kv = [(layer.kbuf[row].index_select(1, index), layer.vbuf[row].index_select(1, index))
-                    for layer in layers]
+        cache.kv = _keep(layers, row, index)
         cache.ids = list(prompt_ids[row]) + gen[:fed]
+        if template is not None:
+            template.learn(cache, len(prompt_ids[row]))
         stats.generated_tokens += len(gen)
+        stats.encoded_tokens += len(f) + fed
+        stats.reused_tokens += p
+        stats.head_positions += len(gen)
     return generated
 
 
@@ -366,22 +429,118 @@ def candidate_log_likelihoods(model, tokenizer, prompts: list[str], candidates: 
     return [scores[owners_t == k] for k in range(len(candidates))]
 
 
-def _score_actions(model, tokenizer, prompts: list[str], candidates: list[list[str]], settings: RolloutSettings,
-                   generator: torch.Generator) -> list[str]:
+@torch.no_grad()
+def packed_log_likelihoods(model, tokenizer, prompt_ids: list[list[int]], candidates: list[list[list[int]]],
+                           caches: list[_SlotCache], template: _Template | None = None,
+                           stats: RolloutStats | None = None) -> list[torch.Tensor]:
+    """Per prompt, the log-likelihood of each candidate continuation (token ids), in one forward pass for all.
+
+    Each row holds one prompt and all its candidates: ``[cached prefix | rest of the prompt | cand 1 | cand 2 ...]``.
+    A 4D attention mask lets every candidate attend to the prompt and to its own earlier tokens only, and its
+    positions restart where the prompt ends, so each candidate is scored exactly as if it followed the prompt
+    alone. The prompt's prefix comes from the slot's cache (or the shared template), so a step encodes only what
+    is new; the LM head runs only at the positions that predict candidate tokens. Afterwards each slot's cache
+    holds its whole prompt, for the next step. Equal to :func:`candidate_log_likelihoods` (tested).
+    """
+    from fedse_secure.agent.sft import decoder_and_head
+
+    stats = stats if stats is not None else RolloutStats()
+    rows = len(prompt_ids)
+    reuse = _reuse(prompt_ids, caches, template)
+    rest = [ids[p:] for ids, p in zip(prompt_ids, reuse)]
+    new = [r + [t for c in cands for t in c] for r, cands in zip(rest, candidates)]
+    C, D = max(reuse), max(len(x) for x in new)
+    layers = _stacked_cache(model, caches, reuse, C + D)
+    pad = tokenizer.pad_token_id
+    dtype = next(model.parameters()).dtype
+    blocked = torch.finfo(dtype).min
+    input_ids = torch.full((rows, D), pad, dtype=torch.long)
+    positions = torch.zeros((rows, D), dtype=torch.long)
+    mask = torch.full((rows, 1, D, C + D), blocked, dtype=dtype)
+    picks: list[tuple[int, int]] = []  # (row, query position) whose hidden state predicts a candidate token
+    targets: list[int] = []
+    owners: list[tuple[int, int]] = []  # (row, candidate) each pick belongs to
+    for row, (p, r, cands, x) in enumerate(zip(reuse, rest, candidates, new)):
+        o = D - len(x)  # left padding
+        input_ids[row, o:] = torch.tensor(x, dtype=torch.long)
+        for q in range(o):
+            mask[row, 0, q, C + q] = 0  # a pad attends to itself only (no row may be fully masked)
+        mask[row, 0, o:, C - p : C] = 0  # every real token sees the cached prefix
+        end = o + len(r)
+        positions[row, o:end] = torch.arange(p, p + len(r))
+        mask[row, 0, o:end, C + o : C + end] = torch.triu(torch.full((len(r), len(r)), blocked, dtype=dtype), 1)
+        start = end
+        for k, c in enumerate(cands):
+            stop = start + len(c)
+            positions[row, start:stop] = torch.arange(p + len(r), p + len(r) + len(c))
+            mask[row, 0, start:stop, C + o : C + end] = 0  # the whole prompt
+            mask[row, 0, start:stop, C + start : C + stop] = torch.triu(
+                torch.full((len(c), len(c)), blocked, dtype=dtype), 1)
+            for j, token in enumerate(c):
+                picks.append((row, end - 1 if j == 0 else start + j - 1))
+                targets.append(token)
+                owners.append((row, k))
+            start = stop
+    device = model_device(model)
+    input_ids, positions, mask = input_ids.to(device), positions.to(device), mask.to(device)
+    t_forward = time.perf_counter()
+    parts = decoder_and_head(model)
+    kv_cache = Cache(layers=layers)
+    pick_rows = torch.tensor([r for r, _ in picks], device=device)
+    pick_cols = torch.tensor([q for _, q in picks], device=device)
+    if parts is None:
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=kv_cache,
+                    use_cache=True).logits
+        logits = out[pick_rows, pick_cols]
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=kv_cache,
+                         use_cache=True).last_hidden_state
+        logits = head(hidden[pick_rows, pick_cols])
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    stats.forward_seconds += time.perf_counter() - t_forward
+    scores = [torch.zeros(len(c)) for c in candidates]
+    for (row, k), value in zip(owners, logp.tolist()):
+        scores[row][k] += value
+    for row, (cache, p, r) in enumerate(zip(caches, reuse, rest)):
+        o = D - len(new[row])
+        cache.kv = _keep(layers, row,
+                         torch.cat([torch.arange(C - p, C), torch.arange(C + o, C + o + len(r))]).to(device))
+        cache.ids = list(prompt_ids[row])
+        if template is not None:
+            template.learn(cache, len(prompt_ids[row]))
+        stats.encoded_tokens += len(new[row])
+        stats.reused_tokens += p
+    stats.head_positions += len(picks)
+    stats.generate_calls += 1
+    return scores
+
+
+def _score_actions(model, tokenizer, prompt_ids: list[list[int]], candidates: list[list[str]], caches: list[_SlotCache],
+                   template: _Template, settings: RolloutSettings, generator: torch.Generator,
+                   stats: RolloutStats) -> list[str]:
     """Pick one valid action per prompt: argmax of the log-likelihoods (greedy) or a softmax sample."""
+    cand_ids = [[_score_format_ids(tokenizer, a) for a in cands] for cands in candidates]
     chosen = []
-    for cands, s in zip(candidates, candidate_log_likelihoods(model, tokenizer, prompts, candidates)):
+    for cands, s in zip(candidates, packed_log_likelihoods(model, tokenizer, prompt_ids, cand_ids, caches, template,
+                                                            stats)):
         if settings.greedy:
             idx = int(s.argmax())
         else:
-            idx = int(torch.multinomial(torch.softmax(s / settings.temperature, 0), 1, generator=generator))
+            # The generator lives on the model's device; the scores come back on the CPU.
+            probs = torch.softmax(s.to(generator.device) / settings.temperature, 0)
+            idx = int(torch.multinomial(probs, 1, generator=generator))
         chosen.append(SCORE_TEMPLATE.format(action=cands[idx]))
     return chosen
 
 
+def _score_format_ids(tokenizer, action: str) -> list[int]:
+    return tokenizer(SCORE_TEMPLATE.format(action=action), add_special_tokens=False)["input_ids"]
+
+
 def _constrained_replies(model, tokenizer, prompts: list[str], envs: list[TextEnv], caches: list[_SlotCache],
-                         settings: RolloutSettings, stats: RolloutStats, generator: torch.Generator,
-                         eos: set[int]) -> list[str]:
+                         template: _Template, settings: RolloutSettings, stats: RolloutStats,
+                         generator: torch.Generator, eos: set[int]) -> list[str]:
     """Free thought up to ``Action:``, then the action decoded under each environment's action space."""
     from fedse_secure.agent.constrained import ActionConstraint, thought_part, token_vocabulary
 
@@ -391,13 +550,14 @@ def _constrained_replies(model, tokenizer, prompts: list[str], envs: list[TextEn
         raise ValueError(f"action_mode 'constrained' needs valid actions, but {name} gives none; use "
                          "exploration.action_mode: generate")
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    first = _generate_cached(model, tokenizer, ids, caches, settings, stats, generator, eos, stop_text=ACTION_MARKER)
+    first = _generate_cached(model, tokenizer, ids, caches, settings, stats, generator, eos, template,
+                             stop_text=ACTION_MARKER)
     thoughts = [thought_part(_decode_reply(tokenizer, x, eos)) for x in first]
     vocab = token_vocabulary(tokenizer)
     constraints = [ActionConstraint(vocab, space, tokenizer.eos_token_id) for space in spaces]
     ids = [tokenizer(p + t, add_special_tokens=False)["input_ids"] for p, t in zip(prompts, thoughts)]
     cap = max(c.max_tokens for c in constraints)
-    second = _generate_cached(model, tokenizer, ids, caches, settings, stats, generator, eos,
+    second = _generate_cached(model, tokenizer, ids, caches, settings, stats, generator, eos, template,
                               max_new_tokens=cap, constraints=constraints)
     actions = [tokenizer.decode([t for t in x if t not in eos], skip_special_tokens=True) for x in second]
     return [t + a for t, a in zip(thoughts, actions)]
@@ -415,8 +575,6 @@ def run_episodes(
     on_episode: Callable[[Trajectory], None] | None = None,
 ) -> tuple[list[Trajectory], RolloutStats]:
     """Play one episode per task id, ``settings.batch_size`` at a time; return trajectories in task order."""
-    import time
-
     start = time.perf_counter()
     torch.manual_seed(seed)
     # Sampling draws on the model's device, where the logits are.
@@ -430,6 +588,7 @@ def run_episodes(
     slots: list[dict | None] = [None] * n_slots
     results: dict[int, Trajectory] = {}
     caches = [_SlotCache() for _ in range(n_slots)]
+    template = _Template()
     eos = _eos_ids(model, tokenizer)
 
     def start_slot(s: int) -> None:
@@ -462,21 +621,24 @@ def run_episodes(
             active = [s for s in range(n_slots) if slots[s] is not None]
             chats = [fit_history(slots[s]["messages"], budget, count, settings.history_turns) for s in active]
             prompts = prompt_texts(tokenizer, chats)
-            if settings.action_mode == "score":
-                cands = [envs[s].valid_actions() for s in active]
-                if any(not c for c in cands):
-                    name = next(envs[s].name for s, c in zip(active, cands) if not c)
-                    raise ValueError(f"action_mode 'score' needs valid actions, but {name} gives none; use "
-                                     "exploration.action_mode: generate")
-                replies = _score_actions(model, tokenizer, prompts, cands, settings, generator)
-            elif settings.action_mode == "constrained":
-                replies = _constrained_replies(model, tokenizer, prompts, [envs[s] for s in active],
-                                               [caches[s] for s in active], settings, stats, generator, eos)
+            slot_caches = [caches[s] for s in active]
+            if settings.action_mode == "constrained":
+                replies = _constrained_replies(model, tokenizer, prompts, [envs[s] for s in active], slot_caches,
+                                               template, settings, stats, generator, eos)
             else:
                 ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-                new_ids = _generate_cached(model, tokenizer, ids, [caches[s] for s in active], settings, stats,
-                                           generator, eos)
-                replies = [_decode_reply(tokenizer, x, eos) for x in new_ids]
+                if settings.action_mode == "score":
+                    cands = [envs[s].valid_actions() for s in active]
+                    if any(not c for c in cands):
+                        name = next(envs[s].name for s, c in zip(active, cands) if not c)
+                        raise ValueError(f"action_mode 'score' needs valid actions, but {name} gives none; use "
+                                         "exploration.action_mode: generate")
+                    replies = _score_actions(model, tokenizer, ids, cands, slot_caches, template, settings,
+                                             generator, stats)
+                else:
+                    new_ids = _generate_cached(model, tokenizer, ids, slot_caches, settings, stats, generator, eos,
+                                               template)
+                    replies = [_decode_reply(tokenizer, x, eos) for x in new_ids]
             for s, reply in zip(active, replies):
                 st = slots[s]
                 result = envs[s].step(reply)

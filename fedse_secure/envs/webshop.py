@@ -48,7 +48,8 @@ from fedse_secure.envs.base import (
     extract_action,
     react,
 )
-from fedse_secure.envs.webshop_catalog import CATALOGUES, Goal, Product, SearchIndex, catalogue, tokenize
+from fedse_secure.envs.webshop_catalog import CATALOGUES, Goal, Product, SearchIndex, tokenize
+from fedse_secure.envs.webshop_catalog import catalogue as load_catalogue
 
 N_TEST = 200
 N_TRAIN = 3930
@@ -134,7 +135,7 @@ class WebShopEnv(TextEnv):
         self.validate_options({"catalogue": catalogue})
         self.per_page = results_per_page
         self.catalogue_name = catalogue
-        self.catalogue: SearchIndex = globals()["catalogue"](catalogue)
+        self.catalogue: SearchIndex = load_catalogue(catalogue)
         self.goal: Goal | None = None
         self.done = True
 
