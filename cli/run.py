@@ -93,16 +93,24 @@ def report(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run folders (seeds of one experiment are grouped)."),
     plot_dir: Path | None = typer.Option(None, "--plots", help="Where to write PNGs (default: the first run folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+    baseline: str | None = typer.Option(None, "--baseline", help="A run group, e.g. 'fedit (fedit)': also print every "
+                                        "other group minus it, with the 95% CI of the difference (paired by seed)."),
 ) -> None:
     """Table of success per environment (mean ± 95% CI over seeds) and PNG plots per round.
 
     A run that has not completed is named with its status: a run whose process died shows as interrupted
     (continue it with `fedse simulate --resume RUN`), a run in which no round completed as failed.
     """
-    from fedse_secure.report import final_table, load_summary, plot_runs
+    from fedse_secure.report import differences, final_table, load_summary, plot_runs
 
     summaries = [load_summary(d) for d in run_dirs]
     table = final_table(summaries)
+    diff = None
+    if baseline is not None:
+        try:
+            diff = differences(summaries, baseline)
+        except ValueError as err:
+            fail(str(err))
     runs = [{"run": str(d), "status": s.status, "rounds_completed": s.rounds_completed,
              "rounds_planned": s.rounds_planned, "error": s.error} for d, s in zip(run_dirs, summaries)]
     for run in runs:
@@ -113,9 +121,11 @@ def report(
                           f"{run['rounds_planned']} rounds" + (f" ({run['error']})" if run["error"] else "") + hint,
                           highlight=False, soft_wrap=True)
     if as_json:
-        typer.echo(json.dumps({**table, "runs": runs}))
+        typer.echo(json.dumps({**table, "runs": runs, **({"differences": diff["rows"]} if diff else {})}))
     else:
         _print_table(table)
+        if diff:
+            _print_differences(diff)
     written = plot_runs(summaries, plot_dir or run_dirs[0])
     if not as_json:
         for p in written:
@@ -125,22 +135,45 @@ def report(
 def _print_table(table: dict) -> None:
     from rich.table import Table
 
-    t = Table(title="success rate at the last evaluated round (%)")
+    def pct(c: dict) -> str:
+        return f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}" if c["ci95"] else f"{100 * c['mean']:.1f}"
+
+    t = Table(title="success rate (%): first evaluated round -> last (mean ± 95% CI over seeds)")
     t.add_column("run")
     t.add_column("seeds", justify="right")
+    t.add_column("rounds", justify="right")
     for env in table["environments"] + ["avg"]:
         t.add_column(env, justify="right")
     for row in table["rows"]:
-        cells = []
+        cells, rounds = [], "-"
         for env in table["environments"] + ["avg"]:
             c = row.get(env)
             if c is None:
                 cells.append("-")
-            elif c["ci95"]:
-                cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}")
+            elif c["first"]["round"] == c["round"]:
+                cells.append(pct(c))
             else:
-                cells.append(f"{100 * c['mean']:.1f}")
-        t.add_row(row["run"], str(row["seeds"]), *cells)
+                cells.append(f"{pct(c['first'])} -> {pct(c)}")
+            if c is not None:
+                rounds = f"{c['first']['round']}-{c['round']}"
+        t.add_row(row["run"], str(row["seeds"]), rounds, *cells)
+    console.print(t)
+
+
+def _print_differences(diff: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="difference at the last evaluated round (points; 95% CI, paired by seed where the seeds match)")
+    t.add_column("run")
+    t.add_column("minus")
+    for env in diff["environments"] + ["avg"]:
+        t.add_column(env, justify="right")
+    for row in diff["rows"]:
+        cells = []
+        for env in diff["environments"] + ["avg"]:
+            c = row.get(env)
+            cells.append("-" if c is None else f"{100 * c['mean']:+.1f} ± {100 * c['ci95']:.1f}")
+        t.add_row(row["run"], row["baseline"], *cells)
     console.print(t)
 
 

@@ -68,7 +68,8 @@ def environments(summaries: list[RunSummary]) -> list[str]:
 
 
 def final_table(summaries: list[RunSummary]) -> dict[str, Any]:
-    """Rows per group: the last evaluated round's success per environment and the micro average."""
+    """Rows per group: the last evaluated round's success per environment and the micro average, each with the
+    first evaluated round's (round 0 when the initial adapter was evaluated) under ``first``."""
     envs = environments(summaries)
     rows = []
     for g in group_runs(summaries):
@@ -77,11 +78,70 @@ def final_table(summaries: list[RunSummary]) -> dict[str, Any]:
             series = g.series(env)
             key = env or "avg"
             if series:
-                last = max(series)
+                last, first = max(series), min(series)
                 mean, ci, n = series[last]
-                row[key] = {"round": last, "mean": mean, "ci95": ci, "n": n}
+                row[key] = {"round": last, "mean": mean, "ci95": ci, "n": n,
+                            "first": {"round": first, "mean": series[first][0], "ci95": series[first][1],
+                                      "n": series[first][2]}}
             else:
                 row[key] = None
+        rows.append(row)
+    return {"environments": envs, "rows": rows}
+
+
+def _last_by_seed(group: Group, env: str | None) -> dict[int, float]:
+    """seed -> success at that run's last evaluated round (one environment, or the micro average)."""
+    out = {}
+    for s in group.runs:
+        table = s.micro_avg if env is None else s.success_by_env.get(env, {})
+        done = {int(r): v for r, v in table.items() if v is not None}
+        if done:
+            out[s.seed] = float(done[max(done)])
+    return out
+
+
+def difference(a: list[float], b: list[float], paired: bool) -> tuple[float, float]:
+    """Mean of a - b and the half-width of its two-sided 95% Student-t interval: over the per-seed differences
+    when ``paired`` (the same seeds, hence the same demonstrations and test tasks), else Welch's interval."""
+    from scipy.stats import t as student_t
+
+    if paired:
+        return mean_ci95([x - y for x, y in zip(a, b)])
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) if len(a) > 1 else 0.0
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) if len(b) > 1 else 0.0
+    se2 = va / len(a) + vb / len(b)
+    if se2 == 0.0:
+        return ma - mb, 0.0
+    dof = se2**2 / sum((v / n) ** 2 / (n - 1) for v, n in ((va, len(a)), (vb, len(b))) if n > 1 and v > 0)
+    return ma - mb, float(student_t.ppf(0.975, dof)) * math.sqrt(se2)
+
+
+def differences(summaries: list[RunSummary], baseline: str) -> dict[str, Any]:
+    """Every other group minus ``baseline`` (a group label, e.g. ``"fedit (fedit)"``) at the last evaluated round,
+    per environment and micro-averaged: mean and 95% CI of the difference, paired by seed where both groups ran
+    the same seeds."""
+    groups = {g.label: g for g in group_runs(summaries)}
+    if baseline not in groups:
+        raise ValueError(f"no run group {baseline!r} to compare against; choose one of {sorted(groups)}")
+    envs = environments(summaries)
+    rows = []
+    for label, g in groups.items():
+        if label == baseline:
+            continue
+        row: dict[str, Any] = {"run": label, "baseline": baseline}
+        for env in envs + [None]:
+            mine, theirs = _last_by_seed(g, env), _last_by_seed(groups[baseline], env)
+            if not mine or not theirs:
+                row[env or "avg"] = None
+                continue
+            paired = set(mine) == set(theirs)
+            seeds = sorted(mine)
+            a = [mine[s] for s in seeds]
+            b = [theirs[s] for s in seeds] if paired else list(theirs.values())
+            mean, ci = difference(a, b, paired)
+            row[env or "avg"] = {"mean": mean, "ci95": ci, "n": len(a), "paired": paired,
+                                 "above_zero": bool(mean - ci > 0) if len(a) > 1 else None}
         rows.append(row)
     return {"environments": envs, "rows": rows}
 
@@ -92,6 +152,7 @@ def plot_runs(summaries: list[RunSummary], out_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +173,7 @@ def plot_runs(summaries: list[RunSummary], out_dir: str | Path) -> list[Path]:
             if any(cis):
                 ax.fill_between(rounds, [m - c for m, c in zip(means, cis)], [m + c for m, c in zip(means, cis)], alpha=0.2)
         ax.set_title(env or "micro average")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("success (%)")
         ax.set_ylim(-2, 102)

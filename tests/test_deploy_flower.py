@@ -353,9 +353,10 @@ def test_killed_institution_drops_out_and_a_crashed_coordinator_resumes(deployme
 def test_institutions_refuse_a_weaker_request_over_flower_naming_the_field(deployment_factory, tmp_path):
     """The coordinator asks for DP-SGD with delta 0.5 and noise 0.5 at threshold 2. Each institution decides under
     its own node policy, before its model is even loaded, and refuses with one line per violated field: the
-    strict one names the noise, delta and threshold (it assumes 10% colluders: t = 3 of 3), one requiring threshold 3 names the threshold, one that approved
-    another experiment (and client-dp only, at its default delta cap) names the experiment hash, the mode and
-    delta."""
+    strict one names the noise, delta and threshold (it assumes 10% colluders: t = 3 of 3), one requiring threshold
+    3 names the threshold, one that approved
+    another experiment (and client-dp only, at its default delta cap and colluder assumption) names the experiment
+    hash, the mode, delta and the threshold."""
     other = tmp_path / "policy-threshold.yaml"
     other.write_text(yaml.safe_dump({"privacy": {"mechanisms": ["dp-sgd"], "max_delta": 0.9},
                                      "secure_aggregation": {"min_threshold": 3}}))
@@ -375,7 +376,7 @@ def test_institutions_refuse_a_weaker_request_over_flower_naming_the_field(deplo
     assert record.status == "aborted" and record.released_sum_sha256 is None, run.stdout[-3000:]
     expected = {"maze-clinic": ["privacy.noise_multiplier", "privacy.delta", "federation.secure_aggregation.threshold"],
                 "wordle-lab": ["federation.secure_aggregation.threshold"],
-                "craft-works": ["experiment", "privacy.mode", "privacy.delta"]}
+                "craft-works": ["experiment", "privacy.mode", "privacy.delta", "federation.secure_aggregation.threshold"]}
     for name, fields in expected.items():
         inst = record.institutions[name]
         assert inst.status == "refused" and inst.report == {}, (name, inst)

@@ -185,7 +185,8 @@ def examples(agent):
     from fedse_secure.envs import generate_demonstrations
 
     demos = generate_demonstrations("maze", [0, 1, 2, 3]) + generate_demonstrations("wordle", [0, 1])
-    return encode_for_training(agent.tokenizer, demos, 256)
+    # AgentGym's openings (rules, worked example, vocabulary) run to ~630 tokens: room for them and the replies.
+    return encode_for_training(agent.tokenizer, demos, 1024)
 
 
 def _train(agent, examples, **options):

@@ -53,7 +53,8 @@ def test_fedse_and_fedit_in_one_table_and_plot(tmp_path):
     assert fedse["seeds"] == 2 and fedse["maze"]["round"] == 2 and fedse["maze"]["n"] == 2
     assert fedse["maze"]["mean"] == pytest.approx(0.625)
     assert fedse["maze"]["ci95"] == pytest.approx(mean_ci95([0.5, 0.75])[1])
-    assert fedit["wordle"] == {"round": 2, "mean": 0.0, "ci95": 0.0, "n": 2}
+    assert fedit["wordle"] == {"round": 2, "mean": 0.0, "ci95": 0.0, "n": 2,
+                               "first": {"round": 0, "mean": 0.0, "ci95": 0.0, "n": 2}}
     assert fedse["avg"]["mean"] == pytest.approx((0.375 + 0.5) / 2)
     written = plot_runs(summaries, tmp_path / "plots")
     assert len(written) == 1 and written[0].stat().st_size > 10_000
@@ -77,3 +78,47 @@ def test_report_cli_compares_two_runs(tmp_path):
     table = json.loads(result.output.strip().splitlines()[-1])
     assert [r["run"] for r in table["rows"]] == ["fedse (fedse)", "fedit (fedit)"]
     assert (tmp_path / "p" / "success_per_round.png").is_file()
+
+
+def test_the_table_shows_the_first_round_and_the_difference_to_a_baseline_has_a_paired_ci(tmp_path):
+    from fedse_secure.report import differences
+
+    fedse = [[0.0, 0.5, 0.75], [0.25, 0.5, 1.0], [0.0, 0.25, 0.5]]
+    fedit = [[0.0, 0.25, 0.25], [0.25, 0.25, 0.5], [0.0, 0.0, 0.5]]
+    runs = [_write(tmp_path, _summary("fedse", "fedse", seed, m, [0.0] * 3)) for seed, m in enumerate(fedse)]
+    runs += [_write(tmp_path, _summary("fedit", "fedit", seed, m, [0.0] * 3)) for seed, m in enumerate(fedit)]
+    summaries = [load_summary(d) for d in runs]
+    row = final_table(summaries)["rows"][0]
+    assert row["maze"]["first"] == {"round": 0, "mean": pytest.approx(0.25 / 3), "ci95": pytest.approx(
+        mean_ci95([0.0, 0.25, 0.0])[1]), "n": 3}
+    (d,) = differences(summaries, "fedit (fedit)")["rows"]
+    per_seed = [0.75 - 0.25, 1.0 - 0.5, 0.5 - 0.5]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(per_seed) / 3, scale=stats.sem(per_seed))
+    assert d["maze"]["paired"] and d["maze"]["mean"] == pytest.approx(1 / 3)
+    assert d["maze"]["ci95"] == pytest.approx((hi - lo) / 2) and d["maze"]["above_zero"] is bool(lo > 0)
+    assert d["wordle"]["mean"] == 0.0 and d["wordle"]["above_zero"] is False
+    # Different seeds: Welch's interval, as scipy computes it.
+    other = _write(tmp_path, _summary("local", "local", 7, [0.0, 0.0, 0.25], [0.0] * 3))
+    other2 = _write(tmp_path, _summary("local", "local", 8, [0.0, 0.0, 0.75], [0.0] * 3))
+    rows = differences(summaries + [load_summary(other), load_summary(other2)], "fedit (fedit)")["rows"]
+    local = next(r for r in rows if r["run"] == "local (local)")
+    welch = stats.ttest_ind([0.25, 0.75], [0.25, 0.5, 0.5], equal_var=False).confidence_interval(0.95)
+    assert not local["maze"]["paired"] and local["maze"]["ci95"] == pytest.approx((welch.high - welch.low) / 2)
+    with pytest.raises(ValueError, match="no run group 'nope'"):
+        differences(summaries, "nope")
+
+
+def test_report_cli_prints_the_difference_to_the_baseline(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedse_cli.main import app
+
+    runs = [str(_write(tmp_path, _summary(n, n, s, m, [0.0, 0.0]))) for n, s, m in
+            [("fedse", 0, [0.0, 0.5]), ("fedse", 1, [0.0, 0.75]), ("fedit", 0, [0.0, 0.25]), ("fedit", 1, [0.0, 0.25])]]
+    result = CliRunner().invoke(app, ["report", *runs, "--json", "--baseline", "fedit (fedit)",
+                                      "--plots", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["differences"][0]["avg"]["mean"] == pytest.approx((0.25 + 0.5) / 4)
+    bad = CliRunner().invoke(app, ["report", *runs, "--baseline", "fedavg"])
+    assert bad.exit_code != 0 and "no run group 'fedavg'" in bad.output
