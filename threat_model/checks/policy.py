@@ -51,7 +51,9 @@ def coordinator_weakens_privacy(settings: ProtectionSettings) -> CheckResult:
         "no DP": (_experiment(mode="none"), "privacy.mode"),
         "delta 0.5": (_experiment(delta=0.5), "privacy.delta"),
         "noise 0.3": (_experiment(noise_multiplier=0.3), "privacy.noise_multiplier"),
-        "threshold 2 of 3": (_experiment(secure_aggregation={"threshold": 2}), "federation.secure_aggregation.threshold"),
+        # The coordinator claims no institution colludes, which is what makes t = 2 of 3 pass its own validation.
+        "threshold 2 of 3": (_experiment(secure_aggregation={"threshold": 2, "colluder_fraction": 0.0}),
+                             "federation.secure_aggregation.threshold"),
         "unapproved experiment": (_experiment(seed=7), "experiment"),
     }
     outcomes = {}
