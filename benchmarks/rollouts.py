@@ -58,6 +58,7 @@ def model_costs(model) -> tuple[float, float]:
 def replay_steps(make_env, trajectories, tokenizer, history_turns, budget):
     """(prompt text, valid actions) of every step the trajectories took, by replaying their actions."""
     from fedse_secure.agent.rollout import TokenCounter, fit_history, prompt_texts
+    from fedse_secure.envs.trajectory import conversation_head
 
     count = TokenCounter(tokenizer)
     steps = []
@@ -65,7 +66,7 @@ def replay_steps(make_env, trajectories, tokenizer, history_turns, budget):
         env = make_env()
         env.reset(t.task_id)
         for i, m in enumerate(t.messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < conversation_head(t.messages):  # AgentGym's "OK" is not a step
                 continue
             chat = fit_history(t.messages[:i], budget, count, history_turns)
             steps.append((prompt_texts(tokenizer, [chat])[0], env.valid_actions()))

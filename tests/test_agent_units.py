@@ -365,3 +365,22 @@ def test_packed_scores_equal_the_reference_with_and_without_cached_prefixes(agen
     system_len = len(tok(system, add_special_tokens=False)["input_ids"])
     assert stats.reused_tokens >= 2 * system_len and len(template.ids) >= system_len
 
+
+
+def test_rollouts_benchmark_runs_every_section_and_reports_its_figures(repo_root):
+    """The benchmark behind the README's rollout figures, at the smallest size: the limit probe, score mode against
+    its reference on the very steps the engine took, and batched against one-at-a-time generation."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "rollouts.py"), "--model", "tiny-llama", "--episodes", "2",
+         "--batch-size", "2", "--generate-batch-size", "2", "--generate-turns", "1", "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=repo_root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["matmul_gflops"] > 0 and 0 < result["limit_fraction"]
+    assert result["score"]["agent_steps"] > 0 and result["score_speedup_vs_reference"] > 0
+    assert result["generate"]["identical_trajectories"] is True
