@@ -172,7 +172,8 @@ def _print_differences(diff: dict) -> None:
         cells = []
         for env in diff["environments"] + ["avg"]:
             c = row.get(env)
-            cells.append("-" if c is None else f"{100 * c['mean']:+.1f} ± {100 * c['ci95']:.1f}")
+            cells.append("-" if c is None else f"{100 * c['mean']:+.1f}" + (
+                f" ± {100 * c['ci95']:.1f}" if c["ci95"] is not None else ""))
         t.add_row(row["run"], row["baseline"], *cells)
     console.print(t)
 

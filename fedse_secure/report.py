@@ -103,18 +103,17 @@ def _last_by_seed(group: Group, env: str | None) -> dict[int, float]:
 def difference(a: list[float], b: list[float], paired: bool) -> tuple[float, float]:
     """Mean of a - b and the half-width of its two-sided 95% Student-t interval: over the per-seed differences
     when ``paired`` (the same seeds, hence the same demonstrations and test tasks), else Welch's interval."""
-    from scipy.stats import t as student_t
+    from scipy.stats import ttest_ind
 
     if paired:
         return mean_ci95([x - y for x, y in zip(a, b)])
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) if len(a) > 1 else 0.0
-    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) if len(b) > 1 else 0.0
-    se2 = va / len(a) + vb / len(b)
-    if se2 == 0.0:
-        return ma - mb, 0.0
-    dof = se2**2 / sum((v / n) ** 2 / (n - 1) for v, n in ((va, len(a)), (vb, len(b))) if n > 1 and v > 0)
-    return ma - mb, float(student_t.ppf(0.975, dof)) * math.sqrt(se2)
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, math.nan  # a single run has no spread to estimate
+    if len(set(a)) == 1 and len(set(b)) == 1:
+        return diff, 0.0  # scipy answers nan for zero spread
+    ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return diff, float(ci.high - ci.low) / 2
 
 
 def differences(summaries: list[RunSummary], baseline: str) -> dict[str, Any]:
@@ -140,8 +139,9 @@ def differences(summaries: list[RunSummary], baseline: str) -> dict[str, Any]:
             a = [mine[s] for s in seeds]
             b = [theirs[s] for s in seeds] if paired else list(theirs.values())
             mean, ci = difference(a, b, paired)
-            row[env or "avg"] = {"mean": mean, "ci95": ci, "n": len(a), "paired": paired,
-                                 "above_zero": bool(mean - ci > 0) if len(a) > 1 else None}
+            finite = math.isfinite(ci)
+            row[env or "avg"] = {"mean": mean, "ci95": ci if finite else None, "n": len(a), "paired": paired,
+                                 "above_zero": bool(mean - ci > 0) if len(a) > 1 and finite else None}
         rows.append(row)
     return {"environments": envs, "rows": rows}
 
