@@ -190,11 +190,9 @@ def _check_secure_aggregation(policy: NodePolicy, experiment: ExperimentConfig, 
             return  # the experiment's own validation names the problem
         why = rules.masking_requirements().refusal(n, n, graph.degree, graph.threshold)
         if why is not None:
-            name, _, detail = why.partition(": ")
             field = {"degree": "federation.secure_aggregation.neighbours", "participants": "clients"}.get(
-                name, f"federation.secure_aggregation.{name}")
-            _, below, least = detail.partition(" is below ")
-            v(Violation(field, f"degree {graph.degree} and t={graph.threshold}", least if below else detail))
+                why.parameter, f"federation.secure_aggregation.{why.parameter}")
+            v(Violation(field, f"degree {graph.degree} and t={graph.threshold}", why.least or why.problem))
         return
     # Other backends: colluders subtract their own inputs from a released sum, so at least two honest inputs
     # must remain in the smallest sum the backend releases, or one institution's update is exposed exactly.

@@ -47,7 +47,7 @@ from fedse_secure.secagg.masking.messages import (
     UnmaskShares,
     decode,
 )
-from fedse_secure.secagg.masking.requirements import GraphParameters, MaskingRequirements
+from fedse_secure.secagg.masking.requirements import GraphParameters, MaskingRequirements, SetupRefusal
 from fedse_secure.secagg.masking.server import SecAggServer
 from fedse_secure.secagg.masking.settings import MaskingSettings
 
@@ -64,6 +64,7 @@ __all__ = [
     "MaskedInput",
     "MaskedInputRequest",
     "MaskingRequirements",
+    "SetupRefusal",
     "MaskingSettings",
     "PeerMisbehaviourError",
     "Phase",

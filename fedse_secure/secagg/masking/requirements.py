@@ -72,6 +72,23 @@ class GraphParameters:
         return self.threshold - 1
 
 
+@dataclass(frozen=True)
+class SetupRefusal:
+    """Why an institution refuses a setup: the parameter at fault, the problem, and, where the setup asks for
+    less than a bound, the least this institution accepts (with the assumptions it was derived under)."""
+
+    parameter: str  # "participants", "degree" or "threshold"
+    problem: str
+    least: str | None = None
+
+    @classmethod
+    def below(cls, parameter: str, given: int, least: str) -> SetupRefusal:
+        return cls(parameter, f"{given} is below {least}", least)
+
+    def __str__(self) -> str:
+        return f"{self.parameter}: {self.problem}"
+
+
 class MaskingRequirements(StrictModel):
     """What an institution accepts from a coordinator's secure-aggregation setup (the masking backend).
 
@@ -140,7 +157,7 @@ class MaskingRequirements(StrictModel):
             raise ValueError(f"threshold {t} exceeds the neighbourhood size {k + 1} (degree {k} + 1)")
         return GraphParameters(k, t)
 
-    def refusal(self, n_listed: int, n_present: int, degree: int, threshold: int) -> str | None:
+    def refusal(self, n_listed: int, n_present: int, degree: int, threshold: int) -> SetupRefusal | None:
         """Why a setup of ``degree`` and ``threshold`` is weaker than these requirements allow, or None.
 
         ``n_listed`` is how many participants the setup lists (the colluder count is a fraction of it);
@@ -148,34 +165,35 @@ class MaskingRequirements(StrictModel):
         honest institutions before the graph is fixed raises the colluders' share; checked again then).
         """
         if n_listed < self.min_participants:
-            return (f"participants: the setup lists {n_listed} institutions, fewer than this institution's "
-                    f"min_participants={self.min_participants}")
+            return SetupRefusal("participants", f"the setup lists {n_listed} institutions, fewer than this "
+                                f"institution's min_participants={self.min_participants}")
         if n_present < 2:
-            return f"participants: only {n_present} institution(s) advertised keys"
+            return SetupRefusal("participants", f"only {n_present} institution(s) advertised keys")
         if degree < 2 or (degree < n_listed - 1 and degree % 2):
-            return (f"degree: {degree} is not a neighbour-graph degree for {n_listed} institutions (an even number "
-                    f">= 2, or {n_listed - 1} for the complete graph)")
+            return SetupRefusal("degree", f"{degree} is not a neighbour-graph degree for {n_listed} institutions "
+                                f"(an even number >= 2, or {n_listed - 1} for the complete graph)")
         complete = n_present - 1
         k = min(degree, complete)
         if not 2 <= threshold <= k + 1:
-            return f"threshold: {threshold} is outside 2..{k + 1} (the neighbourhood size for degree {k})"
+            return SetupRefusal("threshold", f"{threshold} is outside 2..{k + 1} (the neighbourhood size for degree {k})")
         context = (f"for {n_present} of {n_listed} participants (colluder_fraction {self.colluder_fraction}, "
                    f"dropout_fraction {self.dropout_fraction}, 2^-{self.security_bits})")
         try:
             need_k = min(self.parameters(n_listed).degree, complete)
         except ValueError as err:  # these requirements cannot be met for this many participants at all
-            return f"participants: {err}"
+            return SetupRefusal("participants", str(err))
         if self.min_degree is not None:
             need_k = max(need_k, min(self.min_degree, complete))
         if k < need_k:
-            return f"degree: {k} is below {need_k}, the least this institution accepts {context}"
+            return SetupRefusal.below("degree", k, f"{need_k}, the least this institution accepts {context}")
         need_t = _least_threshold(n_listed, n_present, self.colluders(n_listed), k, self.security_bits)
         if need_t > k + 1:
-            return f"degree: no threshold is safe with degree {k} {context}; a larger degree is needed"
+            return SetupRefusal("degree", f"no threshold is safe with degree {k} {context}; a larger degree is needed")
         if self.min_threshold is not None:
             need_t = max(need_t, self.min_threshold)
         if threshold < need_t:
-            return f"threshold: {threshold} is below {need_t}, the least this institution accepts with degree {k} {context}"
+            return SetupRefusal.below("threshold", threshold,
+                                      f"{need_t}, the least this institution accepts with degree {k} {context}")
         return None
 
     def table(self, ns=(3, 5, 10, 20, 40, 100, 200, 500, 1000)) -> list[dict[str, int]]:
