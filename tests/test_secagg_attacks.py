@@ -18,7 +18,6 @@ from fedse_secure.secagg.driver import InProcessParties, aggregate, drive, drive
 from fedse_secure.secagg.masking import (
     STAGES,
     AuthenticationError,
-    ConsistencyRequest,
     IdentityKey,
     KeyAdvertisement,
     KeysBroadcast,
@@ -32,16 +31,16 @@ from fedse_secure.secagg.masking import (
     SecAggServer,
     SetupRequest,
     Stage,
-    UnmaskRequest,
     UnsafeSetupError,
     decode,
     keys,
     shamir,
 )
-from fedse_secure.secagg.masking.graph import graph_seed, neighbour_sets, ring_order
-from fedse_secure.secagg.masking.messages import masked_input_header, survivors_payload
-from fedse_secure.secagg.masking.prg import InputTag, MaskApplier, MaskStream, RandomSource
+from fedse_secure.secagg.masking.graph import graph_seed, neighbour_sets
+from fedse_secure.secagg.masking.messages import masked_input_header
+from fedse_secure.secagg.masking.prg import InputTag, RandomSource
 from fedse_secure.secagg.masking.quantize import dequantise, quantise, signed_integers
+from fedse_threat_model.attacks import cut_the_ring, exposure_rate, split_survivor_lists, strip_pair_masks, strip_self_mask
 
 
 def _names(n: int) -> list[str]:
@@ -95,60 +94,9 @@ def _quantised_sum(xs, names, server) -> np.ndarray:
     return total / 2.0**s.fractional_bits
 
 
-def _strip(y: np.ndarray, victim: str, server, mask_key, seed: bytes | None) -> np.ndarray:
-    """``victim``'s masked vector without its pairwise masks (given its mask key) and its self mask (given its
-    seed): its quantised update, if both secrets are right."""
-    y = y.copy()
-    streams = []
-    for v in sorted(server.neighbours[victim] & server.shared):
-        k = keys.pair_mask_key(mask_key, server.adverts[v].mask_public_key, server.session, victim, v)
-        streams.append(MaskStream(k, y.dtype, -1 if victim < v else +1))
-    if seed is not None:
-        streams.append(MaskStream(keys.self_mask_key(seed, server.session), y.dtype, -1))
-    MaskApplier(y.dtype).apply(y, streams)
-    return y
-
-
 # ======================================================================================================
 # 1. Split survivor lists: "victim alive" to some holders, "victim dropped" to others; colluders sign both
 # ======================================================================================================
-
-def _split_view(server, clients, victim: str, colluders: list[str]):
-    """The coordinator's best split: honest holders that must release key shares (victim "dropped") in group
-    B, the others in group A (victim alive, it signs too). Returns (seed shares, key shares) obtained."""
-    names, t, rid = sorted(clients), server.threshold, server.round_id
-    honest = [p for p in names if p != victim and p not in colluders]
-    group_b = honest[: max(0, t - len(colluders))]
-    group_a = [p for p in honest if p not in group_b] + [victim]
-    list_a, list_b = names, [p for p in names if p != victim]
-    sigs_a, sigs_b = {}, {}
-    for p in group_a:
-        try:
-            sigs_a[p] = clients[p].handle(ConsistencyRequest(round_id=rid, survivors=list_a)).signature
-        except SecureAggregationError:
-            pass
-    for p in group_b:
-        try:
-            sigs_b[p] = clients[p].handle(ConsistencyRequest(round_id=rid, survivors=list_b)).signature
-        except SecureAggregationError:
-            pass
-    for c in colluders:  # colluders sign both lists and hand over the shares they hold
-        sigs_a[c] = clients[c].identity.sign(survivors_payload(server.session, rid, list_a))
-        sigs_b[c] = clients[c].identity.sign(survivors_payload(server.session, rid, list_b))
-    seeds = [clients[c]._seed_shares[victim] for c in colluders]
-    mask_keys = [clients[c]._key_shares[victim] for c in colluders]
-    for group, survivors, sigs, kind in ((group_a, list_a, sigs_a, "seed"), (group_b, list_b, sigs_b, "key")):
-        for p in group:
-            try:
-                reply = clients[p].handle(UnmaskRequest(round_id=rid, survivors=survivors, signatures=sigs))
-            except SecureAggregationError:
-                continue
-            if kind == "seed" and victim in reply.seed_shares:
-                seeds.append(reply.seed_shares[victim])
-            if kind == "key" and victim in reply.key_shares:
-                mask_keys.append(reply.key_shares[victim])
-    return seeds, mask_keys
-
 
 @pytest.mark.parametrize("past_the_bound", [False, True])
 def test_split_survivor_lists_fail_within_the_stated_collusion_bound_and_succeed_one_past_it(past_the_bound):
@@ -161,7 +109,7 @@ def test_split_survivor_lists_fail_within_the_stated_collusion_bound_and_succeed
     colluders = [p for p in names if p != victim][: params.tolerated_colluders + int(past_the_bound)]
     xs = _inputs(names, 512)
     server, clients, masked = _Federation(names).to_consistency(xs)
-    seeds, mask_keys = _split_view(server, clients, victim, colluders)
+    seeds, mask_keys = split_survivor_lists(server, clients, victim, colluders)
     t = server.threshold
     if not past_the_bound:
         assert len(seeds) < t or len(mask_keys) < t, "both secrets of the victim were released"
@@ -169,7 +117,8 @@ def test_split_survivor_lists_fail_within_the_stated_collusion_bound_and_succeed
     # Negative control: one colluder more than the bound and the victim's update is recovered exactly.
     seed = shamir.combine(seeds, t)
     sk = keys.X25519PrivateKey.from_private_bytes(shamir.combine(mask_keys, t))
-    y = _strip(masked[victim], victim, server, sk, seed)
+    y = strip_pair_masks(masked[victim], victim, sk, server, server.neighbours[victim] & server.shared)
+    y = strip_self_mask(y, seed, server.session)
     q = quantise(xs[victim], 8.0, server.setup.fractional_bits, server.setup.ring_bits)
     assert np.array_equal(y[:-1], q)
 
@@ -300,41 +249,14 @@ def test_dropping_two_arcs_of_the_ring_never_releases_their_partial_sums(weak):
     fed = _Federation(names, server_backend=MaskingBackend(server_class=server_class), client_backend=clients_backend)
     xs = _inputs(names, 32)
     server, clients = fed.machines(1, xs)
-    silent: set[str] = set()
-    arcs: list[list[str]] = []
-    masked, seed_shares = {}, {}
-
-    def watch(stage, direction, name, data):
-        if direction == "to_server" and stage == Stage.MASKED_INPUT:
-            masked[name] = decode(data).vector.copy()
-        if direction == "to_server" and stage == Stage.UNMASK:
-            for owner, share in decode(data).seed_shares.items():
-                seed_shares.setdefault(owner, []).append(share)
-        return None
-
-    def exchange(stage, requests):
-        m = server.machine
-        if stage == Stage.SHARE_KEYS and not silent:
-            order = ring_order(sorted(m.advertised), graph_seed(m.session))
-            half = m.setup.degree // 2
-            silent.update(order[:half] + order[20 : 20 + half])
-            arcs.extend([order[half:20], order[20 + half :]])
-        live = {p: r for p, r in requests.items() if p not in silent}
-        return InProcessParties(clients, stages=STAGES, refusals="drop", interceptor=watch)(stage, live)
-
+    cut = cut_the_ring(server, clients)
     if not weak:
-        with pytest.raises(SecureAggregationError):
-            drive(server, exchange)
+        assert isinstance(cut.error, SecureAggregationError)
         assert server.machine.result is None
         return
-    res = drive(server, exchange)
     m = server.machine
-    assert sorted(res.survivors) == sorted(arcs[0] + arcs[1])
-    for arc in arcs:  # each arc's masked vectors minus their self masks: pairwise masks cancel inside the arc
-        y = sum(masked[p].astype(np.uint64) for p in arc).astype(np.uint32)
-        streams = [MaskStream(keys.self_mask_key(shamir.combine(seed_shares[p], m.threshold), m.session), y.dtype, -1)
-                   for p in arc]
-        MaskApplier(y.dtype).apply(y, streams)
+    assert sorted(cut.result.survivors) == sorted(cut.arcs[0] + cut.arcs[1])
+    for arc, y in zip(cut.arcs, cut.arc_sums):  # pairwise masks cancel inside the arc; self masks stripped
         assert np.array_equal(dequantise(y[:-1], m.setup.fractional_bits), _quantised_sum(xs, arc, m))
 
 
@@ -342,36 +264,13 @@ def test_dropping_two_arcs_of_the_ring_never_releases_their_partial_sums(weak):
 # 3. Graph parameters follow the declared colluder and dropout fractions
 # ======================================================================================================
 
-def _exposure_rate(n: int, colluders: int, degree: int, threshold: int, trials: int, seed: int = 0) -> float:
-    """Fraction of random rings on which a coalition of ``colluders`` can expose someone: a neighbourhood with
-    at least 2t - m colluders (split survivor lists), or two disjoint windows of k/2 institutions each holding
-    g = t - k/2 - 1 colluders (a cut whose arcs the coordinator unmasks separately)."""
-    rng = np.random.default_rng(seed)
-    half, m = degree // 2, degree + 1
-    need_split, g = 2 * threshold - m, threshold - half - 1
-    hits = 0
-    for _ in range(trials):
-        bad = np.zeros(n, np.int64)
-        bad[rng.choice(n, colluders, replace=False)] = 1
-        ring = np.concatenate([bad, bad[: degree + 1]])
-        csum = np.concatenate([[0], np.cumsum(ring)])
-        around = csum[np.arange(n) + degree + 1] - csum[np.arange(n)] - bad[(np.arange(n) + half) % n]
-        split = np.any((around >= need_split) & (bad[(np.arange(n) + half) % n] == 0))
-        windows = csum[np.arange(n) + half] - csum[np.arange(n)]
-        heavy = np.flatnonzero(windows >= max(g, 1))
-        cut = heavy.size > 0 and (heavy.max() - heavy.min() >= half and
-                                  (heavy.max() - heavy.min()) <= n - half)
-        hits += bool(split or cut)
-    return hits / trials
-
-
 def test_default_parameters_keep_a_tenth_of_colluders_from_exposing_anyone_at_n_1000():
     n, c = 1000, 100
     p = MaskingSettings().parameters(n)
     assert (p.degree, p.threshold) == (108, 77)
-    assert _exposure_rate(n, c, p.degree, p.threshold, trials=300) == 0.0
+    assert exposure_rate(n, c, p.degree, p.threshold, trials=300) == 0.0
     # Negative control: 4aa2a94's parameters (degree 2 ceil(log2 n) = 20, t = floor(2m/3) + 1 = 15) are not.
-    assert _exposure_rate(n, c, 20, 15, trials=300) > 0.5
+    assert exposure_rate(n, c, 20, 15, trials=300) > 0.5
 
 
 # ======================================================================================================

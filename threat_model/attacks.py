@@ -13,6 +13,7 @@ backend instead of masking.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -359,6 +360,64 @@ def split_survivor_lists(server, clients, victim: str, colluders: list[str]):
             seeds.extend([reply.seed_shares[victim]] if victim in reply.seed_shares else [])
             mask_keys.extend([reply.key_shares[victim]] if victim in reply.key_shares else [])
     return seeds, mask_keys
+
+
+@dataclass
+class RingCut:
+    """What the coordinator got from silencing two arcs' borders: the round's result (None if it aborted), the
+    error that ended it, the two arcs, and each arc's ring sum with its members' self masks stripped."""
+
+    result: Any
+    error: Exception | None
+    arcs: list[list[str]]
+    arc_sums: list[np.ndarray]
+
+
+def cut_the_ring(server, clients) -> RingCut:
+    """Run a round in which the coordinator, once the graph is known, silences k/2 consecutive institutions at
+    two opposite places of the ring, leaving two arcs whose pairwise masks cancel inside each arc. If the round
+    completes, strip each arc's self masks with the seeds the survivors release: the arc's partial sum."""
+    from fedse_secure.secagg.driver import InProcessParties, drive
+    from fedse_secure.secagg.masking import STAGES, SecureAggregationError, Stage, decode, keys, shamir
+    from fedse_secure.secagg.masking.graph import graph_seed, ring_order
+    from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream
+
+    silent: set[str] = set()
+    arcs: list[list[str]] = []
+    masked: dict[str, np.ndarray] = {}
+    seed_shares: dict[str, list[bytes]] = {}
+
+    def watch(stage, direction, name, data):
+        if direction == "to_server" and stage == Stage.MASKED_INPUT:
+            masked[name] = decode(data).vector.copy()
+        if direction == "to_server" and stage == Stage.UNMASK:
+            for owner, share in decode(data).seed_shares.items():
+                seed_shares.setdefault(owner, []).append(share)
+        return None
+
+    def exchange(stage, requests):
+        m = server.machine
+        if stage == Stage.SHARE_KEYS and not silent:
+            order = ring_order(sorted(m.advertised), graph_seed(m.session))
+            half, mid = m.setup.degree // 2, len(order) // 2
+            silent.update(order[:half] + order[mid : mid + half])
+            arcs.extend([order[half:mid], order[mid + half :]])
+        live = {p: r for p, r in requests.items() if p not in silent}
+        return InProcessParties(clients, stages=STAGES, refusals="drop", interceptor=watch)(stage, live)
+
+    try:
+        result = drive(server, exchange)
+    except SecureAggregationError as err:
+        return RingCut(None, err, arcs, [])
+    m = server.machine
+    sums = []
+    for arc in arcs:  # pairwise masks cancel inside the arc; the self masks come off with the released seeds
+        y = sum(masked[p].astype(np.uint64) for p in arc).astype(m.dtype)
+        streams = [MaskStream(keys.self_mask_key(shamir.combine(seed_shares[p], m.threshold), m.session), y.dtype, -1)
+                   for p in arc]
+        MaskApplier(y.dtype).apply(y, streams)
+        sums.append(y)
+    return RingCut(result, None, arcs, sums)
 
 
 def exposure_rate(n: int, colluders: int, degree: int, threshold: int, trials: int, seed: int = 0) -> float:

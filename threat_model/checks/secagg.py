@@ -13,6 +13,7 @@ from fedse_threat_model.attacks import (
     NAMES,
     Federation,
     coordinator_view,
+    cut_the_ring,
     exposure_rate,
     masking_backend,
     on_messages,
@@ -96,10 +97,7 @@ def _cut_the_ring(settings: ProtectionSettings) -> tuple[str, dict[str, Any]]:
     """40 institutions. The coordinator silences k/2 consecutive institutions at two places of the ring once the
     graph is known, to unmask the two arcs' sums separately. It proposes the weakest setup its institutions
     accept: the derived (k, t) with them pinning the protocol, t = k/2 + 1 without."""
-    from fedse_secure.secagg.driver import InProcessParties, drive
-    from fedse_secure.secagg.masking import MaskingSettings, SecureAggregationError, Stage, decode, keys, shamir
-    from fedse_secure.secagg.masking.graph import graph_seed, ring_order
-    from fedse_secure.secagg.masking.prg import MaskApplier, MaskStream
+    from fedse_secure.secagg.masking import MaskingSettings
     from fedse_secure.secagg.masking.quantize import quantise, signed_integers
 
     from fedse_threat_model.harness import updates
@@ -113,45 +111,18 @@ def _cut_the_ring(settings: ProtectionSettings) -> tuple[str, dict[str, Any]]:
     fed.server_backend.server_class = weak_setup_server_class(k, t)
     xs = updates(names, 64, settings.seed)
     server, clients = fed.machines(1, 64, xs)
-    silent: set[str] = set()
-    arcs: list[list[str]] = []
-    masked: dict[str, np.ndarray] = {}
-    seed_shares: dict[str, list[bytes]] = {}
-
-    def watch(stage, direction, name, data):
-        if direction == "to_server" and stage == Stage.MASKED_INPUT:
-            masked[name] = decode(data).vector.copy()
-        if direction == "to_server" and stage == Stage.UNMASK:
-            for owner, share in decode(data).seed_shares.items():
-                seed_shares.setdefault(owner, []).append(share)
-        return None
-
-    def exchange(stage, requests):
-        m = server.machine
-        if stage == Stage.SHARE_KEYS and not silent:
-            order = ring_order(sorted(m.advertised), graph_seed(m.session))
-            silent.update(order[: k // 2] + order[20 : 20 + k // 2])
-            arcs.extend([order[k // 2 : 20], order[20 + k // 2 :]])
-        live = {p: r for p, r in requests.items() if p not in silent}
-        return InProcessParties(clients, stages=Stage, refusals="drop", interceptor=watch)(stage, live)
-
     evidence: dict[str, Any] = {"institutions": 40, "degree": k, "threshold": t, "silenced": 2 * (k // 2)}
-    try:
-        drive(server, exchange)
-    except SecureAggregationError as err:
-        evidence["outcome"] = str(err)[:120]
+    cut = cut_the_ring(server, clients)
+    if cut.error is not None:
+        evidence["outcome"] = str(cut.error)[:120]
         return "nothing released", evidence
-    m = server.machine
+    setup = server.machine.setup
     exact = 0
-    for arc in arcs:
-        y = sum(masked[p].astype(np.uint64) for p in arc).astype(m.dtype)
-        streams = [MaskStream(keys.self_mask_key(shamir.combine(seed_shares[p], t), m.session), y.dtype, -1)
-                   for p in arc]
-        MaskApplier(y.dtype).apply(y, streams)
-        want = sum(signed_integers(quantise(xs[p], 8.0, m.setup.fractional_bits, m.setup.ring_bits)).astype(np.int64)
+    for arc, y in zip(cut.arcs, cut.arc_sums):
+        want = sum(signed_integers(quantise(xs[p], 8.0, setup.fractional_bits, setup.ring_bits)).astype(np.int64)
                    for p in arc)
         exact += int(np.array_equal(signed_integers(y[:-1]).astype(np.int64), want))
-    evidence.update(arc_sizes=[len(a) for a in arcs], arc_sums_recovered_exactly=exact)
+    evidence.update(arc_sizes=[len(a) for a in cut.arcs], arc_sums_recovered_exactly=exact)
     return f"{exact} arc sums recovered exactly", evidence
 
 
