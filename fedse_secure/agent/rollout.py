@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from fedse_secure.envs.base import ACTION_MARKER, TextEnv, react
 from fedse_secure.envs.trajectory import Trajectory, conversation_head
+from fedse_secure.memory import release_freed_memory
 from fedse_secure.models.device import model_device
 
 
@@ -652,6 +653,7 @@ def run_episodes(
                     finish_slot(s)
                 else:
                     st["messages"].append({"role": "user", "content": result.observation})
+            release_freed_memory()  # each step's tensors have new shapes: see fedse_secure.memory
 
     try:
         run_slots()

@@ -18,6 +18,7 @@ import torch
 from fedse_secure.agent.rollout import TokenCounter, fit_history
 from fedse_secure.envs.trajectory import Trajectory, conversation_head
 from fedse_secure.config import TrainingConfig
+from fedse_secure.memory import release_freed_memory
 
 IGNORE_INDEX = -100
 
@@ -346,6 +347,7 @@ def train_lora(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                release_freed_memory()  # batches differ in length: see fedse_secure.memory
                 step += 1
                 stats.losses.append(batch_loss)
                 stats.target_tokens += sum(e.num_target_tokens for e in batch)

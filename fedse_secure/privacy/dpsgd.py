@@ -41,6 +41,7 @@ from typing import Protocol
 
 from fedse_secure.config import PrivacyConfig, TrainingConfig
 from fedse_secure.errors import FedseError
+from fedse_secure.memory import release_freed_memory
 from fedse_secure.privacy.events import DpEvent
 
 IGNORE_INDEX = -100
@@ -377,6 +378,7 @@ def train_dp_sgd(
                     raise DPTrainingError(f"step {step}: the accountant counted {counted} steps; the noisy step was "
                                           "skipped or double-counted")
                 scheduler.step()
+                release_freed_memory()  # batches differ in length: see fedse_secure.memory
                 result.steps += 1
             dp_optimizer.zero_grad(set_to_none=True)
         finally:
