@@ -9,3 +9,11 @@ __version__ = "0.1.0"
 # 0.012 s on 2 cores). Passive waiting costs nothing measurable when the cores are free. It must be set before
 # torch is first imported, which the package never does at import time.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# bitsandbytes (the optional 4-bit base model) looks, on CPUs with AVX512-BF16, for a fused kernel it would fetch
+# from the Hugging Face hub through the `kernels` package; we never install that package (nothing is downloaded at
+# run time) and its fallback computes the same thing, but the warning it logs at import lands on every command's
+# stderr, where a bad-input error must be the only line. Silence that one logger, not bitsandbytes.
+import logging as _logging  # noqa: E402
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
