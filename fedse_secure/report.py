@@ -105,11 +105,11 @@ def difference(a: list[float], b: list[float], paired: bool) -> tuple[float, flo
     when ``paired`` (the same seeds, hence the same demonstrations and test tasks), else Welch's interval."""
     from scipy.stats import ttest_ind
 
-    if paired:
-        return mean_ci95([x - y for x, y in zip(a, b)])
     diff = sum(a) / len(a) - sum(b) / len(b)
     if len(a) < 2 or len(b) < 2:
         return diff, math.nan  # a single run has no spread to estimate
+    if paired:
+        return mean_ci95([x - y for x, y in zip(a, b)])
     if len(set(a)) == 1 and len(set(b)) == 1:
         return diff, 0.0  # scipy answers nan for zero spread
     ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)

@@ -122,3 +122,11 @@ def test_report_cli_prints_the_difference_to_the_baseline(tmp_path):
     assert data["differences"][0]["avg"]["mean"] == pytest.approx((0.25 + 0.5) / 4)
     bad = CliRunner().invoke(app, ["report", *runs, "--baseline", "fedavg"])
     assert bad.exit_code != 0 and "no run group 'fedavg'" in bad.output
+
+
+def test_one_seed_per_group_gives_a_difference_without_an_interval():
+    from fedse_secure.report import difference
+
+    for paired in (True, False):
+        mean, ci = difference([0.4], [0.2], paired)
+        assert mean == pytest.approx(0.2) and math.isnan(ci)
