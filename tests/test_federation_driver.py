@@ -142,3 +142,18 @@ def test_a_run_whose_every_institution_is_out_of_budget_stops(repo_root, tmp_pat
     assert record.status == "aborted" and record.released_sum_sha256 is None
     assert {i.refusal for i in record.institutions.values()} == {"budget_exhausted"}
     assert all("refused before training" in i.reason for i in record.institutions.values())
+
+
+def test_institutions_sharing_an_environment_evaluate_disjoint_shares_of_its_test_tasks(repo_root, tmp_path):
+    from fedse_secure.agent.policy import AgentModel
+    from fedse_secure.config import apply_overrides, parse_config
+    from fedse_secure.federation.institution import Institution, release_terms
+
+    base = load_config(repo_root / "configs" / "smoke.yaml").model_dump(mode="json")
+    cfg = parse_config(apply_overrides(base, ["clients.1.env=maze", "clients.2.env=wordle", "evaluation.test_tasks=7"]))
+    assert [c.env for c in cfg.clients] == ["maze", "maze", "wordle"]
+    agent = AgentModel.load(cfg.model, cfg.lora, cfg.seed)
+    insts = [Institution(cfg, c, tmp_path / c.name, agent, release_terms(cfg)) for c in cfg.clients]
+    first, second, alone = (i.evaluation_ids() for i in insts)
+    assert sorted(first + second) == insts[0].test_ids[:7] and not set(first) & set(second)
+    assert alone == insts[2].test_ids[:7], "an institution alone on its environment evaluates every test task"

@@ -74,6 +74,10 @@ class Institution:
         self.env_name = probe.name
         self.max_turns = experiment.exploration.max_turns or probe.max_turns
         self.train_ids = list(probe.train_task_ids())
+        # Institutions that share an environment evaluate the same model on disjoint shares of its test tasks:
+        # the environment's figure is then over each test task once, at 1/k of the cost for each of k of them.
+        peers = [c.name for c in experiment.clients if c.env == client.env]
+        self.eval_shard = (peers.index(self.name), len(peers)) if self.name in peers else (0, 1)
         self.test_ids = list(probe.test_task_ids())
         self._ceiling: tuple[list[int], float | None] | None = None  # (test ids, the oracle's success on them)
         self.buffer = ExperienceBuffer(self.workdir / "buffer.jsonl")
@@ -179,11 +183,18 @@ class Institution:
                     p.requires_grad_(True)
 
     # -- evaluation --------------------------------------------------------------------------------------------
+    def evaluation_ids(self) -> list[int]:
+        """This institution's share of the environment's test tasks (all of them when it is alone on it)."""
+        tasks = self.experiment.evaluation.test_tasks
+        ids = self.test_ids[:tasks] if tasks else self.test_ids
+        index, count = self.eval_shard
+        return ids[index::count]
+
     def evaluate(self, state, progress: Progress = NULL_PROGRESS, label: str = "evaluate") -> dict[str, Any]:
         """Greedy success rate of ``state`` on this environment's held-out test tasks (as AgentGym evaluates)."""
         exp = self.experiment
         self.agent.load_adapter_state(state)
-        ids = self.test_ids[: exp.evaluation.test_tasks] if exp.evaluation.test_tasks else self.test_ids
+        ids = self.evaluation_ids()
         bar = progress.task(f"{self.name}: {label}", total=len(ids))
         t0 = time.perf_counter()
         trajectories, stats = run_episodes(
