@@ -11,12 +11,12 @@ Three measurements, each printed as a table and, with ``--json``, in one last JS
   environment's turn limit): agent steps per second of the engine (candidates packed in one row per prompt,
   the prompt's prefix and the shared system prompt from caches) against scoring the very same steps the way the
   engine did before (``candidate_log_likelihoods``: every candidate on its own full row), side by side.
-* **generate mode**: batched (continuous batching + per-slot prefix KV cache + shared template) vs one episode at
-  a time, greedy, identical trajectories required.
+* **generate and constrained modes** (one section each): batched (continuous batching + per-slot prefix KV cache +
+  shared template) vs one episode at a time, greedy, identical trajectories required.
 
     python benchmarks/rollouts.py --json
     python benchmarks/rollouts.py --model tiny-llama --episodes 4 --json        # quick
-    python benchmarks/rollouts.py --generate-mode constrained   # the generate section with constrained actions
+    python benchmarks/rollouts.py --generate-modes constrained   # only the constrained-generation section
 """
 
 from __future__ import annotations
@@ -85,9 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-context-tokens", type=int, default=1024)
     ap.add_argument("--skip-generate", action="store_true", help="only the limit probe and score mode")
-    ap.add_argument("--generate-mode", default="generate", choices=["generate", "constrained"],
-                    help="action mode of the batched-vs-one-at-a-time section")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="score mode without scoring its steps the old way (minutes); no speed-up is reported then")
+    ap.add_argument("--generate-modes", default="generate,constrained",
+                    help="comma-separated action modes of the batched-vs-one-at-a-time section (each its own section)")
     args = ap.parse_args(argv)
+    generate_modes = [m for m in args.generate_modes.split(",") if m]
+    unknown = sorted(set(generate_modes) - {"generate", "constrained"})
+    if unknown:
+        ap.error(f"--generate-modes: unknown mode(s) {unknown}; use generate and/or constrained")
     torch = offline_torch(args.threads)
 
     from fedse_secure.agent.policy import AgentModel
@@ -129,21 +135,24 @@ def main(argv: list[str] | None = None) -> dict:
                                      action_mode="score", history_turns=0)
     trajs, stats = run_episodes(model, tok, env_factory, tasks, score_settings, seed=0)
     engine_steps_per_s = stats.agent_steps / stats.seconds
-    replayed = replay_steps(env_factory, trajs, tok, 0, args.max_context_tokens - score_settings.max_new_tokens)
-    assert len(replayed) == stats.agent_steps, (len(replayed), stats.agent_steps)
-    t_ref = time.perf_counter()
-    for i in range(0, len(replayed), args.batch_size):
-        batch = replayed[i : i + args.batch_size]
-        candidate_log_likelihoods(model, tok, [p for p, _ in batch], [c for _, c in batch])
-    reference_scoring_s = time.perf_counter() - t_ref
-    # Same steps, same environments and tokenisation: only the model's work differs between the two.
-    overhead_s = stats.seconds - stats.forward_seconds
-    reference_steps_per_s = stats.agent_steps / (overhead_s + reference_scoring_s)
     score = {"episodes": stats.episodes, "agent_steps": stats.agent_steps, "seconds": round(stats.seconds, 3),
              "steps_per_s": round(engine_steps_per_s, 4), "successes": sum(t.success for t in trajs),
-             "reference_scoring_s": round(reference_scoring_s, 3),
-             "reference_steps_per_s": round(reference_steps_per_s, 4),
-             "speedup_vs_reference": round(engine_steps_per_s / reference_steps_per_s, 3), **throughput(stats)}
+             "reference_scoring_s": None, "reference_steps_per_s": None, "speedup_vs_reference": None,
+             **throughput(stats)}
+    if not args.skip_reference:
+        replayed = replay_steps(env_factory, trajs, tok, 0, args.max_context_tokens - score_settings.max_new_tokens)
+        assert len(replayed) == stats.agent_steps, (len(replayed), stats.agent_steps)
+        t_ref = time.perf_counter()
+        for i in range(0, len(replayed), args.batch_size):
+            batch = replayed[i : i + args.batch_size]
+            candidate_log_likelihoods(model, tok, [p for p, _ in batch], [c for _, c in batch])
+        reference_scoring_s = time.perf_counter() - t_ref
+        # Same steps, same environments and tokenisation: only the model's work differs between the two.
+        overhead_s = stats.seconds - stats.forward_seconds
+        reference_steps_per_s = stats.agent_steps / (overhead_s + reference_scoring_s)
+        score.update(reference_scoring_s=round(reference_scoring_s, 3),
+                     reference_steps_per_s=round(reference_steps_per_s, 4),
+                     speedup_vs_reference=round(engine_steps_per_s / reference_steps_per_s, 3))
 
     result = {
         "model": args.model, "env": args.env, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -153,12 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
         "limit_fraction": score["limit_fraction"], "score_speedup_vs_reference": score["speedup_vs_reference"],
     }
 
-    # -- generate mode -----------------------------------------------------------------------------------------
-    if not args.skip_generate:
-        def run(batch_size: int):
+    # -- generate and constrained modes --------------------------------------------------------------------------------
+    for mode in [] if args.skip_generate else generate_modes:
+        def run(batch_size: int, mode=mode):
             settings = RolloutSettings(max_turns=args.generate_turns, max_new_tokens=args.max_new_tokens, greedy=True,
                                        batch_size=batch_size, max_context_tokens=args.max_context_tokens,
-                                       action_mode=args.generate_mode)
+                                       action_mode=mode)
             trajs, stats = run_episodes(model, tok, env_factory, tasks, settings, seed=0)
             return {"seconds": round(stats.seconds, 3), "agent_steps": stats.agent_steps,
                     "generated_tokens": stats.generated_tokens, "forward_batches": stats.generate_calls,
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         batched, b_trajs = run(args.generate_batch_size)
         sequential, s_trajs = run(1)
-        result["generate"] = {"action_mode": args.generate_mode,
+        result[mode] = {"action_mode": mode,
             "batched": batched, "sequential": sequential,
             "ratio": round(batched["steps_per_s"] / sequential["steps_per_s"], 3),
             "identical_trajectories": [t.messages for t in b_trajs] == [t.messages for t in s_trajs],
@@ -175,15 +184,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"machine: {gflops:.1f} GFLOP/s (2048^2 float32 matmul, {torch.get_num_threads()} threads); model "
           f"{issue_flops_per_token / 1e9:.3f} GFLOP/token -> limit {limit_tokens_per_s:.0f} prompt tokens/s")
+    versus = ("" if score["speedup_vs_reference"] is None else
+              f" vs {score['reference_steps_per_s']:.3f} scoring the same steps one candidate per row = "
+              f"{score['speedup_vs_reference']:.2f}x")
     print(f"score mode ({args.env}, memoryless, T=1, batch {args.batch_size}, {stats.episodes} episodes): "
-          f"{score['steps_per_s']:.3f} agent steps/s vs {score['reference_steps_per_s']:.3f} scoring the same steps "
-          f"one candidate per row = {score['speedup_vs_reference']:.2f}x; {score['tokens_per_forward_s']:.0f} "
+          f"{score['steps_per_s']:.3f} agent steps/s{versus}; {score['tokens_per_forward_s']:.0f} "
           f"tokens per forward-second = {score['limit_fraction']:.2f} of the limit (FLOP fraction "
           f"{score['flop_fraction']:.2f}); {score['reused_tokens']} prompt tokens reused from caches, "
           f"{score['encoded_tokens']} encoded")
-    if "generate" in result:
-        g = result["generate"]
-        print(f"generate mode: batched {g['batched']['steps_per_s']:.3f} vs one at a time "
+    for mode in (m for m in ("generate", "constrained") if m in result):
+        g = result[mode]
+        print(f"{mode} mode: batched {g['batched']['steps_per_s']:.3f} vs one at a time "
               f"{g['sequential']['steps_per_s']:.3f} steps/s = {g['ratio']:.2f}x; limit fraction (batched) "
               f"{g['batched']['limit_fraction']:.2f}; identical greedy trajectories: {g['identical_trajectories']}")
     print(f"load average {result['load_average_1m']:.1f} on {os.cpu_count()} cores")

@@ -369,7 +369,8 @@ def test_packed_scores_equal_the_reference_with_and_without_cached_prefixes(agen
 
 def test_rollouts_benchmark_runs_every_section_and_reports_its_figures(repo_root):
     """The benchmark behind the README's rollout figures, at the smallest size: the limit probe, score mode against
-    its reference on the very steps the engine took, and batched against one-at-a-time generation."""
+    its reference on the very steps the engine took, and batched against one-at-a-time generation, free and
+    constrained."""
     import json
     import subprocess
     import sys
@@ -383,4 +384,5 @@ def test_rollouts_benchmark_runs_every_section_and_reports_its_figures(repo_root
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["matmul_gflops"] > 0 and 0 < result["limit_fraction"]
     assert result["score"]["agent_steps"] > 0 and result["score_speedup_vs_reference"] > 0
-    assert result["generate"]["identical_trajectories"] is True
+    for mode in ("generate", "constrained"):
+        assert result[mode]["identical_trajectories"] is True and result[mode]["batched"]["limit_fraction"] > 0
