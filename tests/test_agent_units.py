@@ -386,3 +386,24 @@ def test_rollouts_benchmark_runs_every_section_and_reports_its_figures(repo_root
     assert result["score"]["agent_steps"] > 0 and result["score_speedup_vs_reference"] > 0
     for mode in ("generate", "constrained"):
         assert result[mode]["identical_trajectories"] is True and result[mode]["batched"]["limit_fraction"] > 0
+
+
+def test_learning_curve_benchmark_trains_in_chunks_and_evaluates_after_each(repo_root):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "learning_curve.py"), "--model", "tiny-llama", "--env", "maze",
+         "--option", "prompt_file=configs/prompts/maze-without-rules.json", "--memoryless", "--demos", "2",
+         "--eval-tasks", "2", "--chunk-steps", "2", "--chunks", "2", "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=repo_root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [p["steps"] for p in result["curve"]] == [0, 2, 4]
+    assert all(p["tasks"] == 2 and 0 <= p["successes"] <= 2 for p in result["curve"])
+    assert result["curve"][0]["loss"] is None and all(0 < p["loss"] < 100 for p in result["curve"][1:])
+    bad = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "learning_curve.py"), "--option", "catalogue"],
+                         capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert bad.returncode != 0 and "is not KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
