@@ -157,3 +157,9 @@ def test_institutions_sharing_an_environment_evaluate_disjoint_shares_of_its_tes
     first, second, alone = (i.evaluation_ids() for i in insts)
     assert sorted(first + second) == insts[0].test_ids[:7] and not set(first) & set(second)
     assert alone == insts[2].test_ids[:7], "an institution alone on its environment evaluates every test task"
+    # Each local institution evaluates its own adapter, so on every task; so does each when tasks are too few to split.
+    for overrides in (["federation.mode=local"], ["evaluation.test_tasks=1"]):
+        other = parse_config(apply_overrides(cfg.model_dump(mode="json"), overrides))
+        ids = [Institution(other, c, tmp_path / "x" / c.name, agent, release_terms(other)).evaluation_ids()
+               for c in other.clients[:2]]
+        assert ids[0] == ids[1] == insts[0].test_ids[: other.evaluation.test_tasks], overrides

@@ -83,8 +83,6 @@ def test_cross_field_rules():
                                                "use privacy.accountant pld"),
         (["privacy.mode=shuffle"], "unknown privacy mechanism 'shuffle'"),
         (["clients.0.env_options={colour: red}"], "does not accept option\\(s\\) colour; accepted: max_turns"),
-        (["clients.1.env=maze", "evaluation.test_tasks=1"], "2 institutions share env 'maze' and split its test "
-                                                             "tasks; raise evaluation.test_tasks to at least 2"),
     ],
 )
 def test_invalid_combinations_are_refused_with_one_line(overrides, message):

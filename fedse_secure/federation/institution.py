@@ -74,11 +74,15 @@ class Institution:
         self.env_name = probe.name
         self.max_turns = experiment.exploration.max_turns or probe.max_turns
         self.train_ids = list(probe.train_task_ids())
-        # Institutions that share an environment evaluate the same model on disjoint shares of its test tasks:
-        # the environment's figure is then over each test task once, at 1/k of the cost for each of k of them.
-        peers = [c.name for c in experiment.clients if c.env == client.env]
-        self.eval_shard = (peers.index(self.name), len(peers)) if self.name in peers else (0, 1)
         self.test_ids = list(probe.test_task_ids())
+        # Institutions that share an environment and evaluate one shared adapter split its test tasks: the
+        # environment's figure is then over each task once, at 1/k of the cost for each of k of them. Local
+        # institutions each evaluate their own adapter on every task, and so does each when there are fewer
+        # tasks than institutions.
+        peers = [c.name for c in experiment.clients if c.env == client.env]
+        tasks = min(experiment.evaluation.test_tasks or len(self.test_ids), len(self.test_ids))
+        shared = experiment.federation.mode != "local" and self.name in peers and tasks >= len(peers)
+        self.eval_shard = (peers.index(self.name), len(peers)) if shared else (0, 1)
         self._ceiling: tuple[list[int], float | None] | None = None  # (test ids, the oracle's success on them)
         self.buffer = ExperienceBuffer(self.workdir / "buffer.jsonl")
         # A deployment may keep the ledger where its compliance office reads it, outside the data folder.
