@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from fedse_secure.agent.sft import encode_for_training, train_lora
     from fedse_secure.config import LoraSettings, TrainingConfig
     from fedse_secure.envs import generate_demonstrations, make_env
+    from fedse_secure.envs.base import extract_action
     from fedse_secure.envs.trajectory import conversation_head
 
     history = 0 if args.memoryless else None
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         trajs, _ = run_episodes(agent.model, agent.tokenizer, lambda: make_env(args.env, **options), test_ids,
                                 settings)
-        actions = Counter(m["content"].split("Action:")[-1].strip() for t in trajs
+        actions = Counter(extract_action(m["content"]) for t in trajs
                           for m in t.messages[conversation_head(t.messages):] if m["role"] == "assistant")
         return {"successes": sum(t.success for t in trajs), "tasks": len(trajs),
                 "seconds": round(time.perf_counter() - t0, 1),

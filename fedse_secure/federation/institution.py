@@ -75,14 +75,6 @@ class Institution:
         self.max_turns = experiment.exploration.max_turns or probe.max_turns
         self.train_ids = list(probe.train_task_ids())
         self.test_ids = list(probe.test_task_ids())
-        # Institutions that share an environment and evaluate one shared adapter split its test tasks: the
-        # environment's figure is then over each task once, at 1/k of the cost for each of k of them. Local
-        # institutions each evaluate their own adapter on every task, and so does each when there are fewer
-        # tasks than institutions.
-        peers = [c.name for c in experiment.clients if c.env == client.env]
-        tasks = min(experiment.evaluation.test_tasks or len(self.test_ids), len(self.test_ids))
-        shared = experiment.federation.mode != "local" and self.name in peers and tasks >= len(peers)
-        self.eval_shard = (peers.index(self.name), len(peers)) if shared else (0, 1)
         self._ceiling: tuple[list[int], float | None] | None = None  # (test ids, the oracle's success on them)
         self.buffer = ExperienceBuffer(self.workdir / "buffer.jsonl")
         # A deployment may keep the ledger where its compliance office reads it, outside the data folder.
@@ -188,11 +180,19 @@ class Institution:
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def evaluation_ids(self) -> list[int]:
-        """This institution's share of the environment's test tasks (all of them when it is alone on it)."""
-        tasks = self.experiment.evaluation.test_tasks
-        ids = self.test_ids[:tasks] if tasks else self.test_ids
-        index, count = self.eval_shard
-        return ids[index::count]
+        """This institution's share of the environment's test tasks (all of them when it is alone on it).
+
+        Institutions that share an environment and evaluate one shared adapter split its test tasks: the
+        environment's figure is then over each task once, at 1/k of the cost for each of k of them. Local
+        institutions each evaluate their own adapter on every task, and so does each when there are fewer tasks
+        than institutions.
+        """
+        exp = self.experiment
+        ids = self.test_ids[: exp.evaluation.test_tasks] if exp.evaluation.test_tasks else self.test_ids
+        peers = [c.name for c in exp.clients if c.env == self.client.env]
+        if exp.federation.mode == "local" or self.name not in peers or len(ids) < len(peers):
+            return ids
+        return ids[peers.index(self.name) :: len(peers)]
 
     def evaluate(self, state, progress: Progress = NULL_PROGRESS, label: str = "evaluate") -> dict[str, Any]:
         """Greedy success rate of ``state`` on this environment's held-out test tasks (as AgentGym evaluates)."""
