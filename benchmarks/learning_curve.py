@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-seq-len", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-layers", type=int, default=None,
+                    help="LoRA in the last N transformer blocks only (lora.top_layers; default: every block)")
     args = ap.parse_args(argv)
     options = {}
     for item in args.option:
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     pool = list(probe.train_task_ids())
     random.Random(args.seed).shuffle(pool)
     test_ids = list(probe.test_task_ids())[: args.eval_tasks]
-    agent = AgentModel.load(model_config(args), LoraSettings(r=8, alpha=16, target_modules="all-linear"),
+    agent = AgentModel.load(model_config(args), LoraSettings(r=8, alpha=16, target_modules="all-linear",
+                                                                          top_layers=args.top_layers),
                             seed=args.seed)
     demos = [as_score_format(t) for t in generate_demonstrations(args.env, pool[: args.demos], **options)]
     examples = encode_for_training(agent.tokenizer, demos, args.max_seq_len, history, args.max_seq_len - 48)
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"loss {point['loss']}, top action share {point['top_action_share']}", flush=True)
     result = {"model": args.model, "env": args.env, "options": options, "memoryless": args.memoryless,
               "demos": len(demos), "examples": len(examples), "batch_size": args.batch_size, "lr": args.lr,
+              "top_layers": args.top_layers,
               "torch_threads": torch.get_num_threads(), "curve": curve}
     if args.json:
         print(json.dumps(result))

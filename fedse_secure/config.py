@@ -146,6 +146,12 @@ class LoraSettings(StrictModel):
         "all-linear", description="Modules that get LoRA: all-linear (the paper: every linear layer but the LM head) "
                                   "or a list of module names (each must name modules of the model, e.g. q_proj).",
     )
+    top_layers: int | None = Field(
+        None, ge=1,
+        description="LoRA in the last N transformer blocks only (peft's layers_to_transform); None = every block "
+                    "(the paper). The backward pass stops at the lowest adapted block, so an SFT step costs about "
+                    "(1 + 2N/L)/3 of a full one for a model of L blocks: a lever for CPUs, not the paper's method.",
+    )
 
 
 class ClientConfig(StrictModel):
@@ -384,6 +390,7 @@ class ExperimentConfig(StrictModel):
                              "set privacy.mode: none")
         MECHANISMS.get(self.privacy.mode).check(self)
         _check_lora_targets(self.model.name_or_path, self.lora.target_modules)
+        _check_lora_layers(self.model.name_or_path, self.lora.top_layers)
         return self
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -409,6 +416,19 @@ def _check_lora_targets(model: str, targets: str | list[str]) -> None:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
         raise ValueError(f"lora.target_modules {missing} name no module of {model}; use names such as "
                          f"{', '.join(leaves[:8])}, or all-linear")
+
+
+def _check_lora_layers(model: str, top_layers: int | None) -> None:
+    """``lora.top_layers`` must not exceed the model's transformer blocks (counted from its weight files' headers;
+    skipped when the model is not on disk yet)."""
+    if top_layers is None:
+        return
+    from fedse_secure.models.loading import block_count
+
+    blocks = block_count(model)
+    if blocks is not None and top_layers > blocks:
+        raise ValueError(f"lora.top_layers {top_layers} exceeds the {blocks} transformer blocks of {model}; use at "
+                         f"most {blocks}, or leave it unset for every block")
 
 
 def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:

@@ -176,6 +176,30 @@ def test_train_lora_changes_only_lora(agent):
     agent.load_adapter_state(initial_adapter)
 
 
+def test_lora_on_top_layers_only_adapts_them_and_backward_stops_below(threads):
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(top_layers=1), seed=0)
+    blocks = agent.model.base_model.model.model.layers
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in agent.model.named_parameters() if p.requires_grad}
+    assert adapted == {str(len(blocks) - 1)}
+    # The same linear layers as all-linear, in the top block only.
+    full = AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(), seed=0)
+    top = f".layers.{len(blocks) - 1}."
+    assert {n for n, p in agent.model.named_parameters() if p.requires_grad} == {
+        n for n, p in full.model.named_parameters() if p.requires_grad and top in n}
+    # No block below the adapted one is in the autograd graph, so the backward pass never runs through it.
+    seen = []
+    hook = blocks[0].register_forward_hook(lambda _m, _i, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad))
+    try:
+        examples = [encode_trajectory(agent.tokenizer, t, 512) for t in generate_demonstrations("maze", [30, 31])]
+        stats = train_lora(agent.model, examples, TrainingConfig(learning_rate=1e-2, epochs_per_round=1,
+                                                                 batch_size=2), agent.tokenizer.pad_token_id, seed=0)
+    finally:
+        hook.remove()
+    assert stats.steps == 1 and seen and not any(seen)
+    assert agent.peft_config()["layers_to_transform"] == [len(blocks) - 1]
+
+
 def _perturbed(agent, scale=0.3, seed=0):
     """A non-zero adapter, so the LoRA path is exercised in every forward."""
     gen = torch.Generator().manual_seed(seed)

@@ -256,6 +256,8 @@ CASES: list[Case] = [
     Case("lora-targets-empty", V, _config(_set("lora.target_modules", []))),
     Case("lora-target-typo", V, _config(_set("lora.target_modules", ["q_projj"])), says="name no module of"),
     Case("lora-target-empty-name", V, _config(_set("lora.target_modules", [""]))),
+    Case("lora-top-layers-above-depth", V, _config(_set("lora.top_layers", 99)), says="exceeds the 2 transformer"),
+    Case("lora-top-layers-zero", V, _config(_set("lora.top_layers", 0))),
     Case("lora-rank-zero", V, _config(_set("lora.r", 0))),
     Case("seed-2-pow-70", V, _config(_set("seed", 2**70))),
     Case("seed-negative", V, _config(_set("seed", -1))),

@@ -36,11 +36,33 @@ class AgentModel:
         # same global adapter. peft draws them on the CPU and then moves them next to their base layer, so the
         # initial adapter is the same whatever the device.
         torch.manual_seed(seed)
+        layers = None
+        if lora.top_layers is not None:
+            blocks = loaded.model.config.num_hidden_layers
+            if lora.top_layers > blocks:
+                from fedse_secure.config import ConfigError
+
+                raise ConfigError(f"lora.top_layers {lora.top_layers} exceeds the {blocks} transformer blocks of "
+                                  f"{model_cfg.name_or_path}; use at most {blocks}, or leave it unset")
+            layers = list(range(blocks - lora.top_layers, blocks))
+        targets = lora.target_modules
+        if layers is not None and targets == "all-linear":
+            # peft takes layers_to_transform only with named targets: all-linear spelled out as the leaf names of
+            # the linear layers inside the transformer blocks (the LM head is outside them, as all-linear has it).
+            output = loaded.model.get_output_embeddings()
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in loaded.model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and module is not output and ".layers." in name})
+            if not targets:
+                from fedse_secure.config import ConfigError
+
+                raise ConfigError(f"lora.top_layers: found no linear layer under '.layers.' in "
+                                  f"{model_cfg.name_or_path}; name lora.target_modules explicitly")
         lora_cfg = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=targets,
+            layers_to_transform=layers,
             task_type="CAUSAL_LM",
             bias="none",
         )

@@ -201,6 +201,19 @@ def module_names(name_or_path: str) -> set[str] | None:
     return names
 
 
+def block_count(name_or_path: str) -> int | None:
+    """The model's transformer blocks (``num_hidden_layers`` of its config.json); None when that cannot be known
+    without loading the model."""
+    folder = _prepared_path(name_or_path)
+    if folder is None:
+        return None
+    try:
+        blocks = json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return None
+    return blocks if isinstance(blocks, int) and blocks > 0 else None
+
+
 @dataclass
 class LoadedModel:
     model: object
