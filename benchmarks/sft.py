@@ -1,5 +1,6 @@
 """SFT step time: the LM head on every position (the model's own ``labels=`` loss) vs on the target tokens only
-(``fedse_secure.agent.sft.target_token_loss``, what ``train_lora`` uses).
+(``fedse_secure.agent.sft.target_token_loss``, what ``train_lora`` uses), and LoRA in every block vs in the top
+``--top-layers`` blocks only (``lora.top_layers``: the backward pass stops below them).
 
 Both run side by side in one process on the same peft model (the paper's LoRA: r=8, all linear layers) and the
 same batches of real multi-turn SFT examples (expert demonstrations from all five environments, tokenised as
@@ -7,8 +8,8 @@ the institutions tokenise their buffers), interleaved in blocks so that machine 
 losses of the two are checked equal on every batch.
 
 Usage: ``python benchmarks/sft.py [--model smollm2-135m-instruct] [--batch 2] [--max-seq-len 768] [--json]``;
-with ``--json`` the last line printed is one JSON object with ``full_head_step_s``, ``target_only_step_s``
-and ``speedup``.
+with ``--json`` the last line printed is one JSON object with ``full_head_step_s``, ``target_only_step_s``,
+``speedup``, ``top_layers_step_s`` and ``top_layers_speedup`` (target-only, every block / top blocks only).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=768)
     parser.add_argument("--blocks", type=int, default=3, help="interleaved blocks of each kind")
     parser.add_argument("--steps-per-block", type=int, default=2)
+    parser.add_argument("--top-layers", type=int, default=None,
+                        help="blocks adapted in the top-layers setting (default: a third of the model's, at least 1)")
     args = parser.parse_args(argv)
     torch = offline_torch(args.threads)
 
@@ -49,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     model.train()
+    # The same LoRA in the top blocks only: a second peft model on its own copy of the base weights.
+    top_n = args.top_layers or max(1, model.base_model.model.config.num_hidden_layers // 3)
+    top = AgentModel.load(model_config(args), LoraSettings(top_layers=top_n), seed=0).model
+    top_opt = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-5)
+    top.train()
 
     def full_head(ids, mask, labels):
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -56,29 +64,38 @@ def main(argv: list[str] | None = None) -> int:
     def target_only(ids, mask, labels):
         return target_token_loss(model, ids, mask, labels)
 
-    times: dict[str, list[float]] = {"full_head": [], "target_only": []}
+    def top_layers(ids, mask, labels):
+        return target_token_loss(top, ids, mask, labels)
+
+    optimisers = {"full_head": opt, "target_only": opt, "top_layers": top_opt}
+    times: dict[str, list[float]] = {"full_head": [], "target_only": [], "top_layers": []}
     max_loss_diff = 0.0
     k = 0
     for _ in range(args.blocks):
-        for name, fn in (("full_head", full_head), ("target_only", target_only)):
+        for name, fn in (("full_head", full_head), ("target_only", target_only), ("top_layers", top_layers)):
             for _ in range(args.steps_per_block):
                 ids, mask, labels = batches[k % len(batches)]
                 k += 1
-                with torch.no_grad():  # same batch through both: the losses must agree
-                    max_loss_diff = max(max_loss_diff, abs(float(full_head(ids, mask, labels) - target_only(ids, mask, labels))))
+                if name != "top_layers":
+                    with torch.no_grad():  # same batch through both: the losses must agree
+                        diff = abs(float(full_head(ids, mask, labels) - target_only(ids, mask, labels)))
+                    max_loss_diff = max(max_loss_diff, diff)
                 t0 = time.perf_counter()
                 loss = fn(ids, mask, labels)
-                opt.zero_grad(set_to_none=True)
+                optimisers[name].zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                optimisers[name].step()
                 times[name].append(time.perf_counter() - t0)
     # The optimiser moved the adapter between steps; that does not change the cost of a step.
     full_s = statistics.median(times["full_head"])
     target_s = statistics.median(times["target_only"])
+    top_s = statistics.median(times["top_layers"])
     result = {
         "model": args.model, "batch": args.batch, "max_seq_len": args.max_seq_len, "examples": len(examples),
         "target_token_share": targets / positions, "full_head_step_s": full_s, "target_only_step_s": target_s,
-        "speedup": full_s / target_s, "max_loss_diff": max_loss_diff, "steps_each": len(times["full_head"]),
+        "speedup": full_s / target_s, "top_layers": top_n,
+        "blocks": top.base_model.model.config.num_hidden_layers, "top_layers_step_s": top_s,
+        "top_layers_speedup": target_s / top_s, "max_loss_diff": max_loss_diff, "steps_each": len(times["full_head"]),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
     }
     if not args.json:
