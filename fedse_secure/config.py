@@ -419,16 +419,21 @@ def _check_lora_targets(model: str, targets: str | list[str]) -> None:
 
 
 def _check_lora_layers(model: str, top_layers: int | None) -> None:
-    """``lora.top_layers`` must not exceed the model's transformer blocks (counted from its weight files' headers;
-    skipped when the model is not on disk yet)."""
-    if top_layers is None:
-        return
+    """``lora.top_layers`` must not exceed the model's transformer blocks (read from its config.json; skipped when
+    the model is not on disk yet, and checked again when it is loaded)."""
     from fedse_secure.models.loading import block_count
 
-    blocks = block_count(model)
-    if blocks is not None and top_layers > blocks:
-        raise ValueError(f"lora.top_layers {top_layers} exceeds the {blocks} transformer blocks of {model}; use at "
-                         f"most {blocks}, or leave it unset for every block")
+    problem = lora_layers_problem(model, top_layers, block_count(model))
+    if problem:
+        raise ValueError(problem)
+
+
+def lora_layers_problem(model: str, top_layers: int | None, blocks: int | None) -> str | None:
+    """Why ``lora.top_layers`` does not fit a model of ``blocks`` transformer blocks, or None."""
+    if top_layers is None or blocks is None or top_layers <= blocks:
+        return None
+    return (f"lora.top_layers {top_layers} exceeds the {blocks} transformer blocks of {model}; use at most {blocks}, "
+            "or leave it unset for every block")
 
 
 def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:

@@ -14,7 +14,7 @@ from fedse_secure.agent.policy import AgentModel
 from fedse_secure.agent.rollout import RolloutSettings, fit_history, run_episodes
 from fedse_secure.agent.sft import IGNORE_INDEX, collate_examples, encode_messages, encode_trajectory, freeze_matching, train_lora
 from fedse_secure.envs.trajectory import Trajectory
-from fedse_secure.config import LoraSettings, ModelConfig, TrainingConfig
+from fedse_secure.config import ConfigError, LoraSettings, ModelConfig, TrainingConfig
 from fedse_secure.envs import generate_demonstrations, make_env
 from fedse_secure.envs.maze import MazeEnv
 
@@ -198,6 +198,8 @@ def test_lora_on_top_layers_only_adapts_them_and_backward_stops_below(threads):
         hook.remove()
     assert stats.steps == 1 and seen and not any(seen)
     assert agent.peft_config()["layers_to_transform"] == [len(blocks) - 1]
+    with pytest.raises(ConfigError, match="exceeds the 2 transformer blocks"):
+        AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(top_layers=3), seed=0)
 
 
 def _perturbed(agent, scale=0.3, seed=0):

@@ -37,26 +37,25 @@ class AgentModel:
         # initial adapter is the same whatever the device.
         torch.manual_seed(seed)
         layers = None
-        if lora.top_layers is not None:
-            blocks = loaded.model.config.num_hidden_layers
-            if lora.top_layers > blocks:
-                from fedse_secure.config import ConfigError
-
-                raise ConfigError(f"lora.top_layers {lora.top_layers} exceeds the {blocks} transformer blocks of "
-                                  f"{model_cfg.name_or_path}; use at most {blocks}, or leave it unset")
-            layers = list(range(blocks - lora.top_layers, blocks))
         targets = lora.target_modules
-        if layers is not None and targets == "all-linear":
-            # peft takes layers_to_transform only with named targets: all-linear spelled out as the leaf names of
-            # the linear layers inside the transformer blocks (the LM head is outside them, as all-linear has it).
-            output = loaded.model.get_output_embeddings()
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in loaded.model.named_modules()
-                              if isinstance(module, torch.nn.Linear) and module is not output and ".layers." in name})
-            if not targets:
-                from fedse_secure.config import ConfigError
+        if lora.top_layers is not None:
+            from fedse_secure.config import ConfigError, lora_layers_problem
 
-                raise ConfigError(f"lora.top_layers: found no linear layer under '.layers.' in "
-                                  f"{model_cfg.name_or_path}; name lora.target_modules explicitly")
+            blocks = loaded.model.config.num_hidden_layers
+            problem = lora_layers_problem(model_cfg.name_or_path, lora.top_layers, blocks)
+            if problem:
+                raise ConfigError(problem)
+            layers = list(range(blocks - lora.top_layers, blocks))
+            if targets == "all-linear":
+                # peft takes layers_to_transform only with named targets: all-linear spelled out as the leaf names
+                # of the linear layers inside the transformer blocks (the LM head is outside them, as in all-linear).
+                output = loaded.model.get_output_embeddings()
+                targets = sorted({name.rsplit(".", 1)[-1] for name, module in loaded.model.named_modules()
+                                  if isinstance(module, torch.nn.Linear) and module is not output
+                                  and ".layers." in name})
+                if not targets:
+                    raise ConfigError(f"lora.top_layers: found no linear layer under '.layers.' in "
+                                      f"{model_cfg.name_or_path}; name lora.target_modules explicitly")
         lora_cfg = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
