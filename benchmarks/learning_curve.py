@@ -61,9 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     pool = list(probe.train_task_ids())
     random.Random(args.seed).shuffle(pool)
     test_ids = list(probe.test_task_ids())[: args.eval_tasks]
-    agent = AgentModel.load(model_config(args), LoraSettings(r=8, alpha=16, target_modules="all-linear",
-                                                                          top_layers=args.top_layers),
-                            seed=args.seed)
+    lora = LoraSettings(r=8, alpha=16, target_modules="all-linear", top_layers=args.top_layers)
+    agent = AgentModel.load(model_config(args), lora, seed=args.seed)
     demos = [as_score_format(t) for t in generate_demonstrations(args.env, pool[: args.demos], **options)]
     examples = encode_for_training(agent.tokenizer, demos, args.max_seq_len, history, args.max_seq_len - 48)
     settings = RolloutSettings(max_turns=probe.max_turns, greedy=True, batch_size=len(test_ids), action_mode="score",
