@@ -30,7 +30,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml setup.py Makefile fedse_secure/secagg/masking/_kernels.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@rm -f $(VENV)/.fedse-installed*
 	$(PY) fedse_secure/torch_build.py install --variant "$(TORCH_VARIANT)" --cuda $(TORCH_CUDA)

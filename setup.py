@@ -1,9 +1,13 @@
-"""Package discovery only; all metadata is in pyproject.toml.
+"""Package discovery and the one C extension; all metadata is in pyproject.toml.
 
 `cli/` and `threat_model/` are mapped to the import names `fedse_cli` and `fedse_threat_model`.
+
+`fedse_secure.secagg.masking._kernels` (AVX-512 quantisation and fused AES-CTR mask addition with VAES) is
+optional: where it cannot be compiled, installation goes on and masking computes the same bytes with numpy and
+the `cryptography` package.
 """
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 MAPPED_FOLDERS = {"fedse_cli": "cli", "fedse_threat_model": "threat_model"}
 
@@ -16,4 +20,11 @@ for import_name, folder in MAPPED_FOLDERS.items():
         packages.append(f"{import_name}.{sub}")
         package_dir[f"{import_name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
-setup(packages=packages, package_dir=package_dir)
+masking_kernels = Extension(
+    "fedse_secure.secagg.masking._kernels",
+    sources=["fedse_secure/secagg/masking/_kernels.c"],
+    extra_compile_args=["-O3"],
+    optional=True,
+)
+
+setup(packages=packages, package_dir=package_dir, ext_modules=[masking_kernels])

@@ -1,8 +1,10 @@
 """Key derivation, mask expansion and randomness, all built on the ``cryptography`` package.
 
-* Masks are AES-128-CTR keystreams (AES-NI: ~8 GB/s per core when written in L2-sized chunks). A mask key
-  is used for exactly one round: keys are derived with HKDF-SHA256 whose ``info`` binds the round's setup
-  digest, so a zero IV is safe.
+* Masks are AES-128-CTR keystreams with an all-zero initial counter block. A mask key is used for exactly one
+  round: keys are derived with HKDF-SHA256 whose ``info`` binds the round's setup digest, so a zero IV is safe.
+  Where the CPU has VAES and AVX-512, the compiled ``_kernels`` adds every keystream to the vector without
+  writing it to memory (~30 GB/s of keystream per core here); elsewhere the ``cryptography`` package makes the
+  same keystream (OpenSSL AES-NI, ~11 GB/s) and numpy adds it. Both give identical bytes (tested).
 * :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, ~5 GB/s per core
   with PCLMUL), fed chunk by chunk while the chunk is still in cache. Its key is used for one message only, so
   a fixed nonce is safe.
@@ -30,6 +32,18 @@ CHUNK_ELEMENTS = 1 << 16
 _ZERO_IV = b"\x00" * 16
 
 
+def _load_kernel():
+    try:
+        from fedse_secure.secagg.masking import _kernels
+    except ImportError:  # not compiled here (no C compiler at install time, or not x86-64)
+        return None
+    return _kernels if _kernels.supported() else None
+
+
+#: The compiled AVX-512/VAES kernels, or None where they are not built or this CPU lacks VAES/AVX-512.
+KERNEL = _load_kernel()
+
+
 def hkdf(key_material: bytes, label: bytes, context: bytes, length: int = 16) -> bytes:
     """HKDF-SHA256 with a domain-separated ``info`` (label) bound to ``context`` (the round's setup digest)."""
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=DOMAIN + b"/" + label + b"/" + context).derive(
@@ -38,19 +52,26 @@ def hkdf(key_material: bytes, label: bytes, context: bytes, length: int = 16) ->
 
 
 class MaskStream:
-    """An AES-128-CTR keystream read as ring elements (uint32 or uint64), chunk by chunk, in order.
+    """An AES-128-CTR keystream read as ring elements (uint32 or uint64), from its start.
 
     ``sign`` is +1 or -1: how the mask enters the vector it is applied to.
     """
 
-    __slots__ = ("_enc", "dtype", "sign")
+    __slots__ = ("key", "dtype", "sign")
 
     def __init__(self, key: bytes, dtype: np.dtype, sign: int = 1) -> None:
         if len(key) != 16:
             raise ValueError(f"mask key must be 16 bytes, got {len(key)}")
-        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+        if sign not in (1, -1):
+            raise ValueError(f"mask sign must be +1 or -1, got {sign}")
+        self.key = bytes(key)
         self.dtype = np.dtype(dtype)
         self.sign = sign
+
+
+def aes_ctr_encryptor(key: bytes):
+    """``cryptography``'s AES-128-CTR from the all-zero counter block: the reference keystream of a mask."""
+    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
 
 
 _ZEROS: dict[int, memoryview] = {}
@@ -65,15 +86,18 @@ def _zeros(nbytes: int) -> memoryview:
 
 
 class MaskApplier:
-    """Applies many keystream masks to one ring vector, chunk-major so the data stays in cache."""
+    """Applies many keystream masks to one ring vector, chunk-major so the data stays in cache.
 
-    def __init__(self, dtype: np.dtype, chunk: int = CHUNK_ELEMENTS) -> None:
+    ``kernel``: the compiled VAES kernel (default: :data:`KERNEL`, when this CPU has it), or None for the
+    ``cryptography`` + numpy path. The two produce identical vectors.
+    """
+
+    def __init__(self, dtype: np.dtype, chunk: int = CHUNK_ELEMENTS, kernel=KERNEL) -> None:
         self.dtype = np.dtype(dtype)
+        if (chunk * self.dtype.itemsize) % 16:
+            raise ValueError("a chunk must hold whole AES blocks")
         self.chunk = chunk
-        nbytes = chunk * self.dtype.itemsize
-        self._zeros = _zeros(nbytes)
-        self._scratch = bytearray(nbytes + 16)
-        self._tmp = np.frombuffer(self._scratch, dtype=self.dtype, count=chunk)
+        self.kernel = kernel
         self.keystream_bytes = 0
 
     def apply(self, vec: np.ndarray, streams: list[MaskStream], before_chunk=None, after_chunk=None) -> None:
@@ -81,23 +105,38 @@ class MaskApplier:
         (the client quantises its update into the chunk there, so the input is read exactly once);
         ``after_chunk(view)`` sees the finished chunk while it is in cache (the client tags it there)."""
         n = vec.size
-        zeros, scratch, tmp = self._zeros, self._scratch, self._tmp
-        for start in range(0, n, self.chunk):
-            stop = min(start + self.chunk, n)
-            view = vec[start:stop]
-            if before_chunk is not None:
-                before_chunk(start, stop, view)
-            m = stop - start
-            t = tmp[:m]
-            for s in streams:
-                s._enc.update_into(zeros[: m * self.dtype.itemsize], scratch)
-                if s.sign > 0:
-                    np.add(view, t, out=view)
-                else:
-                    np.subtract(view, t, out=view)
-            if after_chunk is not None:
-                after_chunk(view)
-        self.keystream_bytes += n * self.dtype.itemsize * len(streams)
+        itemsize = self.dtype.itemsize
+        if self.kernel is not None:
+            keys = b"".join(s.key for s in streams)
+            subtract = bytes(1 if s.sign < 0 else 0 for s in streams)
+            add = self.kernel.add_keystreams
+            for start in range(0, n, self.chunk):
+                view = vec[start : min(start + self.chunk, n)]
+                if before_chunk is not None:
+                    before_chunk(start, start + view.size, view)
+                add(view, keys, subtract, start * itemsize // 16, itemsize)
+                if after_chunk is not None:
+                    after_chunk(view)
+        else:
+            encryptors = [aes_ctr_encryptor(s.key) for s in streams]
+            nbytes = self.chunk * itemsize
+            zeros, scratch = _zeros(nbytes), bytearray(nbytes + 16)
+            tmp = np.frombuffer(scratch, dtype=self.dtype, count=self.chunk)
+            for start in range(0, n, self.chunk):
+                view = vec[start : min(start + self.chunk, n)]
+                if before_chunk is not None:
+                    before_chunk(start, start + view.size, view)
+                m = view.size
+                t = tmp[:m]
+                for s, enc in zip(streams, encryptors):
+                    enc.update_into(zeros[: m * itemsize], scratch)
+                    if s.sign > 0:
+                        np.add(view, t, out=view)
+                    else:
+                        np.subtract(view, t, out=view)
+                if after_chunk is not None:
+                    after_chunk(view)
+        self.keystream_bytes += n * itemsize * len(streams)
 
 
 class InputTag:
@@ -117,10 +156,10 @@ class InputTag:
         return self._ctx.tag
 
 
-def expand_mask(key: bytes, size: int, dtype: np.dtype) -> np.ndarray:
+def expand_mask(key: bytes, size: int, dtype: np.dtype, kernel=KERNEL) -> np.ndarray:
     """The whole keystream of ``key`` as ``size`` ring elements (for tests and one-off uses)."""
     out = np.zeros(size, dtype=dtype)
-    MaskApplier(dtype).apply(out, [MaskStream(key, dtype, +1)])
+    MaskApplier(dtype, kernel=kernel).apply(out, [MaskStream(key, dtype, +1)])
     return out
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedse_secure.secagg.base import InvalidUpdateError, SecureAggregationError
 from fedse_secure.secagg.encoding import check_finite, count_out_of_range, encode, max_quantised, working_float
+from fedse_secure.secagg.masking.prg import KERNEL
 
 RING_DTYPES = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
 SIGNED_DTYPES = {32: np.dtype(np.int32), 64: np.dtype(np.int64)}
@@ -65,12 +66,16 @@ class ChunkQuantiser:
 
     Used as the ``before_chunk`` hook of :class:`~fedse_secure.secagg.masking.prg.MaskApplier`, so the input is
     read from memory once. NaN/Inf raise :class:`InvalidUpdateError`; out-of-range values are counted and
-    clipped, or raise when ``refuse`` is set.
+    clipped, or raise when ``refuse`` is set. float32 into the 32-bit ring runs in the compiled kernel where
+    there is one (``kernel``; the same integers as numpy's path, tested).
     """
 
     def __init__(self, x: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: int, who: str,
-                 refuse: bool = False) -> None:
+                 refuse: bool = False, kernel=KERNEL) -> None:
         self.x = working_float(x)
+        self.kernel = kernel if self.x.dtype == np.float32 and ring_bits == 32 else None
+        if self.kernel is not None:
+            self.x = np.ascontiguousarray(self.x)
         self.c = self.x.dtype.type(clip_range)
         self.scale = self.x.dtype.type(2.0**fractional_bits)
         self.signed = SIGNED_DTYPES[ring_bits]
@@ -88,6 +93,14 @@ class ChunkQuantiser:
             out[n - start :].view(self.signed)[...] = min(self.values_clipped, self.count_cap)
             return
         xs = self.x[start:stop]
+        if self.kernel is not None:
+            clipped, nonfinite = self.kernel.quantise_f32_i32(xs, out, float(self.c), float(self.scale))
+            if nonfinite:
+                check_finite(xs, self.who)
+            if clipped and self.refuse:
+                self._refuse()
+            self.values_clipped += clipped
+            return
         if self.buf.size < stop - start:
             self.buf = np.empty(stop - start, dtype=self.x.dtype)
         f = self.buf[: stop - start]
@@ -99,16 +112,20 @@ class ChunkQuantiser:
             check_finite(xs, self.who)
             k = count_out_of_range(xs, float(c))
             if k and self.refuse:
-                # No value of the update in the text: it reaches the coordinator's log as the refusal reason.
-                raise InvalidUpdateError(
-                    f"{self.who}: the update has value(s) outside [-{float(c)}, {float(c)}]; raise "
-                    "federation.secure_aggregation.clip_range or set its on_out_of_range: clip"
-                )
+                self._refuse()
             self.values_clipped += k
             np.clip(xs, -c, c, out=f)
             np.multiply(f, self.scale, out=f)
         np.rint(f, out=f)
         out.view(self.signed)[...] = f
+
+    def _refuse(self) -> None:
+        # No value of the update in the text: it reaches the coordinator's log as the refusal reason.
+        c = float(self.c)
+        raise InvalidUpdateError(
+            f"{self.who}: the update has value(s) outside [-{c}, {c}]; raise "
+            "federation.secure_aggregation.clip_range or set its on_out_of_range: clip"
+        )
 
 
 def quantise(x: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: int) -> np.ndarray:
