@@ -85,7 +85,7 @@ class MaskingClient(ClientMachine):
     def handle(self, data: bytes) -> bytes:
         from fedse_secure.secagg.masking.messages import decode
 
-        # A masked input comes back as the bytearray it was masked into (no copy of the vector to send it).
+        # A masked input comes back as the buffer it was masked into (no copy of the vector to send it).
         return self.machine.handle(decode(data)).to_bytes()
 
     def screen(self, data: bytes) -> None:
