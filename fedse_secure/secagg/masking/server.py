@@ -76,7 +76,7 @@ from fedse_secure.secagg.masking.messages import (
     survivors_payload,
 )
 from fedse_secure.secagg.masking.prg import CHUNK_ELEMENTS, InputTag, MaskApplier, MaskStream, RandomSource
-from fedse_secure.secagg.masking.quantize import RING_DTYPES, SIGNED_DTYPES, dequantise, required_ring_bits
+from fedse_secure.secagg.masking.quantize import RING_DTYPES, SIGNED_DTYPES, required_ring_bits
 from fedse_secure.secagg.masking.settings import MaskingSettings
 
 _COMMITMENT = 32
@@ -420,13 +420,11 @@ class SecAggServer:
             "released"
         )
 
-    def _check_range(self, total: np.ndarray, survivors: list[str]) -> None:
-        """Abort unless the unmasked sum is a sum of ``len(survivors)`` clipped inputs: every element within
-        ``+-s round(clip 2^f)``, the clipped count within ``[0, s round(clip 2^f)]``."""
-        signed = total.view(SIGNED_DTYPES[self.setup.ring_bits])
+    def _check_range(self, lo: int, hi: int, count: int, survivors: list[str]) -> None:
+        """Abort unless the unmasked sum is a sum of ``len(survivors)`` clipped inputs: every element (smallest
+        ``lo``, largest ``hi``) within ``+-s round(clip 2^f)``, the clipped count within ``[0, s round(clip 2^f)]``."""
         bound = len(survivors) * max_quantised(self.setup.clip_range, self.setup.fractional_bits)
-        lo, hi = int(signed[:-1].min(initial=0)), int(signed[:-1].max(initial=0))
-        if lo < -bound or hi > bound or not 0 <= int(signed[-1]) <= bound:
+        if lo < -bound or hi > bound or not 0 <= count <= bound:
             raise RoundAbortedError(
                 f"round {self.round_id}: the unmasked sum lies outside +-{len(survivors)} x clip_range (an institution "
                 "sent a masked input that does not encode clipped values); the round is abandoned and nothing is "
@@ -456,15 +454,30 @@ class SecAggServer:
                 # v added this mask with + when v < w; remove it with the opposite sign.
                 streams.append(MaskStream(k, self.dtype, -1 if v < w else +1))
         total = self._sum
+        n = total.size - 1  # the last element is the clipped count
+        signed = SIGNED_DTYPES[self.setup.ring_bits]
+        scale = 2.0 ** -self.setup.fractional_bits  # a power of two: the float64 product is exact
+        released = np.empty(n, dtype=np.float64)
+        pos, lo, hi = 0, 0, 0
+
+        def finish_chunk(chunk: np.ndarray) -> None:
+            # The range check and the float64 result, while the unmasked chunk is still in cache.
+            nonlocal pos, lo, hi
+            values = chunk[: max(0, n - pos)].view(signed)
+            if values.size:
+                lo, hi = min(lo, int(values.min())), max(hi, int(values.max()))
+                np.multiply(values, scale, out=released[pos : pos + values.size])
+            pos += chunk.size
+
         applier = MaskApplier(self.dtype)
-        applier.apply(total, streams)
+        applier.apply(total, streams, after_chunk=finish_chunk)
         self.keystream_bytes = applier.keystream_bytes
         survivors = sorted(masked)
-        self._check_range(total, survivors)
-        count = int(total[-1:].view(SIGNED_DTYPES[self.setup.ring_bits])[0])
+        count = int(total[-1:].view(signed)[0])
+        self._check_range(lo, hi, count, survivors)
         self.values_clipped = count
         self.result = AggregateResult(
-            total=dequantise(total[:-1], self.setup.fractional_bits),
+            total=released,
             survivors=survivors,
             dropped=sorted(set(self.setup.participants) - masked),
             measurements={
