@@ -65,6 +65,8 @@ def _print(r: dict) -> None:
                        for k, v in r["extras"].items())
     out.print(f"[bold]extras[/] {extras}")
     out.print(f"[bold]models prepared[/] {', '.join(r['models_prepared']) or 'none'}")
+    k = r["secagg_kernel"]
+    out.print(f"[bold]masking kernel[/] {'[green]active[/]' if k['active'] else '[yellow]not active[/]'}: {k['why']}")
     if "config" in r:
         c = r["config"]
         weights = f"{c['weights'] / 1e6:.0f}M weights, {c['weights_gib']:.2f} GiB" if c["weights"] else "size unknown"
