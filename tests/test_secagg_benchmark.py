@@ -34,3 +34,10 @@ def test_server_scaling_runs_on_the_neighbour_graph(bench):
     r = bench.server_scaling(40, 50)
     assert r["degree"] == 16 and r["threshold"] == 12 and r["dropped"] == 2 and r["server_s"] > 0
     assert r["ring_bits"] == 32 and r["upload_ratio_for_adapter"] < 1.01
+
+
+def test_keystream_rate_probes_measure_both_aes_paths(bench):
+    assert bench.aes_ctr_gb_per_s(0.01) > 0
+    rate = bench.kernel_gb_per_s(0.01)
+    assert (rate is None) == (bench.KERNEL is None)
+    assert rate is None or rate > 0
