@@ -144,3 +144,11 @@ def test_kernel_quantiser_refuse_mode_names_no_value():
     with pytest.raises(InvalidUpdateError) as err:
         ChunkQuantiser(x, 8.0, 24, 32, "inst0", refuse=True, kernel=KERNEL)(0, x.size, np.empty(x.size, np.uint32))
     assert "123" not in str(err.value) and "clip_range" in str(err.value)
+
+
+@needs_kernel
+def test_a_strided_vector_is_masked_like_a_contiguous_one():
+    streams = [MaskStream(bytes(range(16)), np.uint32, +1)]
+    strided = np.zeros(2000, np.uint32)[::2]
+    MaskApplier(np.uint32, kernel=KERNEL).apply(strided, streams)
+    assert np.array_equal(strided, expand_mask(bytes(range(16)), 1000, np.uint32, kernel=None))

@@ -106,7 +106,9 @@ class MaskApplier:
         ``after_chunk(view)`` sees the finished chunk while it is in cache (the client tags it there)."""
         n = vec.size
         itemsize = self.dtype.itemsize
-        if self.kernel is not None:
+        # The kernel writes through the buffer protocol, which needs contiguous memory; a strided view takes
+        # the reference path (the same result).
+        if self.kernel is not None and vec.flags.c_contiguous:
             keys = b"".join(s.key for s in streams)
             subtract = bytes(1 if s.sign < 0 else 0 for s in streams)
             add = self.kernel.add_keystreams
