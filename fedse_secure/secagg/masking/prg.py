@@ -1,12 +1,13 @@
-"""Key derivation, mask expansion and randomness, all built on the ``cryptography`` package.
+"""Key derivation, mask expansion and randomness, built on the ``cryptography`` package (mask expansion also on a
+compiled VAES kernel, where the CPU has one).
 
 * Masks are AES-128-CTR keystreams with an all-zero initial counter block. A mask key is used for exactly one
   round: keys are derived with HKDF-SHA256 whose ``info`` binds the round's setup digest, so a zero IV is safe.
   Where the CPU has VAES and AVX-512, the compiled ``_kernels`` adds every keystream to the vector without
-  writing it to memory (~30 GB/s of keystream per core here); elsewhere the ``cryptography`` package makes the
-  same keystream (OpenSSL AES-NI, ~11 GB/s) and numpy adds it. Both give identical bytes (tested).
-* :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, ~5 GB/s per core
-  with PCLMUL), fed chunk by chunk while the chunk is still in cache. Its key is used for one message only, so
+  writing it to memory (~40 GB/s of keystream per core here); elsewhere the ``cryptography`` package makes the
+  same keystream (OpenSSL AES-NI, ~10 GB/s) and numpy adds it. Both give identical bytes (tested).
+* :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, 15-20 GB/s per
+  core with PCLMUL), fed chunk by chunk while the chunk is still in cache. Its key is used for one message only, so
   a fixed nonce is safe.
 * :class:`RandomSource` is where every random byte of the protocol comes from: ``os.urandom`` in
   production, or a ChaCha20 keystream under a seed for reproducible tests (never use a seed in production).
