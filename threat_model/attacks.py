@@ -145,7 +145,7 @@ def no_input_auth_server_class():
                 self._sum = np.zeros(self.setup.vector_len + 1, dtype=self.dtype)
             np.add(self._sum, m.vector, out=self._sum)
 
-        def _check_range(self, total, survivors):
+        def _check_range(self, lo, hi, count, survivors):
             return None
 
     return NoInputAuthServer
