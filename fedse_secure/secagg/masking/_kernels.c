@@ -25,6 +25,12 @@
 #include <immintrin.h>
 #endif
 
+/* Zeroes key material in a way the compiler may not drop as a dead store. */
+static void wipe(void *p, size_t n) {
+    volatile uint8_t *z = (volatile uint8_t *)p;
+    while (n--) *z++ = 0;
+}
+
 #ifdef FEDSE_X86
 
 #define KEY_STEP(rk, i, rcon)                                                         \
@@ -64,7 +70,7 @@ TARGET_VAES static void load_key(const uint8_t *key, round_keys *out) {
     __m128i rk[11];
     expand_key(key, rk);
     for (int r = 0; r < 11; r++) out->rk[r] = _mm512_broadcast_i32x4(rk[r]);
-    memset(rk, 0, sizeof rk);
+    wipe(rk, sizeof rk);
 }
 
 /* Four 128-bit lanes of counters in little-endian form (low qword = block index, high qword = 0), byte-swapped
@@ -150,6 +156,7 @@ TARGET_VAES static void add_keystreams_vaes(uint8_t *vec, size_t nbytes, const r
                         memcpy(p + i, &v, 4);
                     }
                 }
+                wipe(ks, sizeof ks);
             }
         }
     }
@@ -248,8 +255,7 @@ static PyObject *add_keystreams(PyObject *self, PyObject *const *args, Py_ssize_
             Py_END_ALLOW_THREADS
             if (rks != NULL) {
                 /* Round keys are key material: do not leave them in freed heap memory. */
-                volatile uint8_t *z = (volatile uint8_t *)rks;
-                for (size_t i = 0; i < (size_t)nkeys * sizeof(round_keys); i++) z[i] = 0;
+                wipe(rks, (size_t)nkeys * sizeof(round_keys));
                 free(rks);
             }
             Py_INCREF(Py_None);
