@@ -113,22 +113,17 @@ class MaskApplier:
             keys = b"".join(s.key for s in streams)
             subtract = bytes(1 if s.sign < 0 else 0 for s in streams)
             add = self.kernel.add_keystreams
-            for start in range(0, n, self.chunk):
-                view = vec[start : min(start + self.chunk, n)]
-                if before_chunk is not None:
-                    before_chunk(start, start + view.size, view)
+
+            def add_masks(view: np.ndarray, start: int) -> None:
                 add(view, keys, subtract, start * itemsize // 16, itemsize)
-                if after_chunk is not None:
-                    after_chunk(view)
         else:
             encryptors = [aes_ctr_encryptor(s.key) for s in streams]
             nbytes = self.chunk * itemsize
             zeros, scratch = _zeros(nbytes), bytearray(nbytes + 16)
             tmp = np.frombuffer(scratch, dtype=self.dtype, count=self.chunk)
-            for start in range(0, n, self.chunk):
-                view = vec[start : min(start + self.chunk, n)]
-                if before_chunk is not None:
-                    before_chunk(start, start + view.size, view)
+
+            def add_masks(view: np.ndarray, start: int) -> None:
+                # The encryptors are read in order, chunk after chunk: their position is ``start``.
                 m = view.size
                 t = tmp[:m]
                 for s, enc in zip(streams, encryptors):
@@ -137,8 +132,14 @@ class MaskApplier:
                         np.add(view, t, out=view)
                     else:
                         np.subtract(view, t, out=view)
-                if after_chunk is not None:
-                    after_chunk(view)
+
+        for start in range(0, n, self.chunk):
+            view = vec[start : min(start + self.chunk, n)]
+            if before_chunk is not None:
+                before_chunk(start, start + view.size, view)
+            add_masks(view, start)
+            if after_chunk is not None:
+                after_chunk(view)
         self.keystream_bytes += n * itemsize * len(streams)
 
 
