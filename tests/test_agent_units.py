@@ -12,11 +12,19 @@ import torch
 from fedse_secure.agent.buffer import ExperienceBuffer
 from fedse_secure.agent.policy import AgentModel
 from fedse_secure.agent.rollout import RolloutSettings, fit_history, run_episodes
-from fedse_secure.agent.sft import IGNORE_INDEX, collate_examples, encode_messages, encode_trajectory, freeze_matching, train_lora
-from fedse_secure.envs.trajectory import Trajectory
+from fedse_secure.agent.sft import (
+    IGNORE_INDEX,
+    collate_examples,
+    encode_for_training,
+    encode_messages,
+    encode_trajectory,
+    freeze_matching,
+    train_lora,
+)
 from fedse_secure.config import ConfigError, LoraSettings, ModelConfig, TrainingConfig
 from fedse_secure.envs import generate_demonstrations, make_env
 from fedse_secure.envs.maze import MazeEnv
+from fedse_secure.envs.trajectory import Trajectory
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +208,56 @@ def test_lora_on_top_layers_only_adapts_them_and_backward_stops_below(threads):
     assert agent.peft_config()["layers_to_transform"] == [len(blocks) - 1]
     with pytest.raises(ConfigError, match="exceeds the 2 transformer blocks"):
         AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(top_layers=3), seed=0)
+
+
+def test_frozen_lower_blocks_run_once_per_example_and_train_exactly_as_without_the_cache(threads, monkeypatch):
+    from fedse_secure.agent import sft
+
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(top_layers=1), seed=0)
+    agent.load_adapter_state(_perturbed(agent, scale=0.05))
+    start = agent.adapter_state()
+    blocks = agent.model.base_model.model.model.layers
+    # Examples of different lengths in batches of 3: right padding and the cached rows must line up.
+    examples = encode_for_training(agent.tokenizer, generate_demonstrations("maze", [30]), 1024, 0, 1000)[:6]
+    assert len({len(e.input_ids) for e in examples}) > 2
+    cfg = TrainingConfig(learning_rate=1e-2, epochs_per_round=2, batch_size=3)
+    lower_calls = []
+    hook = blocks[0].register_forward_hook(lambda *_: lower_calls.append(1))
+    try:
+        cached = [train_lora(agent.model, examples, cfg, agent.tokenizer.pad_token_id, seed=0).losses
+                  for _ in range(2)]
+        after_cached = agent.adapter_state()
+        assert len(lower_calls) == len(examples)  # once per example, across steps, epochs and calls
+        prefix = sft.frozen_prefix(agent.model)
+        assert prefix.split == 1 and prefix.cached_bytes > 0
+
+        agent.load_adapter_state(start)
+        monkeypatch.setattr(sft, "frozen_prefix", lambda _model: None)
+        plain = [train_lora(agent.model, examples, cfg, agent.tokenizer.pad_token_id, seed=0).losses for _ in range(2)]
+    finally:
+        hook.remove()
+    assert len(lower_calls) > len(examples)  # the plain path runs the lower block at every step
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+    # Adam turns float noise in near-zero gradients into visible steps: compare the whole update, not entries.
+    after_plain = agent.adapter_state()
+    change = torch.cat([(after_plain[k] - start[k]).flatten() for k in start])
+    gap = torch.cat([(after_cached[k] - after_plain[k]).flatten() for k in start])
+    assert float(change.norm()) > 0 and float(gap.norm()) <= 1e-3 * float(change.norm())
+    # A cache with no room gives the same hidden states as one that keeps them.
+    tiny = sft.FrozenPrefix(prefix.decoder, prefix.split, max_bytes=0)
+    assert torch.equal(tiny.hidden(examples[0]), prefix.hidden(examples[0])) and tiny.cached_bytes == 0
+
+
+def test_no_frozen_prefix_where_a_lower_block_trains_or_is_random():
+    from fedse_secure.agent.sft import frozen_block_count, frozen_prefix
+
+    every_block = AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(), seed=0)
+    assert frozen_prefix(every_block.model) is None
+    top = AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(top_layers=1), seed=0)
+    decoder = top.model.base_model.model.model
+    assert frozen_block_count(decoder) == 1
+    decoder.config.attention_dropout = 0.1  # a lower pass that is random in train mode cannot be kept
+    assert frozen_block_count(decoder) == 0
 
 
 def _perturbed(agent, scale=0.3, seed=0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedse_secure.agent.rollout import TokenCounter, fit_history
-from fedse_secure.envs.trajectory import Trajectory, conversation_head
 from fedse_secure.config import TrainingConfig
+from fedse_secure.envs.trajectory import Trajectory, conversation_head
 from fedse_secure.memory import release_freed_memory
 
 IGNORE_INDEX = -100
@@ -246,23 +247,135 @@ def decoder_and_head(model):
     return decoder, head
 
 
-def target_token_loss(model, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def target_token_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    labels: torch.Tensor,
+    frozen: FrozenPrefix | None = None,
+    batch: Sequence[EncodedExample] | None = None,
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens, with the LM head applied to those positions only.
 
     The agent's tokens are a small share of a multi-turn example (the observations are context), and over a
     49k vocabulary the LM head on every position is most of a step's time and memory. Equal to the model's own
-    ``labels=`` loss (tested). Falls back to it for models without the usual decoder/lm_head split.
+    ``labels=`` loss (tested). Falls back to it for models without the usual decoder/lm_head split. With
+    ``frozen`` (and ``batch``, the examples these tensors hold) the frozen lower blocks are not run again.
     """
     parts = decoder_and_head(model)
     # No KV cache while training: nothing reads it, and it would hold every layer's keys and values.
     if parts is None:
         return model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False).loss
     decoder, head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+    if frozen is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+    else:
+        hidden = frozen.top_hidden(batch, attention)
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][picked]).float()
     return torch.nn.functional.cross_entropy(logits, targets[picked])
+
+
+#: Bytes of hidden states the frozen-prefix cache keeps per model. Past it, examples take the same split path but
+#: their lower pass is recomputed at every step, so results never depend on what was cached.
+FROZEN_PREFIX_CACHE_BYTES = 1 << 30
+
+
+@contextmanager
+def _only_blocks(decoder, blocks: slice, final_norm: bool):
+    """The decoder runs only ``decoder.layers[blocks]`` (and its final norm only with ``final_norm``): its own
+    forward then builds the mask and the rotary embeddings exactly as it does for the whole stack."""
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = torch.nn.ModuleList(list(layers)[blocks])
+    if not final_norm:
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def frozen_block_count(decoder) -> int:
+    """How many of the decoder's lowest blocks a training step can skip: those below the lowest block with a
+    trainable parameter, provided nothing in them is random in train mode and every block is of one kind (a
+    decoder whose blocks differ, e.g. sliding-window layers, finds a block's kind by its index). 0: none."""
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not hasattr(decoder, "norm") or not hasattr(decoder, "embed_tokens"):
+        return 0
+    if any(p.requires_grad for p in decoder.embed_tokens.parameters()):
+        return 0
+    config = getattr(decoder, "config", None)
+    if len(set(getattr(config, "layer_types", None) or ())) > 1 or getattr(config, "attention_dropout", 0.0):
+        return 0
+    split = next((i for i, block in enumerate(layers) if any(p.requires_grad for p in block.parameters())), 0)
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for block in list(layers)[:split] for m in block.modules()):
+        return 0
+    return split
+
+
+class FrozenPrefix:
+    """The hidden states of examples after the frozen lower blocks, computed once per example.
+
+    With ``lora.top_layers`` the blocks below the adapter are frozen and untouched by it, so what they make of an
+    example depends on its tokens alone: it stays valid across steps, rounds and the institutions that share a
+    model in simulation. Each example's lower pass runs on that example alone, so its value never depends on
+    the batch it lands in or on whether it was cached (a resumed run, with an empty cache, trains the same).
+    """
+
+    def __init__(self, decoder, split: int, max_bytes: int = FROZEN_PREFIX_CACHE_BYTES):
+        self.decoder = decoder
+        self.split = split
+        self.max_bytes = max_bytes
+        self.cached_bytes = 0
+        self._hidden: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def hidden(self, example: EncodedExample) -> torch.Tensor:
+        """``(len(example), hidden_size)``: the example after blocks ``[0, split)``."""
+        key = tuple(example.input_ids)
+        found = self._hidden.get(key)
+        if found is not None:
+            return found
+        device = self.decoder.embed_tokens.weight.device
+        ids = torch.tensor([example.input_ids], dtype=torch.long, device=device)
+        with torch.no_grad(), _only_blocks(self.decoder, slice(0, self.split), final_norm=False):
+            out = self.decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        value = out.last_hidden_state[0]
+        size = value.numel() * value.element_size()
+        if self.cached_bytes + size <= self.max_bytes:
+            self._hidden[key] = value
+            self.cached_bytes += size
+        return value
+
+    def top_hidden(self, batch: Sequence[EncodedExample], attention: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden state for ``batch`` (right-padded as ``collate_examples`` pads it), with
+        only the blocks from ``split`` up run. Padding positions hold zeros: under right padding and a causal
+        mask no real position reads them."""
+        rows = [self.hidden(e) for e in batch]
+        lower = rows[0].new_zeros((len(rows), attention.shape[1], rows[0].shape[-1]))
+        for i, row in enumerate(rows):
+            lower[i, : row.shape[0]] = row
+        with _only_blocks(self.decoder, slice(self.split, None), final_norm=True):
+            return self.decoder(inputs_embeds=lower, attention_mask=attention, use_cache=False).last_hidden_state
+
+
+_FROZEN_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def frozen_prefix(model) -> FrozenPrefix | None:
+    """The model's frozen-prefix cache (one per decoder and split, kept while the model lives), or None when no
+    lower block can be skipped: LoRA in every block, or a model that does not split that way."""
+    parts = decoder_and_head(model)
+    if parts is None:
+        return None
+    decoder = parts[0]
+    split = frozen_block_count(decoder)
+    if split == 0:
+        return None
+    found = _FROZEN_PREFIXES.get(decoder)
+    if found is None or found.split != split:
+        found = _FROZEN_PREFIXES[decoder] = FrozenPrefix(decoder, split)
+    return found
 
 
 def micro_batches(batch: Sequence[EncodedExample], micro_batch_size: int | None) -> list[list[EncodedExample]]:
@@ -317,6 +430,7 @@ def train_lora(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: is this a peft LoRA model?")
+    frozen = frozen_prefix(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_steps))
     generator = torch.Generator().manual_seed(seed)
@@ -330,14 +444,16 @@ def train_lora(
                 if step >= total_steps:
                     break
                 batch = [examples[j] for j in order[i : i + cfg.batch_size]]
-                passes = [collate_examples(chunk, pad_token_id) for chunk in micro_batches(batch, cfg.micro_batch_size)]
+                chunks = micro_batches(batch, cfg.micro_batch_size)
+                passes = [collate_examples(chunk, pad_token_id) for chunk in chunks]
                 counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, _, labels in passes]
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss = 0.0
-                for (input_ids, attention, labels), count in zip(passes, counts):
+                for chunk, (input_ids, attention, labels), count in zip(chunks, passes, counts):
                     if count == 0:
                         continue
-                    loss = target_token_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
+                    loss = target_token_loss(model, input_ids.to(device), attention.to(device), labels.to(device),
+                                             frozen, chunk)
                     loss = loss * (count / sum(counts))
                     scaler.scale(loss).backward()
                     batch_loss += float(loss.detach())
