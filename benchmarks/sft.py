@@ -1,18 +1,22 @@
-"""SFT step time: the LM head on every position (the model's own ``labels=`` loss) vs on the target tokens only
-(``fedse_secure.agent.sft.target_token_loss``, what ``train_lora`` uses), LoRA in every block vs in the top
-``--top-layers`` blocks only (``lora.top_layers``: the backward pass stops below them), and those top blocks
-alone, on the frozen lower blocks' hidden states cached once per example (``FrozenPrefix``, what ``train_lora``
-does with ``lora.top_layers``; an example's first step pays its lower pass, reported per example).
+"""SFT step time, one effect at a time: the LM head on every position (the model's own ``labels=`` loss) vs on
+the target tokens only (``fedse_secure.agent.sft.target_token_loss``); one pass over the batch vs the prefix that
+every row shares run once (``decode_sharing_prefix``); LoRA in every block vs in the top ``--top-layers``
+blocks only (``lora.top_layers``: the backward pass stops below them); and those top blocks run alone on the
+frozen lower blocks' hidden states cached once per example, with the shared prefix (``FrozenPrefix``). The
+shared and cached settings are what ``train_lora`` does; an example's first step pays its lower pass, reported
+per example.
 
-Both run side by side in one process on the same peft model (the paper's LoRA: r=8, all linear layers) and the
+All run side by side in one process on the same peft models (the paper's LoRA: r=8, all linear layers) and the
 same batches of real multi-turn SFT examples (expert demonstrations from all five environments, tokenised as
-the institutions tokenise their buffers), interleaved in blocks so that machine load drifts affect both. The
-losses of the two are checked equal on every batch.
+the institutions tokenise their buffers; consecutive ones, so a batch holds one environment's), interleaved in
+blocks so that machine load drifts affect all. The losses of each pair are checked equal on every batch.
 
 Usage: ``python benchmarks/sft.py [--model smollm2-135m-instruct] [--batch 2] [--max-seq-len 768] [--json]``;
-with ``--json`` the last line printed is one JSON object with ``full_head_step_s``, ``target_only_step_s``,
-``speedup``, ``top_layers_step_s``, ``top_layers_speedup`` (target-only, every block / top blocks only),
-``cached_step_s``, ``cached_speedup`` (top blocks, lower pass run / cached) and ``lower_pass_s_per_example``.
+with ``--json`` the last line printed is one JSON object with the median step time of each setting
+(``full_head_step_s``, ``target_only_step_s``, ``shared_step_s``, ``top_layers_step_s``, ``cached_step_s``), the
+ratio of each pair (``speedup``: full head / target only; ``shared_speedup``: one pass / shared prefix;
+``top_layers_speedup``: every block / top blocks; ``cached_speedup``: top blocks, one pass / cached and shared),
+``shared_prefix_share`` (the positions the batches share) and ``lower_pass_s_per_example``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     torch = offline_torch(args.threads)
 
     from fedse_secure.agent.policy import AgentModel
-    from fedse_secure.agent.sft import collate_examples, encode_for_training, frozen_prefix, target_token_loss
+    from fedse_secure.agent.sft import (
+        collate_examples,
+        encode_for_training,
+        frozen_prefix,
+        shared_prefix_length,
+        target_token_loss,
+    )
     from fedse_secure.config import LoraSettings
     from fedse_secure.envs import generate_demonstrations
 
@@ -52,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [tuple(t.to(agent.device) for t in collate_examples(chunk, tok.pad_token_id)) for chunk in chunks]
     positions = sum(int(m.sum()) for _, m, _ in batches)
     targets = sum(int((lab != -100).sum()) for _, _, lab in batches)
+    # Positions a shared-prefix pass runs once instead of once per row.
+    shared_positions = sum((len(c) - 1) * shared_prefix_length(ids, m) for c, (ids, m, _) in zip(chunks, batches))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     model.train()
@@ -66,39 +78,38 @@ def main(argv: list[str] | None = None) -> int:
         frozen.hidden(e)
     lower_pass_s = (time.perf_counter() - t0) / len(examples)
 
-    def full_head(ids, mask, labels):
+    def full_head(ids, mask, labels, _chunk):
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-    def target_only(ids, mask, labels):
+    def target_only(ids, mask, labels, _chunk):
+        return target_token_loss(model, ids, mask, labels, share_prefix=False)
+
+    def shared(ids, mask, labels, _chunk):
         return target_token_loss(model, ids, mask, labels)
 
     def top_layers(ids, mask, labels, _chunk):
-        return target_token_loss(top, ids, mask, labels)
+        return target_token_loss(top, ids, mask, labels, share_prefix=False)
 
     def cached(ids, mask, labels, chunk):
         return target_token_loss(top, ids, mask, labels, frozen, chunk)
 
-    settings = (("full_head", lambda ids, mask, labels, _chunk: full_head(ids, mask, labels)),
-                ("target_only", lambda ids, mask, labels, _chunk: target_only(ids, mask, labels)),
-                ("top_layers", top_layers), ("cached", cached))
-    optimisers = {"full_head": opt, "target_only": opt, "top_layers": top_opt, "cached": top_opt}
-    times: dict[str, list[float]] = {name: [] for name, _ in settings}
-    max_cached_diff = 0.0
-    max_loss_diff = 0.0
+    # Each setting, and the setting whose loss it must equal on the same batch.
+    settings = {"full_head": (full_head, None), "target_only": (target_only, full_head),
+                "shared": (shared, target_only), "top_layers": (top_layers, None), "cached": (cached, top_layers)}
+    optimisers = {"full_head": opt, "target_only": opt, "shared": opt, "top_layers": top_opt, "cached": top_opt}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    loss_diff: dict[str, float] = {name: 0.0 for name, (_, ref) in settings.items() if ref is not None}
     k = 0
     for _ in range(args.blocks):
-        for name, fn in settings:
+        for name, (fn, reference) in settings.items():
             for _ in range(args.steps_per_block):
                 ids, mask, labels = batches[k % len(batches)]
                 chunk = chunks[k % len(batches)]
                 k += 1
-                with torch.no_grad():  # same batch through both of a pair: the losses must agree
-                    if name in ("full_head", "target_only"):
-                        diff = abs(float(full_head(ids, mask, labels) - target_only(ids, mask, labels)))
-                        max_loss_diff = max(max_loss_diff, diff)
-                    else:
-                        diff = abs(float(top_layers(ids, mask, labels, chunk) - cached(ids, mask, labels, chunk)))
-                        max_cached_diff = max(max_cached_diff, diff)
+                if reference is not None:
+                    with torch.no_grad():
+                        diff = abs(float(fn(ids, mask, labels, chunk) - reference(ids, mask, labels, chunk)))
+                    loss_diff[name] = max(loss_diff[name], diff)
                 t0 = time.perf_counter()
                 loss = fn(ids, mask, labels, chunk)
                 optimisers[name].zero_grad(set_to_none=True)
@@ -106,25 +117,24 @@ def main(argv: list[str] | None = None) -> int:
                 optimisers[name].step()
                 times[name].append(time.perf_counter() - t0)
     # The optimiser moved the adapter between steps; that does not change the cost of a step.
-    full_s = statistics.median(times["full_head"])
-    target_s = statistics.median(times["target_only"])
-    top_s = statistics.median(times["top_layers"])
-    cached_s = statistics.median(times["cached"])
+    step = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "model": args.model, "batch": args.batch, "max_seq_len": args.max_seq_len, "examples": len(examples),
-        "target_token_share": targets / positions, "full_head_step_s": full_s, "target_only_step_s": target_s,
-        "speedup": full_s / target_s, "top_layers": top_n,
-        "blocks": top.base_model.model.config.num_hidden_layers, "top_layers_step_s": top_s,
-        "top_layers_speedup": target_s / top_s, "cached_step_s": cached_s, "cached_speedup": top_s / cached_s,
-        "lower_pass_s_per_example": lower_pass_s, "max_loss_diff": max_loss_diff, "max_cached_loss_diff": max_cached_diff,
-        "steps_each": len(times["full_head"]),
+        "target_token_share": targets / positions, "shared_prefix_share": shared_positions / positions,
+        **{f"{name}_step_s": value for name, value in step.items()},
+        "speedup": step["full_head"] / step["target_only"], "shared_speedup": step["target_only"] / step["shared"],
+        "top_layers": top_n, "blocks": top.base_model.model.config.num_hidden_layers,
+        "top_layers_speedup": step["target_only"] / step["top_layers"],
+        "cached_speedup": step["top_layers"] / step["cached"], "lower_pass_s_per_example": lower_pass_s,
+        "max_loss_diff": loss_diff["target_only"], "max_shared_loss_diff": loss_diff["shared"],
+        "max_cached_loss_diff": loss_diff["cached"], "steps_each": len(times["full_head"]),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
     }
     if not args.json:
         for key, value in result.items():
             print(f"{key:>20}: {value}")
     print(json.dumps(result))
-    return 0 if max(max_loss_diff, max_cached_diff) < 1e-3 else 1
+    return 0 if max(loss_diff.values()) < 1e-3 else 1
 
 
 if __name__ == "__main__":

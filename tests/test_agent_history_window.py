@@ -131,6 +131,7 @@ def test_sft_benchmark_runs_and_its_two_losses_agree(repo_root):
     assert result["full_head_step_s"] > 0 and result["target_only_step_s"] > 0
     assert result["top_layers"] == 1 and result["blocks"] == 2 and result["top_layers_step_s"] > 0
     assert result["cached_step_s"] > 0 and result["lower_pass_s_per_example"] > 0 and result["max_cached_loss_diff"] < 1e-3
+    assert result["shared_step_s"] > 0 and 0 < result["shared_prefix_share"] < 1 and result["max_shared_loss_diff"] < 1e-3
 
 
 def test_a_memoryless_federation_trains_on_per_turn_examples(repo_root, tmp_path):

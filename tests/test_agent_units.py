@@ -248,6 +248,42 @@ def test_frozen_lower_blocks_run_once_per_example_and_train_exactly_as_without_t
     assert torch.equal(tiny.hidden(examples[0]), prefix.hidden(examples[0])) and tiny.cached_bytes == 0
 
 
+@pytest.mark.parametrize("top_layers", [None, 1])
+def test_a_prefix_every_row_shares_runs_once_and_trains_as_one_pass_over_the_batch(threads, top_layers):
+    from fedse_secure.agent import sft
+
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(top_layers=top_layers), seed=0)
+    agent.load_adapter_state(_perturbed(agent, scale=0.05))
+    agent.model.train()
+    # Memoryless turns of one task: the same system prompt and task, then each turn's own observation and action.
+    examples = encode_for_training(agent.tokenizer, generate_demonstrations("maze", [30]), 1024, 0, 1000)[1:5]
+    ids, mask, labels = collate_examples(examples, agent.tokenizer.pad_token_id)
+    shared = sft.shared_prefix_length(ids, mask)
+    assert shared >= sft.MIN_SHARED_PREFIX and len({len(e.input_ids) for e in examples}) > 1
+    frozen = sft.frozen_prefix(agent.model)
+    assert (frozen is None) == (top_layers is None)
+    top_block = agent.model.base_model.model.model.layers[-1]
+    positions = []
+    hook = top_block.register_forward_hook(lambda _m, args, _out: positions.append(args[0].shape[0] * args[0].shape[1]))
+    params = [p for p in agent.model.parameters() if p.requires_grad]
+    try:
+        loss = sft.target_token_loss(agent.model, ids, mask, labels, frozen, examples)
+        grads = torch.autograd.grad(loss, params)
+        assert sum(positions) == shared + len(examples) * (ids.shape[1] - shared)  # the prefix ran once
+        positions.clear()
+        plain_loss = sft.target_token_loss(agent.model, ids, mask, labels, frozen, examples, share_prefix=False)
+        plain_grads = torch.autograd.grad(plain_loss, params)
+        assert sum(positions) == ids.numel()
+    finally:
+        hook.remove()
+        agent.model.eval()
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    # One row, or rows that share nothing: nothing to share.
+    assert sft.shared_prefix_length(ids[:1], mask[:1]) == 0
+
+
 def test_no_frozen_prefix_where_a_lower_block_trains_or_is_random():
     from fedse_secure.agent.sft import frozen_block_count, frozen_prefix
 

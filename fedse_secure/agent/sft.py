@@ -254,27 +254,93 @@ def target_token_loss(
     labels: torch.Tensor,
     frozen: FrozenPrefix | None = None,
     batch: Sequence[EncodedExample] | None = None,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens, with the LM head applied to those positions only.
 
     The agent's tokens are a small share of a multi-turn example (the observations are context), and over a
     49k vocabulary the LM head on every position is most of a step's time and memory. Equal to the model's own
     ``labels=`` loss (tested). Falls back to it for models without the usual decoder/lm_head split. With
-    ``frozen`` (and ``batch``, the examples these tensors hold) the frozen lower blocks are not run again.
+    ``frozen`` (and ``batch``, the examples these tensors hold) the frozen lower blocks are not run again; with
+    ``share_prefix`` the leading tokens every row shares run once (``decode_sharing_prefix``).
     """
     parts = decoder_and_head(model)
-    # No KV cache while training: nothing reads it, and it would hold every layer's keys and values.
+    # No KV cache while training (but for a shared prefix's): it would hold every layer's keys and values.
     if parts is None:
         return model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False).loss
     decoder, head = parts
+    shared = shared_prefix_length(input_ids, attention) if share_prefix else 0
     if frozen is None:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+        hidden = decode_sharing_prefix(decoder, attention, shared, input_ids=input_ids)
     else:
-        hidden = frozen.top_hidden(batch, attention)
+        hidden = frozen.top_hidden(batch, attention, shared)
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][picked]).float()
     return torch.nn.functional.cross_entropy(logits, targets[picked])
+
+
+#: Decoders whose forward hands ``inputs_embeds`` to the first block unchanged and take a 4D attention mask as given
+#: (some scale the embeddings first, which would rescale cached hidden states fed back in as ``inputs_embeds``).
+PLAIN_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+#: A batch's rows share a prefix this long at least before it is run once for all of them (below it, the second
+#: forward call costs more than it saves).
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention: torch.Tensor) -> int:
+    """How many leading tokens every row of a right-padded batch has in common (the chat template, the
+    environment's instructions), leaving every row at least one token of its own; 0 for a single row."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0).long().cumprod(dim=0)
+    return min(int(same.sum()), int(attention.sum(dim=1).min()) - 1)
+
+
+def decode_sharing_prefix(decoder, attention: torch.Tensor, shared: int, *, input_ids: torch.Tensor | None = None,
+                          inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden state for a right-padded batch whose rows all begin with the same ``shared``
+    positions: those run once, and every row's own tokens attend to their keys and values.
+
+    Every example an environment yields starts with the same chat template and instructions (200 of a WebShop
+    example's ~390 tokens), so a batch of B rows runs that part once instead of B times. Equal to one pass over
+    the whole batch (tested). Under gradient checkpointing, which drops KV caches, and for a short common
+    prefix, it is one pass over the whole batch.
+    """
+    x, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
+    checkpointing = decoder.training and any(getattr(b, "gradient_checkpointing", False) for b in decoder.layers)
+    if shared < MIN_SHARED_PREFIX or checkpointing or not _causal_everywhere(decoder, attention.shape[1]):
+        return decoder(**{name: x}, attention_mask=attention, use_cache=False).last_hidden_state
+    from transformers import DynamicCache
+
+    rows, width = attention.shape
+    cache = DynamicCache(config=decoder.config)
+    head = decoder(**{name: x[:1, :shared]}, cache=cache, use_cache=True).last_hidden_state
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+    # The rows' own tokens see the whole prefix and, causally, each other within their row. Under right padding
+    # no real token reads a pad, so the mask needs no padding term; a 4D mask is used as given, positions too.
+    own = width - shared
+    blocked = torch.finfo(head.dtype).min
+    mask = head.new_zeros((1, 1, own, width))
+    mask[0, 0, :, shared:] = torch.triu(head.new_full((own, own), blocked), 1)
+    positions = torch.arange(shared, width, device=attention.device)[None].expand(rows, own)
+    tail = decoder(**{name: x[:, shared:]}, attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True).last_hidden_state
+    return torch.cat([head.expand(rows, -1, -1), tail], dim=1)
+
+
+def _causal_everywhere(decoder, width: int) -> bool:
+    """Whether every block attends causally over the whole width (no sliding window cuts it), as the 4D mask
+    that ``decode_sharing_prefix`` passes assumes; only for decoders known to take such a mask unchanged."""
+    config = decoder.config
+    window = getattr(config, "sliding_window", None)
+    return (config.model_type in PLAIN_DECODERS and set(getattr(config, "layer_types", None) or ["full_attention"])
+            == {"full_attention"} and (window is None or window >= width))
 
 
 #: Bytes of hidden states the frozen-prefix cache keeps per model. Past it, examples take the same split path but
@@ -306,6 +372,8 @@ def frozen_block_count(decoder) -> int:
     if any(p.requires_grad for p in decoder.embed_tokens.parameters()):
         return 0
     config = getattr(decoder, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_DECODERS:
+        return 0
     if len(set(getattr(config, "layer_types", None) or ())) > 1 or getattr(config, "attention_dropout", 0.0):
         return 0
     split = next((i for i, block in enumerate(layers) if any(p.requires_grad for p in block.parameters())), 0)
@@ -347,16 +415,16 @@ class FrozenPrefix:
             self.cached_bytes += size
         return value
 
-    def top_hidden(self, batch: Sequence[EncodedExample], attention: torch.Tensor) -> torch.Tensor:
+    def top_hidden(self, batch: Sequence[EncodedExample], attention: torch.Tensor, shared: int = 0) -> torch.Tensor:
         """The decoder's last hidden state for ``batch`` (right-padded as ``collate_examples`` pads it), with
-        only the blocks from ``split`` up run. Padding positions hold zeros: under right padding and a causal
-        mask no real position reads them."""
+        only the blocks from ``split`` up run, and the ``shared`` leading positions common to every row once.
+        Padding positions hold zeros: under right padding and a causal mask no real position reads them."""
         rows = [self.hidden(e) for e in batch]
         lower = rows[0].new_zeros((len(rows), attention.shape[1], rows[0].shape[-1]))
         for i, row in enumerate(rows):
             lower[i, : row.shape[0]] = row
         with _only_blocks(self.decoder, slice(self.split, None), final_norm=True):
-            return self.decoder(inputs_embeds=lower, attention_mask=attention, use_cache=False).last_hidden_state
+            return decode_sharing_prefix(self.decoder, attention, shared, inputs_embeds=lower)
 
 
 _FROZEN_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
