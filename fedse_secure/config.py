@@ -149,8 +149,10 @@ class LoraSettings(StrictModel):
     top_layers: int | None = Field(
         None, ge=1,
         description="LoRA in the last N transformer blocks only (peft's layers_to_transform); None = every block "
-                    "(the paper). The backward pass stops at the lowest adapted block, so an SFT step costs about "
-                    "(1 + 2N/L)/3 of a full one for a model of L blocks: a lever for CPUs, not the paper's method.",
+                    "(the paper). The blocks below are frozen, so training runs them once per example for the "
+                    "whole run and each step runs only the N adapted ones (forward and backward): a step costs "
+                    "about N/L of a full one for a model of L blocks (DP-SGD still runs every block forward). A "
+                    "lever for CPUs, not the paper's method.",
     )
 
 
