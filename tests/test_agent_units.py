@@ -246,6 +246,14 @@ def test_frozen_lower_blocks_run_once_per_example_and_train_exactly_as_without_t
     # A cache with no room gives the same hidden states as one that keeps them.
     tiny = sft.FrozenPrefix(prefix.decoder, prefix.split, max_bytes=0)
     assert torch.equal(tiny.hidden(examples[0]), prefix.hidden(examples[0])) and tiny.cached_bytes == 0
+    # The cache lives and dies with its model: it must not keep a model (and its cached hidden states) alive.
+    import gc
+    import weakref
+
+    model = weakref.ref(agent.model)
+    del agent, prefix, tiny
+    gc.collect()
+    assert model() is None
 
 
 @pytest.mark.parametrize("top_layers", [None, 1])

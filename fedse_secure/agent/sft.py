@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -427,12 +426,10 @@ class FrozenPrefix:
             return decode_sharing_prefix(self.decoder, attention, shared, inputs_embeds=lower)
 
 
-_FROZEN_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def frozen_prefix(model) -> FrozenPrefix | None:
-    """The model's frozen-prefix cache (one per decoder and split, kept while the model lives), or None when no
-    lower block can be skipped: LoRA in every block, or a model that does not split that way."""
+    """The model's frozen-prefix cache, or None when no lower block can be skipped: LoRA in every block, or a
+    model that does not split that way. The cache lives on the decoder, so it goes when the model goes (a
+    module-level table would keep every model it ever saw alive)."""
     parts = decoder_and_head(model)
     if parts is None:
         return None
@@ -440,9 +437,10 @@ def frozen_prefix(model) -> FrozenPrefix | None:
     split = frozen_block_count(decoder)
     if split == 0:
         return None
-    found = _FROZEN_PREFIXES.get(decoder)
+    found = getattr(decoder, "_fedse_frozen_prefix", None)
     if found is None or found.split != split:
-        found = _FROZEN_PREFIXES[decoder] = FrozenPrefix(decoder, split)
+        found = FrozenPrefix(decoder, split)
+        decoder._fedse_frozen_prefix = found
     return found
 
 
