@@ -338,8 +338,10 @@ def _causal_everywhere(decoder, width: int) -> bool:
     that ``decode_sharing_prefix`` passes assumes; only for decoders known to take such a mask unchanged."""
     config = decoder.config
     window = getattr(config, "sliding_window", None)
-    return (config.model_type in PLAIN_DECODERS and set(getattr(config, "layer_types", None) or ["full_attention"])
-            == {"full_attention"} and (window is None or window >= width))
+    # Flash-attention kernels take no 4D mask; sdpa and eager apply it as given.
+    return (config.model_type in PLAIN_DECODERS and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+            and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+            and (window is None or window >= width))
 
 
 #: Bytes of hidden states the frozen-prefix cache keeps per model. Past it, examples take the same split path but
