@@ -27,6 +27,16 @@ def test_completed_runs_are_skipped(tmp_path):
     assert not _completed(tmp_path)
 
 
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def test_experiment_configs_differ_from_fedse_only_where_intended(repo_root):
     from fedse_secure.config import load_config
 
@@ -41,20 +51,28 @@ def test_experiment_configs_differ_from_fedse_only_where_intended(repo_root):
         "experiments/ablation-weighted.yaml": {"federation.aggregation": "weighted"},
     }
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    fb = flat(base)
+    fb = _flat(base)
     assert [c["env"] for c in base["clients"]] == ["babyai", "webshop", "textcraft", "maze", "wordle"]
     assert base["federation"]["aggregation"] == "fedavg" and base["lora"]["r"] == 8 and base["lora"]["alpha"] == 16
     for rel, changes in expected.items():
-        cfg = flat(load_config(repo_root / "configs" / rel).model_dump())
+        cfg = _flat(load_config(repo_root / "configs" / rel).model_dump())
         diff = {k: cfg[k] for k in fb if cfg[k] != fb[k] and k != "name"}
         assert diff == changes, rel
     load_config(repo_root / "configs" / "experiments" / "multiseed-smoke.yaml")
+
+
+@pytest.mark.parametrize("base, others", [
+    ("fedse.yaml", {"fedit.yaml": "fedit", "pretrained.yaml": "pretrained"}),
+    ("webshop-fedse.yaml", {"webshop-fedit.yaml": "fedit"}),
+])
+def test_cpu_evidence_methods_differ_only_in_their_mode(repo_root, base, others):
+    """The CPU-evidence comparisons are fair only if each method's config is its Fed-SE twin but for the mode."""
+    from fedse_secure.config import load_config
+
+    folder = repo_root / "configs" / "experiments" / "cpu-evidence"
+    fb = _flat(load_config(folder / base).model_dump())
+    assert fb["federation.mode"] == "fedse"
+    for rel, mode in others.items():
+        cfg = _flat(load_config(folder / rel).model_dump())
+        diff = {k: cfg[k] for k in fb if cfg[k] != fb[k] and k != "name"}
+        assert diff == {"federation.mode": mode}, rel
