@@ -13,8 +13,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedse_secure.federation.flower.codec import reply_to_record, request_from_record
-from fedse_secure.federation.wire import StageReply, WireError
 from fedse_secure.federation.flower.worker import call_worker
+from fedse_secure.federation.wire import StageReply, WireError
 
 SOCKET_KEY = "fedse-worker-socket"
 AUTHKEY_KEY = "fedse-worker-authkey-file"

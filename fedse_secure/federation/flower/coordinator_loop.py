@@ -23,6 +23,9 @@ class FlowerStageTransport(StageTransport, Protocol):
     def reconnected_since(self, name: str, since: float) -> bool:
         """Has this institution's node (re)connected after time ``since`` (epoch seconds)?"""
 
+    def answered_late(self) -> set[str]:
+        """Institutions that have since replied to a request after its stage had closed."""
+
 
 class DeploymentError(FedseError, RuntimeError):
     pass
@@ -159,10 +162,16 @@ class CoordinatorRun:
         return select
 
     def _still_silent(self, online: set[str], round_id: int) -> set[str]:
-        """Institutions that stopped answering and whose node has not reconnected since: not asked (Flower keeps
-        a killed node "online" for up to two heartbeats, and waiting for it would cost the training timeout)."""
+        """Institutions that stopped answering and have shown no sign of life since: not asked (Flower keeps a
+        killed node "online" for up to two heartbeats, and waiting for it would cost the training timeout). A
+        sign of life is a reconnected node, or a late reply: a node that was only slow never reconnects, and
+        excluding it for good could leave too few institutions for any later round."""
         silent = set()
         unresponsive = self.transport.unresponsive
+        late = self.transport.answered_late() if unresponsive else set()
+        for name in sorted(late & set(unresponsive)):
+            self.log(f"round {round_id}: {name} answered after its stage had closed; it rejoins")
+            del unresponsive[name]
         for name in sorted(online & set(unresponsive)):
             if self.transport.reconnected_since(name, unresponsive[name]):
                 self.log(f"round {round_id}: {name} has reconnected; it rejoins")

@@ -33,8 +33,11 @@ class FlowerTransport:
         self.say = say
         # Institutions that stopped answering (no reply at all, not a refusal) -> when. Flower keeps a killed
         # node "online" for up to two heartbeats (60 s), so without this every following round would wait the
-        # full training timeout for it; it is asked again once its SuperNode has reconnected.
+        # full training timeout for it; it is asked again once its SuperNode has reconnected, or once a reply
+        # to a request it missed arrives late (then it was only slow, and its node will never reconnect).
         self.unresponsive: dict[str, float] = {}
+        # Requests whose stage closed before their reply came: message id -> (institution, its node id).
+        self._unanswered: dict[str, tuple[str, int]] = {}
 
     def reachable(self, names: set[str]) -> set[str]:
         return (set(names) & self.online()) - set(self.unresponsive)
@@ -48,10 +51,11 @@ class FlowerTransport:
         by_id = {v: k for k, v in self._node_map().items()}
         return {by_id[n] for n in self.grid.get_node_ids() if n in by_id}
 
-    def _send_and_receive(self, msgs: list[Message], timeout_s: float) -> list[Message]:
+    def _send_and_receive(self, msgs: list[Message], timeout_s: float, name_of: dict[int, str]) -> list[Message]:
         # Grid.send_and_receive polls every 3 s; a round has five stages, so poll faster (loopback-cheap, and
         # a few requests per second are nothing for a SuperLink).
-        pending = set(self.grid.push_messages(msgs))
+        ids = list(self.grid.push_messages(msgs))
+        pending = set(ids)
         deadline = time.monotonic() + timeout_s
         replies: list[Message] = []
         while pending and time.monotonic() < deadline:
@@ -61,7 +65,23 @@ class FlowerTransport:
             replies.extend(got)
             if pending:
                 time.sleep(POLL_S)
+        for mid, msg in zip(ids, msgs):
+            if mid in pending and msg.metadata.dst_node_id in name_of:
+                self._unanswered[mid] = (name_of[msg.metadata.dst_node_id], msg.metadata.dst_node_id)
         return replies
+
+    def answered_late(self) -> set[str]:
+        """Institutions whose node has since replied to a request it missed: alive, only slow. The reply
+        belongs to a closed stage and is dropped unread; an error the SuperLink writes in a node's place
+        (node offline, request expired) proves nothing and ends the wait for that request."""
+        if not self._unanswered:
+            return set()
+        alive = set()
+        for m in self.grid.pull_messages(list(self._unanswered)):
+            entry = self._unanswered.pop(m.metadata.reply_to_message_id, None)
+            if entry is not None and m.metadata.src_node_id == entry[1]:
+                alive.add(entry[0])
+        return alive
 
     def reconnected_since(self, name: str, since: float) -> bool:
         from fedse_secure.federation.flower.processes import node_online_since
@@ -80,7 +100,7 @@ class FlowerTransport:
             msgs.append(Message(request_to_record(req), dst_node_id=node_of[name], message_type=FLOWER_MESSAGE_TYPE))
         out: dict[str, StageReply] = {}
         sent_at = time.time()
-        for rep in self._send_and_receive(msgs, timeout_s):
+        for rep in self._send_and_receive(msgs, timeout_s, name_of):
             name = name_of.get(rep.metadata.src_node_id)
             if name is None:
                 continue

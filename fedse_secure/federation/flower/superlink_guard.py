@@ -58,9 +58,8 @@ def make_guard(allowed: tuple[str, ...]):
 
 def install(allowed: tuple[str, ...]) -> None:
     """Put the guard first in the SuperLink app's middleware list (flwr==1.42.0's ``_get_middleware``)."""
-    from starlette.middleware import Middleware
-
     import flwr.superlink.main as superlink_main
+    from starlette.middleware import Middleware
 
     original = superlink_main._get_middleware
     if getattr(original, "_fedse_guarded", False):
