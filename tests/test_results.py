@@ -1,0 +1,74 @@
+"""The committed experiment results are what their READMEs say: every run a README reports is in the repository,
+holds only its summary, metrics and config (no adapter, key or registry), and `fedse report`'s arithmetic over
+those runs gives the numbers the README prints.
+
+A `.gitignore` rule once kept a results folder's runs out of a commit while its README said they were there;
+this is the check that would have caught it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedse_secure.report import differences, final_table, load_summary
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+RUN_FILES = {"summary.json", "metrics.jsonl", "config.yaml"}
+WEBSHOP = RESULTS / "cpu-evidence" / "webshop"
+
+
+def _run_folders() -> list[Path]:
+    return sorted(p.parent for p in RESULTS.glob("**/runs/*/summary.json"))
+
+
+def test_every_committed_run_holds_its_summary_metrics_and_config_and_nothing_secret():
+    folders = _run_folders()
+    assert folders, "no committed runs under results/"
+    for run in folders:
+        present = {p.name for p in run.iterdir()}
+        assert present == RUN_FILES, (run, sorted(present))
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "completed", (run, summary["status"])
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert max(r["round"] for r in records) == summary["rounds_completed"], run
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}".replace("-", "−")
+
+
+def test_the_webshop_evidence_readme_reports_what_its_ten_runs_give():
+    runs = sorted((WEBSHOP / "runs").glob("cpu-evidence-webshop-*-seed*"))
+    assert [r.name for r in runs] == sorted(f"cpu-evidence-webshop-{m}-seed{s}" for m in ("fedse", "fedit")
+                                            for s in range(5)), [r.name for r in runs]
+    readme = (WEBSHOP / "README.md").read_text()
+    summaries = [load_summary(r) for r in runs]
+    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
+    for label, shown in (("cpu-evidence-webshop-fedit (fedit)", "FedIT"),
+                         ("cpu-evidence-webshop-fedse (fedse)", "Fed-SE")):
+        cell = rows[label]
+        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
+        assert line in readme, line
+    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit (fedit)")["rows"]
+    d = diff["avg"]
+    assert d["paired"] and d["n"] == 5
+    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
+    assert f"**{shown}**" in readme, shown
+    # The per-seed table: test goals solved of 24 after round 4, FedIT then Fed-SE.
+    solved = {(s.mode, s.seed): round(24 * s.micro_avg["4"]) for s in summaries}
+    for seed in range(5):
+        fedit, fedse = solved[("fedit", seed)], solved[("fedse", seed)]
+        assert f"| {seed} | {fedit} | {fedse} |" in readme, (seed, fedit, fedse)
+
+
+@pytest.mark.parametrize("run", _run_folders(), ids=lambda p: p.name)
+def test_a_committed_run_reports_the_seed_and_config_it_ran(run):
+    import yaml
+
+    summary = json.loads((run / "summary.json").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (summary["name"], summary["seed"], summary["mode"]) == (config["name"], config["seed"],
+                                                                   config["federation"]["mode"])
