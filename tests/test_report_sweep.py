@@ -76,3 +76,15 @@ def test_cpu_evidence_methods_differ_only_in_their_mode(repo_root, base, others)
         cfg = _flat(load_config(folder / rel).model_dump())
         diff = {k: cfg[k] for k in fb if cfg[k] != fb[k] and k != "name"}
         assert diff == {"federation.mode": mode}, rel
+
+
+def test_the_exploration_lever_changes_only_the_episodes_so_fedit_stays_its_baseline(repo_root):
+    """webshop-fedse-explore16 is compared with webshop-fedit's runs: fair only if it is webshop-fedse but for the
+    number of exploration episodes, which fedit mode never reads (federation/institution.py, explore)."""
+    from fedse_secure.config import load_config
+
+    folder = repo_root / "configs" / "experiments" / "cpu-evidence"
+    base = _flat(load_config(folder / "webshop-fedse.yaml").model_dump())
+    lever = _flat(load_config(folder / "webshop-fedse-explore16.yaml").model_dump())
+    diff = {k: (base[k], lever[k]) for k in base if lever[k] != base[k] and k != "name"}
+    assert diff == {"exploration.episodes_per_round": (4, 16)}
