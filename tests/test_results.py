@@ -72,3 +72,24 @@ def test_a_committed_run_reports_the_seed_and_config_it_ran(run):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert (summary["name"], summary["seed"], summary["mode"]) == (config["name"], config["seed"],
                                                                    config["federation"]["mode"])
+
+
+def test_the_exploration_lever_readme_reports_what_its_runs_give_against_fedit():
+    """Fed-SE with 16 exploration episodes a round (seeds 0-3) against the FedIT runs of the same seeds."""
+    folder = RESULTS / "cpu-evidence" / "webshop-explore16"
+    runs = sorted((folder / "runs").glob("cpu-evidence-webshop-fedse-explore16-seed*"))
+    assert [r.name[-1] for r in runs] == ["0", "1", "2", "3"]
+    baseline = [WEBSHOP / "runs" / f"cpu-evidence-webshop-fedit-seed{s}" for s in range(4)]
+    summaries = [load_summary(r) for r in runs + baseline]
+    readme = (folder / "README.md").read_text()
+    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
+    for label, shown in (("cpu-evidence-webshop-fedit (fedit)", "FedIT, seeds 0-3"),
+                         ("cpu-evidence-webshop-fedse-explore16 (fedse)", "Fed-SE, 16 episodes a round")):
+        cell = rows[label]
+        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
+        assert line in readme, line
+    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit (fedit)")["rows"]
+    d = diff["avg"]
+    assert d["paired"] and d["n"] == 4
+    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
+    assert f"**{shown}**" in readme, shown
