@@ -64,6 +64,7 @@ def test_experiment_configs_differ_from_fedse_only_where_intended(repo_root):
 @pytest.mark.parametrize("base, others", [
     ("fedse.yaml", {"fedit.yaml": "fedit", "pretrained.yaml": "pretrained"}),
     ("webshop-fedse.yaml", {"webshop-fedit.yaml": "fedit"}),
+    ("webshop-fedse-rounds8.yaml", {"webshop-fedit-rounds8.yaml": "fedit"}),
 ])
 def test_cpu_evidence_methods_differ_only_in_their_mode(repo_root, base, others):
     """The CPU-evidence comparisons are fair only if each method's config is its Fed-SE twin but for the mode."""
@@ -88,3 +89,16 @@ def test_the_exploration_lever_changes_only_the_episodes_so_fedit_stays_its_base
     lever = _flat(load_config(folder / "webshop-fedse-explore16.yaml").model_dump())
     diff = {k: (base[k], lever[k]) for k in base if lever[k] != base[k] and k != "name"}
     assert diff == {"exploration.episodes_per_round": (4, 16)}
+
+
+def test_the_rounds_lever_changes_only_the_rounds_in_both_methods(repo_root):
+    """webshop-{fedse,fedit}-rounds8 are the 4-round pair run for 8 rounds; nothing else may differ, or the lever's
+    result would mix two changes."""
+    from fedse_secure.config import load_config
+
+    folder = repo_root / "configs" / "experiments" / "cpu-evidence"
+    for method in ("fedse", "fedit"):
+        base = _flat(load_config(folder / f"webshop-{method}.yaml").model_dump())
+        lever = _flat(load_config(folder / f"webshop-{method}-rounds8.yaml").model_dump())
+        diff = {k: (base[k], lever[k]) for k in base if lever[k] != base[k] and k != "name"}
+        assert diff == {"federation.rounds": (4, 8)}, method
