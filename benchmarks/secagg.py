@@ -59,6 +59,21 @@ def make_inputs(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {f"inst{i:04d}": rng.standard_normal(size, dtype=np.float32) * np.float32(0.01) for i in range(n)}
 
 
+def cpu_model() -> str:
+    """The CPU's name: the ratios depend on it (AES throughput against memory bandwidth), and cloud VMs of one
+    size land on different hosts."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 class Timer:
     """Wall-clock and process CPU time of a block (CPU time is robust to other jobs sharing the cores)."""
 
@@ -246,8 +261,9 @@ def main() -> None:
     identities = {p: IdentityKey.generate() for p in inputs}
     params = MaskingSettings().parameters(n)
     threshold = params.threshold
-    print(f"secure aggregation benchmark: {n} clients x {size:,} float32 parameters, {os.cpu_count()} CPU(s), "
-          f"single-threaded, median of {repeats}; masking degree {params.degree}, t={threshold}")
+    cpu = cpu_model()
+    print(f"secure aggregation benchmark: {n} clients x {size:,} float32 parameters, {os.cpu_count()} CPU(s) "
+          f"({cpu}), single-threaded, median of {repeats}; masking degree {params.degree}, t={threshold}")
 
     for _ in range(2):  # warm up the allocator and page cache: the first runs of each pay for fresh pages
         run_plaintext(inputs, identities)
@@ -363,6 +379,7 @@ def main() -> None:
               f"{size:,}-parameter fp32 adapter")
 
     summary = {
+        "cpu": cpu,
         "clients": n,
         "params": size,
         "plaintext_s": round(plaintext_s, 4),

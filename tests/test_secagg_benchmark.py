@@ -41,3 +41,7 @@ def test_keystream_rate_probes_measure_both_aes_paths(bench):
     rate = bench.kernel_gb_per_s(0.01)
     assert (rate is None) == (bench.KERNEL is None)
     assert rate is None or rate > 0
+
+
+def test_the_benchmark_names_the_cpu_its_ratios_belong_to(bench):
+    assert bench.cpu_model().strip()

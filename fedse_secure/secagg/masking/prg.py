@@ -4,9 +4,10 @@ compiled VAES kernel, where the CPU has one).
 * Masks are AES-128-CTR keystreams with an all-zero initial counter block. A mask key is used for exactly one
   round: keys are derived with HKDF-SHA256 whose ``info`` binds the round's setup digest, so a zero IV is safe.
   Where the CPU has VAES and AVX-512, the compiled ``_kernels`` adds every keystream to the vector without
-  writing it to memory (~40 GB/s of keystream per core here); elsewhere the ``cryptography`` package makes the
-  same keystream (OpenSSL AES-NI, ~10 GB/s) and numpy adds it. Both give identical bytes (tested).
-* :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, 15-20 GB/s per
+  writing it to memory (per core: 39-40 GB/s of keystream on the AMD EPYC VM, 25 on the Intel Xeon one);
+  elsewhere the ``cryptography`` package makes the same keystream (OpenSSL AES-NI, ~10 GB/s) and numpy adds it.
+  Both give identical bytes (tested).
+* :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, 11-20 GB/s per
   core with PCLMUL), fed chunk by chunk while the chunk is still in cache. Its key is used for one message only, so
   a fixed nonce is safe.
 * :class:`RandomSource` is where every random byte of the protocol comes from: ``os.urandom`` in
