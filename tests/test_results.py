@@ -93,3 +93,38 @@ def test_the_exploration_lever_readme_reports_what_its_runs_give_against_fedit()
     assert d["paired"] and d["n"] == 4
     shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
     assert f"**{shown}**" in readme, shown
+
+
+def test_the_rounds_lever_readme_reports_what_its_runs_give():
+    """Both methods run for 8 rounds instead of 4 (seeds 0-2), paired by seed; the per-seed row also shows what the
+    same seeds solved after 4 rounds (../webshop/) and what Fed-SE's exploration found each round."""
+    folder = RESULTS / "cpu-evidence" / "webshop-rounds8"
+    runs = sorted((folder / "runs").glob("cpu-evidence-webshop-*-rounds8-seed*"))
+    assert [r.name for r in runs] == sorted(f"cpu-evidence-webshop-{m}-rounds8-seed{s}" for m in ("fedse", "fedit")
+                                            for s in range(3)), [r.name for r in runs]
+    summaries = [load_summary(r) for r in runs]
+    readme = (folder / "README.md").read_text()
+    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
+    for label, shown in (("cpu-evidence-webshop-fedit-rounds8 (fedit)", "FedIT, 8 rounds"),
+                         ("cpu-evidence-webshop-fedse-rounds8 (fedse)", "Fed-SE, 8 rounds")):
+        cell = rows[label]
+        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
+        assert line in readme, line
+    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit-rounds8 (fedit)")["rows"]
+    d = diff["avg"]
+    assert d["paired"] and d["n"] == 3
+    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
+    assert f"**{shown}**" in readme, shown
+    four = {(s.mode, s.seed): round(24 * s.micro_avg["4"])
+            for s in (load_summary(WEBSHOP / "runs" / f"cpu-evidence-webshop-{m}-seed{k}")
+                      for m in ("fedse", "fedit") for k in range(3))}
+    eight = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+    for seed in range(3):
+        records = [json.loads(line) for line in
+                   (folder / "runs" / f"cpu-evidence-webshop-fedse-rounds8-seed{seed}" / "metrics.jsonl")
+                   .read_text().splitlines()]
+        found = [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values())
+                 for r in records if r["status"] == "completed"]
+        row = (f"| {seed} | {four[('fedit', seed)]} | {eight[('fedit', seed)]} | {four[('fedse', seed)]} | "
+               f"{eight[('fedse', seed)]} | {', '.join(map(str, found))} |")
+        assert row in readme, row
