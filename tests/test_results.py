@@ -21,7 +21,9 @@ WEBSHOP = RESULTS / "cpu-evidence" / "webshop"
 
 
 def _run_folders() -> list[Path]:
-    return sorted(p.parent for p in RESULTS.glob("**/runs/*/summary.json"))
+    # more-seeds/: runs added to an experiment after its pre-registered seeds were seen, kept apart from them.
+    return sorted(p.parent for pattern in ("**/runs/*/summary.json", "**/more-seeds/*/summary.json")
+                  for p in RESULTS.glob(pattern))
 
 
 def test_every_committed_run_holds_its_summary_metrics_and_config_and_nothing_secret():
@@ -127,4 +129,48 @@ def test_the_rounds_lever_readme_reports_what_its_runs_give():
                  for r in records if r["status"] == "completed"]
         row = (f"| {seed} | {four[('fedit', seed)]} | {eight[('fedit', seed)]} | {four[('fedse', seed)]} | "
                f"{eight[('fedse', seed)]} | {', '.join(map(str, found))} |")
+        assert row in readme, row
+
+
+def test_the_epoch_lever_readme_reports_what_its_runs_give():
+    """Both methods train one epoch a round over their buffers for 8 rounds (seeds 0-2), paired by seed; the per-seed
+    row also shows the same seeds with 15 steps a round (../webshop-rounds8/), Fed-SE's exploration successes per
+    round, each retailer's final buffer and the SFT steps of each run."""
+    folder = RESULTS / "cpu-evidence" / "webshop-rounds8-epoch1"
+    runs = sorted((folder / "runs").glob("cpu-evidence-webshop-*"))
+    assert [r.name for r in runs] == sorted(f"cpu-evidence-webshop-{m}-rounds8-epoch1-seed{s}"
+                                            for m in ("fedse", "fedit") for s in range(3)), [r.name for r in runs]
+    summaries = [load_summary(r) for r in runs]
+    readme = (folder / "README.md").read_text()
+    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
+    for label, shown in (("cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)", "FedIT, 8 rounds, one epoch a round"),
+                         ("cpu-evidence-webshop-fedse-rounds8-epoch1 (fedse)", "Fed-SE, 8 rounds, one epoch a round")):
+        cell = rows[label]
+        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
+        assert line in readme, line
+    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)")["rows"]
+    d = diff["avg"]
+    assert d["paired"] and d["n"] == 3
+    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
+    assert f"**{shown}**" in readme, shown
+    fifteen = {(s.mode, s.seed): round(24 * s.micro_avg["8"])
+               for s in (load_summary(RESULTS / "cpu-evidence" / "webshop-rounds8" / "runs" /
+                                      f"cpu-evidence-webshop-{m}-rounds8-seed{k}")
+                         for m in ("fedse", "fedit") for k in range(3))}
+    epoch = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+
+    def completed(method: str, seed: int) -> list[dict]:
+        path = folder / "runs" / f"cpu-evidence-webshop-{method}-rounds8-epoch1-seed{seed}" / "metrics.jsonl"
+        return [r for r in map(json.loads, path.read_text().splitlines()) if r["status"] == "completed"]
+
+    for seed in range(3):
+        fedse, fedit = completed("fedse", seed), completed("fedit", seed)
+        found = [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values()) for r in fedse]
+        buffers = [fedse[-1]["institutions"][f"retailer-{n}"]["report"]["explore"]["buffer_size"]
+                   for n in ("north", "south", "east")]
+        steps = [sum(i["report"]["train"]["steps"] for r in records for i in r["institutions"].values())
+                 for records in (fedit, fedse)]
+        row = (f"| {seed} | {fifteen[('fedit', seed)]} | {epoch[('fedit', seed)]} | {fifteen[('fedse', seed)]} | "
+               f"{epoch[('fedse', seed)]} | {', '.join(map(str, found))} | {', '.join(map(str, buffers))} | "
+               f"{steps[0]} / {steps[1]} |")
         assert row in readme, row
