@@ -174,3 +174,34 @@ def test_the_epoch_lever_readme_reports_what_its_runs_give():
                f"{epoch[('fedse', seed)]} | {', '.join(map(str, found))} | {', '.join(map(str, buffers))} | "
                f"{steps[0]} / {steps[1]} |")
         assert row in readme, row
+
+
+def test_the_epoch_levers_added_seeds_are_reported_beside_the_preregistered_ones():
+    """Seeds 3-4 were added after seeds 0-2 were seen; they live in more-seeds/, and the README's five-seed table,
+    difference and per-seed rows are what those runs and the pre-registered ones give together."""
+    folder = RESULTS / "cpu-evidence" / "webshop-rounds8-epoch1"
+    added = sorted((folder / "more-seeds").glob("cpu-evidence-webshop-*"))
+    assert [r.name for r in added] == sorted(f"cpu-evidence-webshop-{m}-rounds8-epoch1-seed{s}"
+                                             for m in ("fedse", "fedit") for s in (3, 4)), [r.name for r in added]
+    summaries = [load_summary(r) for r in [*sorted((folder / "runs").glob("cpu-evidence-webshop-*")), *added]]
+    assert sorted(s.seed for s in summaries) == sorted([*range(5)] * 2)
+    readme = (folder / "README.md").read_text()
+    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
+    for label, shown in (("cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)", "FedIT, 8 rounds, one epoch a round"),
+                         ("cpu-evidence-webshop-fedse-rounds8-epoch1 (fedse)", "Fed-SE, 8 rounds, one epoch a round")):
+        cell = rows[label]
+        assert cell["n"] == 5, cell
+        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
+        assert line in readme, line
+    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)")["rows"]
+    d = diff["avg"]
+    assert d["paired"] and d["n"] == 5
+    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
+    assert f"**{shown}**" in readme, shown
+    goals = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+    for seed in (3, 4):
+        path = folder / "more-seeds" / f"cpu-evidence-webshop-fedse-rounds8-epoch1-seed{seed}" / "metrics.jsonl"
+        records = [r for r in map(json.loads, path.read_text().splitlines()) if r["status"] == "completed"]
+        found = [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values()) for r in records]
+        row = f"| {seed} | {goals[('fedit', seed)]} | {goals[('fedse', seed)]} | {', '.join(map(str, found))} |"
+        assert row in readme, row
