@@ -91,7 +91,8 @@ def summary_round(out_dir: Path) -> int:
 
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run folders (seeds of one experiment are grouped)."),
-    plot_dir: Path | None = typer.Option(None, "--plots", help="Where to write PNGs (default: the first run folder)."),
+    plot_dir: Path | None = typer.Option(None, "--plots", help="Where to write PNGs (default: the run folder, or the "
+                                         "folder that holds all the runs given)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
     baseline: str | None = typer.Option(None, "--baseline", help="A run group, e.g. 'fedit (fedit)': also print every "
                                         "other group minus it, with the 95% CI of the difference (paired by seed)."),
@@ -126,10 +127,20 @@ def report(
         _print_table(table)
         if diff:
             _print_differences(diff)
-    written = plot_runs(summaries, plot_dir or run_dirs[0])
+    written = plot_runs(summaries, plot_dir or default_plot_dir(run_dirs))
     if not as_json:
         for p in written:
             console.print(f"plot: {p}")
+
+
+def default_plot_dir(run_dirs: list[Path]) -> Path:
+    """One run: its own folder. Several: the folder holding them all (a sweep's OUT), so that a comparison's plot
+    never lands inside, or overwrites a plot in, one of the runs it compares; the working folder if they share none
+    but the filesystem root."""
+    if len({d.resolve() for d in run_dirs}) == 1:
+        return run_dirs[0]
+    common = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
+    return Path.cwd() if common == Path(common.anchor) else common
 
 
 def _print_table(table: dict) -> None:

@@ -80,6 +80,24 @@ def test_report_cli_compares_two_runs(tmp_path):
     assert (tmp_path / "p" / "success_per_round.png").is_file()
 
 
+def test_a_report_over_several_runs_plots_beside_them_not_inside_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedse_cli.main import app
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    a = _write(sweep, _summary("fedse", "fedse", 0, [0.0, 0.5], [0.0, 0.25]))
+    b = _write(sweep, _summary("fedit", "fedit", 0, [0.0, 0.25], [0.0, 0.0]))
+    result = CliRunner().invoke(app, ["report", str(a), str(b)])
+    assert result.exit_code == 0, result.output
+    assert (sweep / "success_per_round.png").is_file()
+    assert sorted(p.name for p in a.iterdir()) == ["summary.json"]
+    result = CliRunner().invoke(app, ["report", str(a)])
+    assert result.exit_code == 0, result.output
+    assert (a / "success_per_round.png").is_file()
+
+
 def test_the_table_shows_the_first_round_and_the_difference_to_a_baseline_has_a_paired_ci(tmp_path):
     from fedse_secure.report import differences
 
