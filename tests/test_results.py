@@ -18,6 +18,8 @@ from fedse_secure.report import differences, final_table, load_summary
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 RUN_FILES = {"summary.json", "metrics.jsonl", "config.yaml"}
 WEBSHOP = RESULTS / "cpu-evidence" / "webshop"
+EPOCH_LEVER_ROWS = {"cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)": "FedIT, 8 rounds, one epoch a round",
+                    "cpu-evidence-webshop-fedse-rounds8-epoch1 (fedse)": "Fed-SE, 8 rounds, one epoch a round"}
 
 
 def _run_folders() -> list[Path]:
@@ -42,23 +44,40 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}".replace("-", "−")
 
 
+def _assert_readme_shows(readme: str, summaries: list, shown: dict[str, str], baseline: str, seeds: int) -> None:
+    """The README's "| name | first → last ± CI |" line for each run group (``shown`` maps the group's label to the
+    name the README gives it), and its bold Fed-SE − baseline difference, paired over ``seeds`` seeds."""
+    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
+    for label, name in shown.items():
+        cell = rows[label]
+        assert cell["n"] == seeds, (label, cell)
+        line = f"| {name} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
+        assert line in readme, line
+    (diff,) = differences(summaries, baseline)["rows"]
+    d = diff["avg"]
+    assert d["paired"] and d["n"] == seeds
+    difference = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
+    assert f"**{difference}**" in readme, difference
+
+
+def _completed_rounds(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["status"] == "completed"]
+
+
+def _exploration_successes(records: list[dict]) -> list[int]:
+    """Successful exploration episodes per round, summed over the institutions."""
+    return [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values()) for r in records]
+
+
 def test_the_webshop_evidence_readme_reports_what_its_ten_runs_give():
     runs = sorted((WEBSHOP / "runs").glob("cpu-evidence-webshop-*-seed*"))
     assert [r.name for r in runs] == sorted(f"cpu-evidence-webshop-{m}-seed{s}" for m in ("fedse", "fedit")
                                             for s in range(5)), [r.name for r in runs]
     readme = (WEBSHOP / "README.md").read_text()
     summaries = [load_summary(r) for r in runs]
-    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
-    for label, shown in (("cpu-evidence-webshop-fedit (fedit)", "FedIT"),
-                         ("cpu-evidence-webshop-fedse (fedse)", "Fed-SE")):
-        cell = rows[label]
-        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
-        assert line in readme, line
-    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit (fedit)")["rows"]
-    d = diff["avg"]
-    assert d["paired"] and d["n"] == 5
-    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
-    assert f"**{shown}**" in readme, shown
+    _assert_readme_shows(readme, summaries, {"cpu-evidence-webshop-fedit (fedit)": "FedIT",
+                                             "cpu-evidence-webshop-fedse (fedse)": "Fed-SE"},
+                         "cpu-evidence-webshop-fedit (fedit)", seeds=5)
     # The per-seed table: test goals solved of 24 after round 4, FedIT then Fed-SE.
     solved = {(s.mode, s.seed): round(24 * s.micro_avg["4"]) for s in summaries}
     for seed in range(5):
@@ -84,17 +103,10 @@ def test_the_exploration_lever_readme_reports_what_its_runs_give_against_fedit()
     baseline = [WEBSHOP / "runs" / f"cpu-evidence-webshop-fedit-seed{s}" for s in range(4)]
     summaries = [load_summary(r) for r in runs + baseline]
     readme = (folder / "README.md").read_text()
-    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
-    for label, shown in (("cpu-evidence-webshop-fedit (fedit)", "FedIT, seeds 0-3"),
-                         ("cpu-evidence-webshop-fedse-explore16 (fedse)", "Fed-SE, 16 episodes a round")):
-        cell = rows[label]
-        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
-        assert line in readme, line
-    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit (fedit)")["rows"]
-    d = diff["avg"]
-    assert d["paired"] and d["n"] == 4
-    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
-    assert f"**{shown}**" in readme, shown
+    _assert_readme_shows(readme, summaries, {
+        "cpu-evidence-webshop-fedit (fedit)": "FedIT, seeds 0-3",
+        "cpu-evidence-webshop-fedse-explore16 (fedse)": "Fed-SE, 16 episodes a round",
+    }, "cpu-evidence-webshop-fedit (fedit)", seeds=4)
 
 
 def test_the_rounds_lever_readme_reports_what_its_runs_give():
@@ -106,27 +118,16 @@ def test_the_rounds_lever_readme_reports_what_its_runs_give():
                                             for s in range(3)), [r.name for r in runs]
     summaries = [load_summary(r) for r in runs]
     readme = (folder / "README.md").read_text()
-    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
-    for label, shown in (("cpu-evidence-webshop-fedit-rounds8 (fedit)", "FedIT, 8 rounds"),
-                         ("cpu-evidence-webshop-fedse-rounds8 (fedse)", "Fed-SE, 8 rounds")):
-        cell = rows[label]
-        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
-        assert line in readme, line
-    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit-rounds8 (fedit)")["rows"]
-    d = diff["avg"]
-    assert d["paired"] and d["n"] == 3
-    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
-    assert f"**{shown}**" in readme, shown
+    _assert_readme_shows(readme, summaries, {"cpu-evidence-webshop-fedit-rounds8 (fedit)": "FedIT, 8 rounds",
+                                             "cpu-evidence-webshop-fedse-rounds8 (fedse)": "Fed-SE, 8 rounds"},
+                         "cpu-evidence-webshop-fedit-rounds8 (fedit)", seeds=3)
     four = {(s.mode, s.seed): round(24 * s.micro_avg["4"])
             for s in (load_summary(WEBSHOP / "runs" / f"cpu-evidence-webshop-{m}-seed{k}")
                       for m in ("fedse", "fedit") for k in range(3))}
     eight = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
     for seed in range(3):
-        records = [json.loads(line) for line in
-                   (folder / "runs" / f"cpu-evidence-webshop-fedse-rounds8-seed{seed}" / "metrics.jsonl")
-                   .read_text().splitlines()]
-        found = [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values())
-                 for r in records if r["status"] == "completed"]
+        found = _exploration_successes(
+            _completed_rounds(folder / "runs" / f"cpu-evidence-webshop-fedse-rounds8-seed{seed}"))
         row = (f"| {seed} | {four[('fedit', seed)]} | {eight[('fedit', seed)]} | {four[('fedse', seed)]} | "
                f"{eight[('fedse', seed)]} | {', '.join(map(str, found))} |")
         assert row in readme, row
@@ -142,30 +143,17 @@ def test_the_epoch_lever_readme_reports_what_its_runs_give():
                                             for m in ("fedse", "fedit") for s in range(3)), [r.name for r in runs]
     summaries = [load_summary(r) for r in runs]
     readme = (folder / "README.md").read_text()
-    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
-    for label, shown in (("cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)", "FedIT, 8 rounds, one epoch a round"),
-                         ("cpu-evidence-webshop-fedse-rounds8-epoch1 (fedse)", "Fed-SE, 8 rounds, one epoch a round")):
-        cell = rows[label]
-        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
-        assert line in readme, line
-    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)")["rows"]
-    d = diff["avg"]
-    assert d["paired"] and d["n"] == 3
-    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
-    assert f"**{shown}**" in readme, shown
+    _assert_readme_shows(readme, summaries, EPOCH_LEVER_ROWS, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)",
+                         seeds=3)
     fifteen = {(s.mode, s.seed): round(24 * s.micro_avg["8"])
                for s in (load_summary(RESULTS / "cpu-evidence" / "webshop-rounds8" / "runs" /
                                       f"cpu-evidence-webshop-{m}-rounds8-seed{k}")
                          for m in ("fedse", "fedit") for k in range(3))}
     epoch = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
-
-    def completed(method: str, seed: int) -> list[dict]:
-        path = folder / "runs" / f"cpu-evidence-webshop-{method}-rounds8-epoch1-seed{seed}" / "metrics.jsonl"
-        return [r for r in map(json.loads, path.read_text().splitlines()) if r["status"] == "completed"]
-
     for seed in range(3):
-        fedse, fedit = completed("fedse", seed), completed("fedit", seed)
-        found = [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values()) for r in fedse]
+        fedse, fedit = (_completed_rounds(folder / "runs" / f"cpu-evidence-webshop-{m}-rounds8-epoch1-seed{seed}")
+                        for m in ("fedse", "fedit"))
+        found = _exploration_successes(fedse)
         buffers = [fedse[-1]["institutions"][f"retailer-{n}"]["report"]["explore"]["buffer_size"]
                    for n in ("north", "south", "east")]
         steps = [sum(i["report"]["train"]["steps"] for r in records for i in r["institutions"].values())
@@ -186,22 +174,11 @@ def test_the_epoch_levers_added_seeds_are_reported_beside_the_preregistered_ones
     summaries = [load_summary(r) for r in [*sorted((folder / "runs").glob("cpu-evidence-webshop-*")), *added]]
     assert sorted(s.seed for s in summaries) == sorted([*range(5)] * 2)
     readme = (folder / "README.md").read_text()
-    rows = {row["run"]: row["avg"] for row in final_table(summaries)["rows"]}
-    for label, shown in (("cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)", "FedIT, 8 rounds, one epoch a round"),
-                         ("cpu-evidence-webshop-fedse-rounds8-epoch1 (fedse)", "Fed-SE, 8 rounds, one epoch a round")):
-        cell = rows[label]
-        assert cell["n"] == 5, cell
-        line = f"| {shown} | {_pct(cell['first']['mean'])} → {_pct(cell['mean'])} ± {_pct(cell['ci95'])} |"
-        assert line in readme, line
-    (diff,) = differences(summaries, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)")["rows"]
-    d = diff["avg"]
-    assert d["paired"] and d["n"] == 5
-    shown = f"{'+' if d['mean'] >= 0 else '−'}{abs(100 * d['mean']):.1f} ± {100 * d['ci95']:.1f}"
-    assert f"**{shown}**" in readme, shown
+    _assert_readme_shows(readme, summaries, EPOCH_LEVER_ROWS, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)",
+                         seeds=5)
     goals = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
     for seed in (3, 4):
-        path = folder / "more-seeds" / f"cpu-evidence-webshop-fedse-rounds8-epoch1-seed{seed}" / "metrics.jsonl"
-        records = [r for r in map(json.loads, path.read_text().splitlines()) if r["status"] == "completed"]
-        found = [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values()) for r in records]
+        found = _exploration_successes(
+            _completed_rounds(folder / "more-seeds" / f"cpu-evidence-webshop-fedse-rounds8-epoch1-seed{seed}"))
         row = f"| {seed} | {goals[('fedit', seed)]} | {goals[('fedse', seed)]} | {', '.join(map(str, found))} |"
         assert row in readme, row
