@@ -137,9 +137,10 @@ def default_plot_dir(run_dirs: list[Path]) -> Path:
     """One run: its own folder. Several: the folder holding them all (a sweep's OUT), so that a comparison's plot
     never lands inside, or overwrites a plot in, one of the runs it compares; the working folder if they share none
     but the filesystem root."""
-    if len({d.resolve() for d in run_dirs}) == 1:
+    resolved = [d.resolve() for d in run_dirs]
+    if len(set(resolved)) == 1:
         return run_dirs[0]
-    common = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
+    common = Path(os.path.commonpath(resolved))
     return Path.cwd() if common == Path(common.anchor) else common
 
 
