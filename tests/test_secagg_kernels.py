@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedse_secure.secagg.base import InvalidUpdateError
 from fedse_secure.secagg.masking.prg import KERNEL, MaskApplier, MaskStream, expand_mask
-from fedse_secure.secagg.masking.quantize import ChunkQuantiser, quantise, signed_integers
+from fedse_secure.secagg.masking.quantize import ChunkQuantiser, quantise, release_into, signed_integers
 
 
 def _cpu_flags() -> set[str]:
@@ -98,7 +98,12 @@ def test_kernel_rejects_bad_arguments_without_touching_memory():
         KERNEL.add_keystreams(v, bytes(16), b"\0", 2**64 - 2, 4)
     with pytest.raises(ValueError, match="float32"):
         KERNEL.quantise_f32_i32(np.zeros(4, np.float32), np.zeros(5, np.uint32), 8.0, 2.0**24)
-    assert not v.any()
+    out = np.zeros(4, np.float64)
+    with pytest.raises(ValueError, match="as many float64"):
+        KERNEL.dequantise_i32_f64(np.ones(5, np.int32), out, 1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        KERNEL.dequantise_i32_f64(np.ones(0, np.int32), out[:0], 1.0)
+    assert not v.any() and not out.any()
 
 
 def _ref_quantise(x: np.ndarray, clip: float, f: int) -> tuple[np.ndarray, int]:
@@ -152,3 +157,37 @@ def test_a_strided_vector_is_masked_like_a_contiguous_one():
     strided = np.zeros(2000, np.uint32)[::2]
     MaskApplier(np.uint32, kernel=KERNEL).apply(strided, streams)
     assert np.array_equal(strided, expand_mask(bytes(range(16)), 1000, np.uint32, kernel=None))
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 65_536 + 5])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: the destination is not 64-byte aligned (no streaming stores)
+def test_kernel_release_gives_numpys_floats_and_extremes(size, offset):
+    rng = np.random.default_rng(size)
+    values = rng.integers(-(2**31), 2**31, size, dtype=np.int64).astype(np.int32)
+    values[size // 2] = np.iinfo(np.int32).min if size > 2 else values[0]
+    fast = np.zeros(size + offset, np.float64)[offset:]
+    ref = np.zeros(size, np.float64)
+    got = release_into(values, fast, 24, kernel=KERNEL)
+    want = release_into(values, ref, 24, kernel=None)
+    assert got == want == (int(values.min()), int(values.max()))
+    assert fast.tobytes() == ref.tobytes()
+    assert np.array_equal(fast, values.astype(np.float64) / 2**24)
+
+
+@needs_kernel
+def test_warming_the_next_input_changes_nothing_but_the_timing():
+    # The client passes the next chunk of its update as `warm`: only prefetched, never written, never in the sum.
+    keys, subtract = os.urandom(48), b"\0\1\0"
+    plain, warmed = np.arange(4099, dtype=np.uint32), np.arange(4099, dtype=np.uint32)
+    KERNEL.add_keystreams(plain, keys, subtract, 7, 4)
+    next_input = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
+    before = next_input.copy()
+    KERNEL.add_keystreams(warmed, keys, subtract, 7, 4, next_input)
+    assert np.array_equal(plain, warmed) and np.array_equal(next_input, before)
+    again = np.arange(4099, dtype=np.uint32)
+    KERNEL.add_keystreams(again, keys, subtract, 7, 4, None)
+    KERNEL.add_keystreams(np.zeros(16, np.uint32), keys, subtract, 0, 4, bytes(3))  # read-only and short: fine
+    assert np.array_equal(plain, again)
+    with pytest.raises(TypeError):
+        KERNEL.add_keystreams(again, keys, subtract, 7, 4, 12345)

@@ -104,8 +104,10 @@ class MaskApplier:
 
     def apply(self, vec: np.ndarray, streams: list[MaskStream], before_chunk=None, after_chunk=None) -> None:
         """``vec += sum(sign * stream)`` in the ring. ``before_chunk(start, stop, view)`` fills a chunk first
-        (the client quantises its update into the chunk there, so the input is read exactly once);
-        ``after_chunk(view)`` sees the finished chunk while it is in cache (the client tags it there)."""
+        (the client quantises its update into the chunk there, so the input is read exactly once) and may return
+        a buffer the kernel brings into cache while it adds this chunk's masks (the next chunk's input: the AES
+        rounds then hide the memory reads); ``after_chunk(view)`` sees the finished chunk while it is in cache
+        (the client tags it there)."""
         n = vec.size
         itemsize = self.dtype.itemsize
         # The kernel writes through the buffer protocol, which needs contiguous memory; a strided view takes
@@ -115,15 +117,15 @@ class MaskApplier:
             subtract = bytes(1 if s.sign < 0 else 0 for s in streams)
             add = self.kernel.add_keystreams
 
-            def add_masks(view: np.ndarray, start: int) -> None:
-                add(view, keys, subtract, start * itemsize // 16, itemsize)
+            def add_masks(view: np.ndarray, start: int, warm) -> None:
+                add(view, keys, subtract, start * itemsize // 16, itemsize, warm)
         else:
             encryptors = [aes_ctr_encryptor(s.key) for s in streams]
             nbytes = self.chunk * itemsize
             zeros, scratch = _zeros(nbytes), bytearray(nbytes + 16)
             tmp = np.frombuffer(scratch, dtype=self.dtype, count=self.chunk)
 
-            def add_masks(view: np.ndarray, start: int) -> None:
+            def add_masks(view: np.ndarray, start: int, warm) -> None:
                 # The encryptors are read in order, chunk after chunk: their position is ``start``.
                 m = view.size
                 t = tmp[:m]
@@ -136,9 +138,8 @@ class MaskApplier:
 
         for start in range(0, n, self.chunk):
             view = vec[start : min(start + self.chunk, n)]
-            if before_chunk is not None:
-                before_chunk(start, start + view.size, view)
-            add_masks(view, start)
+            warm = before_chunk(start, start + view.size, view) if before_chunk is not None else None
+            add_masks(view, start, warm)
             if after_chunk is not None:
                 after_chunk(view)
         self.keystream_bytes += n * itemsize * len(streams)

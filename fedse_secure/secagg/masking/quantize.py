@@ -84,14 +84,16 @@ class ChunkQuantiser:
         self.values_clipped = 0
         self.count_cap = max_quantised(clip_range, fractional_bits)
 
-    def __call__(self, start: int, stop: int, out: np.ndarray) -> None:
+    def __call__(self, start: int, stop: int, out: np.ndarray) -> np.ndarray | None:
+        """Quantises ``x[start:stop]`` into ``out``; returns the next chunk's input (for the mask kernel to bring
+        into cache while it works) where the kernel quantises, else None."""
         n = self.x.size
         if stop > n:  # the last chunk also holds the trailing clipped-count element
             if n > start:
                 self(start, n, out[: n - start])
             # Capped like a value, so the summed counts cannot overflow the ring either.
             out[n - start :].view(self.signed)[...] = min(self.values_clipped, self.count_cap)
-            return
+            return None
         xs = self.x[start:stop]
         if self.kernel is not None:
             clipped, nonfinite = self.kernel.quantise_f32_i32(xs, out, float(self.c), float(self.scale))
@@ -100,7 +102,7 @@ class ChunkQuantiser:
             if clipped and self.refuse:
                 self._refuse()
             self.values_clipped += clipped
-            return
+            return self.x[stop : stop + (stop - start)]
         if self.buf.size < stop - start:
             self.buf = np.empty(stop - start, dtype=self.x.dtype)
         f = self.buf[: stop - start]
@@ -118,6 +120,7 @@ class ChunkQuantiser:
             np.multiply(f, self.scale, out=f)
         np.rint(f, out=f)
         out.view(self.signed)[...] = f
+        return None
 
     def _refuse(self) -> None:
         # No value of the update in the text: it reaches the coordinator's log as the refusal reason.
@@ -139,6 +142,17 @@ def quantise(x: np.ndarray, clip_range: float, fractional_bits: int, ring_bits: 
 def signed_integers(ring_vec: np.ndarray) -> np.ndarray:
     """Two's-complement reading of a ring vector (the exact integer sum, given the headroom rule)."""
     return ring_vec.view(SIGNED_DTYPES[ring_vec.dtype.itemsize * 8])
+
+
+def release_into(values: np.ndarray, out: np.ndarray, fractional_bits: int, kernel=KERNEL) -> tuple[int, int]:
+    """``out[...] = values * 2^-f`` in float64 and the ``(min, max)`` of ``values`` (a non-empty signed reading of a
+    ring chunk): the server's release of an unmasked chunk and its range check, in one pass of the compiled kernel
+    for the 32-bit ring where there is one (the same floats as numpy's: a power-of-two scale is exact, tested)."""
+    scale = 2.0**-fractional_bits
+    if kernel is not None and values.dtype == np.int32 and values.flags.c_contiguous and out.flags.c_contiguous:
+        return kernel.dequantise_i32_f64(values, out, scale)
+    np.multiply(values, scale, out=out)
+    return int(values.min()), int(values.max())
 
 
 def dequantise(ring_sum: np.ndarray, fractional_bits: int) -> np.ndarray:

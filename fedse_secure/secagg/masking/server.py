@@ -76,7 +76,7 @@ from fedse_secure.secagg.masking.messages import (
     survivors_payload,
 )
 from fedse_secure.secagg.masking.prg import CHUNK_ELEMENTS, InputTag, MaskApplier, MaskStream, RandomSource
-from fedse_secure.secagg.masking.quantize import RING_DTYPES, SIGNED_DTYPES, required_ring_bits
+from fedse_secure.secagg.masking.quantize import RING_DTYPES, SIGNED_DTYPES, release_into, required_ring_bits
 from fedse_secure.secagg.masking.settings import MaskingSettings
 
 _COMMITMENT = 32
@@ -279,15 +279,16 @@ class SecAggServer:
             )
         if self._sum is None:
             self._sum = np.zeros(want, dtype=self.dtype)
-        # Tag and sum in one pass while each chunk is in cache; on a bad tag the vector is taken out again,
-        # so the machine is unchanged. The server never stores individual masked vectors.
+        # Sum and tag in one pass while each chunk is in cache; on a bad tag the vector is taken out again,
+        # so the machine is unchanged. The server never stores individual masked vectors. The sum reads the
+        # chunk from memory first: its two streams keep more reads in flight than the tag's one.
         tag = InputTag(self._tag_keys[m.sender], masked_input_header(self.session, self.round_id, m.sender, want))
         total = self._sum
         for start in range(0, want, CHUNK_ELEMENTS):
             chunk = v[start : start + CHUNK_ELEMENTS]
-            tag.update(chunk)
             part = total[start : start + CHUNK_ELEMENTS]
             np.add(part, chunk, out=part)
+            tag.update(chunk)
         if not hmac.compare_digest(tag.tag(), m.tag):
             np.subtract(total, v, out=total)
             raise AuthenticationError(
@@ -456,7 +457,7 @@ class SecAggServer:
         total = self._sum
         n = total.size - 1  # the last element is the clipped count
         signed = SIGNED_DTYPES[self.setup.ring_bits]
-        scale = 2.0 ** -self.setup.fractional_bits  # a power of two: the float64 product is exact
+        fractional_bits = self.setup.fractional_bits
         released = np.empty(n, dtype=np.float64)
         pos, lo, hi = 0, 0, 0
 
@@ -465,8 +466,8 @@ class SecAggServer:
             nonlocal pos, lo, hi
             values = chunk[: max(0, n - pos)].view(signed)
             if values.size:
-                lo, hi = min(lo, int(values.min())), max(hi, int(values.max()))
-                np.multiply(values, scale, out=released[pos : pos + values.size])
+                chunk_lo, chunk_hi = release_into(values, released[pos : pos + values.size], fractional_bits)
+                lo, hi = min(lo, chunk_lo), max(hi, chunk_hi)
             pos += chunk.size
 
         applier = MaskApplier(self.dtype)
