@@ -279,8 +279,9 @@ def test_default_parameters_keep_a_tenth_of_colluders_from_exposing_anyone_at_n_
 
 def test_a_tampered_masked_input_is_rejected_and_leaves_the_sum_as_it_was():
     """200 single-bit flips of one institution's masked input, each fed to the coordinator before the
-    genuine one: every flip is rejected with the machine unchanged, then the genuine vector is accepted and
-    the released sum is exact (4aa2a94 accepted every flip; errors up to 128 where n x clip = 24)."""
+    genuine one (100 before any input is in the sum, 100 after another institution's): every flip is rejected
+    with the machine unchanged, then the genuine vector is accepted and the released sum is exact (4aa2a94
+    accepted every flip; errors up to 128 where n x clip = 24)."""
     names = _names(3)
     xs = _inputs(names, 300)
     fed = _Federation(names)
@@ -290,13 +291,15 @@ def test_a_tampered_masked_input_is_rejected_and_leaves_the_sum_as_it_was():
     rng = np.random.default_rng(1)
     wire = bytearray(genuine["p01"])
     body = len(wire) - 8 - 16 - 301 * 4  # offset of the vector in the message
-    for _ in range(200):
+    for k in range(200):
+        if k == 100:  # the sum is empty for the first 100 flips and holds p00's input for the rest
+            server.receive("p00", genuine["p00"])
         flipped = bytearray(wire)
         i = body + int(rng.integers(0, 301 * 4))
         flipped[i] ^= 1 << int(rng.integers(0, 8))
         with pytest.raises(AuthenticationError, match="fails its tag"):
             server.receive("p01", bytes(flipped))
-    for p in names:
+    for p in names[1:]:
         server.receive(p, genuine[p])
     parties = InProcessParties(clients, stages=STAGES)
     requests = server.advance()

@@ -277,20 +277,28 @@ class SecAggServer:
                 f"round {self.round_id}: masked vector of {m.sender!r} is {v.dtype}[{v.size}], expected "
                 f"{self.dtype}[{want}] with a {TAG_BYTES}-byte tag; rejected"
             )
-        if self._sum is None:
-            self._sum = np.zeros(want, dtype=self.dtype)
         # Sum and tag in one pass while each chunk is in cache; on a bad tag the vector is taken out again,
         # so the machine is unchanged. The server never stores individual masked vectors. The sum reads the
-        # chunk from memory first: its two streams keep more reads in flight than the tag's one.
+        # chunk from memory first: its two streams keep more reads in flight than the tag's one. The first
+        # input is copied rather than added to zeros: np.empty gets huge pages, calloc's zeros fault in 4 KiB.
+        first = self._sum is None
+        if first:
+            self._sum = np.empty(want, dtype=self.dtype)
         tag = InputTag(self._tag_keys[m.sender], masked_input_header(self.session, self.round_id, m.sender, want))
         total = self._sum
         for start in range(0, want, CHUNK_ELEMENTS):
             chunk = v[start : start + CHUNK_ELEMENTS]
             part = total[start : start + CHUNK_ELEMENTS]
-            np.add(part, chunk, out=part)
+            if first:
+                part[...] = chunk
+            else:
+                np.add(part, chunk, out=part)
             tag.update(chunk)
         if not hmac.compare_digest(tag.tag(), m.tag):
-            np.subtract(total, v, out=total)
+            if first:
+                self._sum = None
+            else:
+                np.subtract(total, v, out=total)
             raise AuthenticationError(
                 f"round {self.round_id}: the masked input of {m.sender!r} fails its tag (tampered, relabelled or "
                 "replayed); rejected, it is not in the sum"
