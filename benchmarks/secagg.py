@@ -336,8 +336,13 @@ def main() -> None:
               f"max |error| vs clipped float sum {crypten_row['max_abs_error']:.2e}")
     ratio_plain = masking_s / plaintext_s
     ratio_plain_cpu = masking_cpu / plaintext_cpu
+    # Each path's fastest round: what the code costs when the VM adds no stall (a masking round that writes its
+    # 64 MB release into memory the host reclaimed takes 0.1-0.2 s longer). Reported beside the medians, which
+    # stay the headline figure.
+    ratio_best_rounds = min(t.cpu for t, _ in masks) / min(t.cpu for t in plain)
     print(f"ratio masking / plaintext: {ratio_plain:.2f}x wall, {ratio_plain_cpu:.2f}x CPU  (target <= 1.3x: "
-          f"{'met' if max(ratio_plain, ratio_plain_cpu) <= 1.3 else 'NOT met'} for the sequential in-process run)")
+          f"{'met' if max(ratio_plain, ratio_plain_cpu) <= 1.3 else 'NOT met'} for the sequential in-process run); "
+          f"fastest rounds {ratio_best_rounds:.2f}x CPU")
     ratio_flower = ratio_flower_cpu = None
     if flower is not None:
         ratio_flower = masking_s / flower.wall
@@ -391,6 +396,7 @@ def main() -> None:
         "masking_cpu_s": round(masking_cpu, 4),
         "flower_secaggplus_cpu_s": round(flower.cpu, 4) if flower is not None else None,
         "ratio_vs_plaintext_cpu": round(ratio_plain_cpu, 3),
+        "ratio_vs_plaintext_best_rounds_cpu": round(ratio_best_rounds, 3),
         "ratio_vs_flower_cpu": round(ratio_flower_cpu, 4) if ratio_flower_cpu is not None else None,
         "load_average_1m": round(load, 2),
         "ratio_vs_plaintext": round(ratio_plain, 3),
