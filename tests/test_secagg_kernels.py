@@ -191,3 +191,14 @@ def test_warming_the_next_input_changes_nothing_but_the_timing():
     assert np.array_equal(plain, again)
     with pytest.raises(TypeError):
         KERNEL.add_keystreams(again, keys, subtract, 7, 4, 12345)
+
+
+@needs_kernel
+def test_the_quantiser_hands_the_next_chunk_of_the_update_to_the_mask_kernel():
+    # The prefetch is only wired up if each chunk's quantiser call returns the next chunk's input.
+    x = np.arange(10, dtype=np.float32)
+    q = ChunkQuantiser(x, 8.0, 24, 32, "inst0", kernel=KERNEL)
+    out = np.empty(11, np.uint32)
+    assert np.array_equal(q(0, 4, out[:4]), x[4:8])
+    assert q(8, 11, out[8:]) is None  # the last chunk (with the count) warms nothing
+    assert ChunkQuantiser(x, 8.0, 24, 32, "inst0", kernel=None)(0, 4, out[:4]) is None
