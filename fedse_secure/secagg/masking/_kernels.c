@@ -322,6 +322,17 @@ static PyObject *add_keystreams(PyObject *self, PyObject *const *args, Py_ssize_
     return result;
 }
 
+/* The input and output buffers of a kernel call: `in` C-contiguous, `out` writable and C-contiguous. On failure
+ * nothing is held and -1 is returned with the Python error set. */
+static int get_in_out(PyObject *in_obj, PyObject *out_obj, Py_buffer *in, Py_buffer *out) {
+    if (PyObject_GetBuffer(in_obj, in, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (PyObject_GetBuffer(out_obj, out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(in);
+        return -1;
+    }
+    return 0;
+}
+
 /* quantise_f32_i32(x, out, clip, scale) -> (clipped, nonfinite)
  *   x: C-contiguous float32 buffer; out: writable C-contiguous buffer of as many 4-byte ring elements */
 static PyObject *quantise_f32_i32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -338,11 +349,7 @@ static PyObject *quantise_f32_i32(PyObject *self, PyObject *const *args, Py_ssiz
     double scale = PyFloat_AsDouble(args[3]);
     if (scale == -1.0 && PyErr_Occurred()) return NULL;
     Py_buffer x, out;
-    if (PyObject_GetBuffer(args[0], &x, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (PyObject_GetBuffer(args[1], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
+    if (get_in_out(args[0], args[1], &x, &out) < 0) return NULL;
     PyObject *result = NULL;
     if (x.len % 4 != 0 || out.len != x.len) {
         PyErr_SetString(PyExc_ValueError, "x must be float32 and out the same number of 4-byte elements");
@@ -378,11 +385,7 @@ static PyObject *dequantise_i32_f64(PyObject *self, PyObject *const *args, Py_ss
     double scale = PyFloat_AsDouble(args[2]);
     if (scale == -1.0 && PyErr_Occurred()) return NULL;
     Py_buffer v, out;
-    if (PyObject_GetBuffer(args[0], &v, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (PyObject_GetBuffer(args[1], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&v);
-        return NULL;
-    }
+    if (get_in_out(args[0], args[1], &v, &out) < 0) return NULL;
     PyObject *result = NULL;
     if (v.len % 4 != 0 || v.len == 0 || out.len != 2 * v.len) {
         PyErr_SetString(PyExc_ValueError, "v must hold at least one int32 and out as many float64");
