@@ -69,6 +69,10 @@ def test_kernel_and_reference_apply_identical_masks(dtype, size):
     odd = base.copy()
     MaskApplier(dtype, chunk=4 * 1024 + 4, kernel=KERNEL).apply(odd, streams)
     assert np.array_equal(odd, ref)
+    for kernel in (KERNEL, None):  # last chunk first (the server's order): each chunk finds its own counter
+        backwards = base.copy()
+        MaskApplier(dtype, chunk=4 * 1024 + 4, kernel=kernel).apply(backwards, streams, reverse=True)
+        assert np.array_equal(backwards, ref)
 
 
 @needs_kernel

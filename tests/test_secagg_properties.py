@@ -13,7 +13,8 @@ from fedse_secure.secagg.backends.masking import MaskingBackend
 from fedse_secure.secagg.base import RoundAbortedError
 from fedse_secure.secagg.driver import InProcessParties, drive
 from fedse_secure.secagg.masking import STAGES, IdentityKey, MaskingSettings, ProtocolError, PublicKeyRegistry, decode
-from fedse_secure.secagg.masking.prg import RandomSource
+from fedse_secure.secagg.encoding import count_out_of_range, max_quantised
+from fedse_secure.secagg.masking.prg import CHUNK_ELEMENTS, RandomSource
 from fedse_secure.secagg.masking.quantize import quantise, signed_integers
 
 _IDS: dict[str, IdentityKey] = {}
@@ -89,6 +90,27 @@ def test_sum_is_exact_with_at_most_n_minus_t_dropouts(case):
     u3 = _alive_sets(sorted(inputs), schedule)[2]
     assert res.survivors == sorted(u3)
     assert np.array_equal(res.total, _quantised_sum(inputs, u3, server))
+
+
+@pytest.mark.parametrize("size, fractional_bits", [(CHUNK_ELEMENTS, None), (2 * CHUNK_ELEMENTS + 5, None),
+                                                   (CHUNK_ELEMENTS + 3, 40)])
+def test_the_sum_released_into_its_own_memory_is_exact_across_chunks(size, fractional_bits):
+    """The server releases the float64 result over the ring sum it is made from, last chunk first: every chunk,
+    the clipped count in the last slot (alone in its chunk at ``CHUNK_ELEMENTS``) and a 64-bit ring survive it."""
+    cfg = MaskingSettings(colluder_fraction=0.0, dropout_fraction=0.0, neighbours=2, threshold=2,
+                          fractional_bits=fractional_bits)
+    server, clients, inputs = _setup(3, size, cfg, seed=size)
+    rng = np.random.default_rng(size)
+    for p in inputs:  # some values beyond the clipping range, so there is a count to carry
+        inputs[p] = (rng.standard_normal(size) * 4).astype(np.float32)
+        clients[p].set_input(inputs[p])
+    res = run_round(server, clients, {})
+    s = server.machine.setup
+    assert s.ring_bits == (64 if fractional_bits else 32)
+    assert np.array_equal(res.total, _quantised_sum(inputs, sorted(inputs), server))
+    cap = max_quantised(s.clip_range, s.fractional_bits)
+    clipped = sum(min(count_out_of_range(x, s.clip_range), cap) for x in inputs.values())
+    assert clipped > 0 and res.measurements["values_clipped"] == clipped
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -359,7 +359,7 @@ class SecAggClient:
                                refuse=self.config.on_out_of_range == "refuse")
         tag = InputTag(self._tag_key, masked_input_header(self.session, self.round_id, self.name, size))
         applier = MaskApplier(dtype)
-        applier.apply(out, streams, before_chunk=quant, after_chunk=tag.update)
+        applier.apply(out, streams, before_chunk=quant, after_chunk=lambda start, chunk: tag.update(chunk))
         tag_view[:TAG_BYTES] = tag.tag()
         self.values_clipped = quant.values_clipped
         self.keystream_bytes = applier.keystream_bytes

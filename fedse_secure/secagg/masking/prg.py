@@ -32,8 +32,6 @@ DOMAIN = b"fedse-secagg/v1"
 #: keystream chunk both stay in L2 while every mask of a client is added to them.
 CHUNK_ELEMENTS = 1 << 16
 
-_ZERO_IV = b"\x00" * 16
-
 
 def _load_kernel():
     try:
@@ -72,9 +70,10 @@ class MaskStream:
         self.sign = sign
 
 
-def aes_ctr_encryptor(key: bytes):
-    """``cryptography``'s AES-128-CTR from the all-zero counter block: the reference keystream of a mask."""
-    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+def aes_ctr_encryptor(key: bytes, first_block: int = 0):
+    """``cryptography``'s AES-128-CTR, the reference keystream of a mask: from the all-zero counter block, or from
+    block ``first_block`` of that keystream (the counter block is a 128-bit big-endian block index)."""
+    return Cipher(algorithms.AES(key), modes.CTR(first_block.to_bytes(16, "big"))).encryptor()
 
 
 _ZEROS: dict[int, memoryview] = {}
@@ -103,12 +102,14 @@ class MaskApplier:
         self.kernel = kernel
         self.keystream_bytes = 0
 
-    def apply(self, vec: np.ndarray, streams: list[MaskStream], before_chunk=None, after_chunk=None) -> None:
+    def apply(self, vec: np.ndarray, streams: list[MaskStream], before_chunk=None, after_chunk=None,
+              reverse: bool = False) -> None:
         """``vec += sum(sign * stream)`` in the ring. ``before_chunk(start, stop, view)`` fills a chunk first
         (the client quantises its update into the chunk there, so the input is read exactly once) and may return
         a buffer the kernel brings into cache while it adds this chunk's masks (the next chunk's input: the AES
-        rounds then hide the memory reads); ``after_chunk(view)`` sees the finished chunk while it is in cache
-        (the client tags it there)."""
+        rounds then hide the memory reads); ``after_chunk(start, view)`` sees the finished chunk while it is in
+        cache (the client tags it there). ``reverse``: the last chunk first (the server releases the sum into
+        the memory that holds it, which needs that order)."""
         n = vec.size
         itemsize = self.dtype.itemsize
         # The kernel writes through the buffer protocol, which needs contiguous memory; a strided view takes
@@ -121,28 +122,27 @@ class MaskApplier:
             def add_masks(view: np.ndarray, start: int, warm) -> None:
                 add(view, keys, subtract, start * itemsize // 16, itemsize, warm)
         else:
-            encryptors = [aes_ctr_encryptor(s.key) for s in streams]
             nbytes = self.chunk * itemsize
             zeros, scratch = _zeros(nbytes), bytearray(nbytes + 16)
             tmp = np.frombuffer(scratch, dtype=self.dtype, count=self.chunk)
 
             def add_masks(view: np.ndarray, start: int, warm) -> None:
-                # The encryptors are read in order, chunk after chunk: their position is ``start``.
                 m = view.size
                 t = tmp[:m]
-                for s, enc in zip(streams, encryptors):
-                    enc.update_into(zeros[: m * itemsize], scratch)
+                for s in streams:
+                    aes_ctr_encryptor(s.key, start * itemsize // 16).update_into(zeros[: m * itemsize], scratch)
                     if s.sign > 0:
                         np.add(view, t, out=view)
                     else:
                         np.subtract(view, t, out=view)
 
-        for start in range(0, n, self.chunk):
+        starts = range(0, n, self.chunk)
+        for start in reversed(starts) if reverse else starts:
             view = vec[start : min(start + self.chunk, n)]
             warm = before_chunk(start, start + view.size, view) if before_chunk is not None else None
             add_masks(view, start, warm)
             if after_chunk is not None:
-                after_chunk(view)
+                after_chunk(start, view)
         self.keystream_bytes += n * itemsize * len(streams)
 
 
