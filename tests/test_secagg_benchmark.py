@@ -45,3 +45,19 @@ def test_keystream_rate_probes_measure_both_aes_paths(bench):
 
 def test_the_benchmark_names_the_cpu_its_ratios_belong_to(bench):
     assert bench.cpu_model().strip()
+
+
+def test_the_stall_breakdown_times_every_part_of_a_masking_round():
+    import json
+    import subprocess
+    import sys
+
+    script = _PATH.parent / "secagg_stalls.py"
+    out = subprocess.run([sys.executable, str(script), "--rounds", "2", "--clients", "3", "--params", "1000", "--json"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    rounds = json.loads(out.stdout.splitlines()[-1])["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        assert set(r) == {"cpu_s", "system_s", "client_masking", "server_tag_and_sum", "server_unmask"}
+        assert all(v["user_s"] >= 0 and v["system_s"] >= 0 and v["minor_faults"] >= 0
+                   for v in r.values() if isinstance(v, dict))

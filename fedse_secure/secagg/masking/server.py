@@ -515,8 +515,9 @@ def sum_and_release(size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]
     """A ring vector of ``size`` elements (the sum: the update and the clipped count) and a float64 vector of
     ``size - 1`` elements (the released update) in one allocation, starting at the same address. The server
     releases the sum into the memory that holds it, so it holds 8 bytes a parameter, as the plaintext path's float64
-    sum does, instead of 12. Fresh memory is what stalled the unmask stage on the benchmark's VM (60-90 ms of system
-    time faulting in pages the host had reclaimed, in 5 of 10 rounds; none in 10 rounds after this change)."""
+    sum does, instead of 12. On the benchmark's VM the second buffer's fresh pages stalled the unmask stage (76-183
+    ms of system time in 7 of 20 rounds; at most 8 ms after), though steady rounds are no faster
+    (``benchmarks/secagg_stalls.py``)."""
     dtype = np.dtype(dtype)
     memory = np.empty(max(8 * (size - 1), dtype.itemsize * size), dtype=np.uint8)
     return memory[: dtype.itemsize * size].view(dtype), memory[: 8 * (size - 1)].view(np.float64)
