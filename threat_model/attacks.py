@@ -138,11 +138,13 @@ def no_input_auth_server_class():
     import numpy as np
 
     from fedse_secure.secagg.masking import SecAggServer
+    from fedse_secure.secagg.masking.server import sum_and_release
 
     class NoInputAuthServer(SecAggServer):
         def _check_masked_input(self, m):
             if self._sum is None:
-                self._sum = np.zeros(self.setup.vector_len + 1, dtype=self.dtype)
+                self._sum, self._released = sum_and_release(self.setup.vector_len + 1, self.dtype)
+                self._sum[...] = 0
             np.add(self._sum, m.vector, out=self._sum)
 
         def _check_range(self, lo, hi, count, survivors):
