@@ -180,21 +180,27 @@ def test_kernel_release_gives_numpys_floats_and_extremes(size, offset):
 
 
 @needs_kernel
-def test_warming_the_next_input_changes_nothing_but_the_timing():
-    # The client passes the next chunk of its update as `warm`: only prefetched, never written, never in the sum.
+def test_warming_the_next_chunks_changes_nothing_but_the_timing():
+    # The applier passes the next chunk of the client's update as `warm` and the next chunk of the vector as
+    # `warm_out`: only prefetched, never written, never in the sum.
     keys, subtract = os.urandom(48), b"\0\1\0"
     plain, warmed = np.arange(4099, dtype=np.uint32), np.arange(4099, dtype=np.uint32)
     KERNEL.add_keystreams(plain, keys, subtract, 7, 4)
     next_input = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
-    before = next_input.copy()
-    KERNEL.add_keystreams(warmed, keys, subtract, 7, 4, next_input)
+    next_chunk = np.arange(6000, dtype=np.uint32)
+    before, before_chunk = next_input.copy(), next_chunk.copy()
+    KERNEL.add_keystreams(warmed, keys, subtract, 7, 4, next_input, next_chunk)
     assert np.array_equal(plain, warmed) and np.array_equal(next_input, before)
-    again = np.arange(4099, dtype=np.uint32)
-    KERNEL.add_keystreams(again, keys, subtract, 7, 4, None)
-    KERNEL.add_keystreams(np.zeros(16, np.uint32), keys, subtract, 0, 4, bytes(3))  # read-only and short: fine
+    assert np.array_equal(next_chunk, before_chunk)
+    for extra in ((None,), (None, None), (next_input, None), (None, next_chunk)):
+        again = np.arange(4099, dtype=np.uint32)
+        KERNEL.add_keystreams(again, keys, subtract, 7, 4, *extra)
+        assert np.array_equal(plain, again)
+    KERNEL.add_keystreams(np.zeros(16, np.uint32), keys, subtract, 0, 4, bytes(3), bytes(5))  # read-only, short: fine
+    for bad in ((12345,), (None, 12345), (None, None, None)):
+        with pytest.raises(TypeError):
+            KERNEL.add_keystreams(again, keys, subtract, 7, 4, *bad)
     assert np.array_equal(plain, again)
-    with pytest.raises(TypeError):
-        KERNEL.add_keystreams(again, keys, subtract, 7, 4, 12345)
 
 
 @needs_kernel

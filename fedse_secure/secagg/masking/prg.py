@@ -107,7 +107,8 @@ class MaskApplier:
         """``vec += sum(sign * stream)`` in the ring. ``before_chunk(start, stop, view)`` fills a chunk first
         (the client quantises its update into the chunk there, so the input is read exactly once) and may return
         a buffer the kernel brings into cache while it adds this chunk's masks (the next chunk's input: the AES
-        rounds then hide the memory reads); ``after_chunk(start, view)`` sees the finished chunk while it is in
+        rounds then hide the memory reads; the kernel also brings in the next chunk of ``vec`` itself, ready to be
+        written); ``after_chunk(start, view)`` sees the finished chunk while it is in
         cache (the client tags it there). ``reverse``: the last chunk first (the server releases the sum into
         the memory that holds it, which needs that order)."""
         n = vec.size
@@ -119,14 +120,14 @@ class MaskApplier:
             subtract = bytes(1 if s.sign < 0 else 0 for s in streams)
             add = self.kernel.add_keystreams
 
-            def add_masks(view: np.ndarray, start: int, warm) -> None:
-                add(view, keys, subtract, start * itemsize // 16, itemsize, warm)
+            def add_masks(view: np.ndarray, start: int, warm, upcoming) -> None:
+                add(view, keys, subtract, start * itemsize // 16, itemsize, warm, upcoming)
         else:
             nbytes = self.chunk * itemsize
             zeros, scratch = _zeros(nbytes), bytearray(nbytes + 16)
             tmp = np.frombuffer(scratch, dtype=self.dtype, count=self.chunk)
 
-            def add_masks(view: np.ndarray, start: int, warm) -> None:
+            def add_masks(view: np.ndarray, start: int, warm, upcoming) -> None:
                 m = view.size
                 t = tmp[:m]
                 for s in streams:
@@ -137,10 +138,13 @@ class MaskApplier:
                         np.subtract(view, t, out=view)
 
         starts = range(0, n, self.chunk)
-        for start in reversed(starts) if reverse else starts:
+        order = list(reversed(starts) if reverse else starts)
+        for i, start in enumerate(order):
             view = vec[start : min(start + self.chunk, n)]
             warm = before_chunk(start, start + view.size, view) if before_chunk is not None else None
-            add_masks(view, start, warm)
+            # The chunk after this one is brought into cache ready to be written while these masks are added.
+            upcoming = vec[order[i + 1] : order[i + 1] + self.chunk] if i + 1 < len(order) else None
+            add_masks(view, start, warm, upcoming)
             if after_chunk is not None:
                 after_chunk(start, view)
         self.keystream_bytes += n * itemsize * len(streams)
