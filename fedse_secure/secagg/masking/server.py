@@ -483,9 +483,13 @@ class SecAggServer:
                 chunk_lo, chunk_hi = release_into(values, out, fractional_bits)
                 lo, hi = min(lo, chunk_lo), max(hi, chunk_hi)
 
+        def warm_release(start: int, stop: int, chunk: np.ndarray) -> np.ndarray:
+            # The memory finish_chunk writes next, for the mask kernel to bring into cache during its AES rounds.
+            return released[start : min(stop, n)]
+
         applier = MaskApplier(self.dtype)
         # Last chunk first: a chunk's floats overwrite only the ring slots of the chunks after it.
-        applier.apply(total, streams, after_chunk=finish_chunk, reverse=True)
+        applier.apply(total, streams, before_chunk=warm_release, after_chunk=finish_chunk, reverse=True)
         self.keystream_bytes = applier.keystream_bytes
         survivors = sorted(masked)
         self._check_range(lo, hi, count, survivors)
