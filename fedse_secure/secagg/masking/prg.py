@@ -108,9 +108,9 @@ class MaskApplier:
         (the client quantises its update into the chunk there, so the input is read exactly once) and may return
         a buffer the kernel brings into cache while it adds this chunk's masks (the next chunk's input: the AES
         rounds then hide the memory reads; the kernel also brings in the next chunk of ``vec`` itself, ready to be
-        written); ``after_chunk(start, view)`` sees the finished chunk while it is in
-        cache (the client tags it there). ``reverse``: the last chunk first (the server releases the sum into
-        the memory that holds it, which needs that order)."""
+        written); ``after_chunk(start, view)`` sees the finished chunk while it is in cache (the client tags it
+        there). ``reverse``: the last chunk first (the server releases the sum into the memory that holds it,
+        which needs that order)."""
         n = vec.size
         itemsize = self.dtype.itemsize
         # The kernel writes through the buffer protocol, which needs contiguous memory; a strided view takes
