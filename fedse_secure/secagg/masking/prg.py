@@ -126,12 +126,18 @@ class MaskApplier:
             nbytes = self.chunk * itemsize
             zeros, scratch = _zeros(nbytes), bytearray(nbytes + 16)
             tmp = np.frombuffer(scratch, dtype=self.dtype, count=self.chunk)
+            encryptors: list = []
+            position = -1  # the element the encryptors' keystreams have reached
 
             def add_masks(view: np.ndarray, start: int, warm, upcoming) -> None:
+                nonlocal encryptors, position
                 m = view.size
                 t = tmp[:m]
-                for s in streams:
-                    aes_ctr_encryptor(s.key, start * itemsize // 16).update_into(zeros[: m * itemsize], scratch)
+                if start != position:  # a jump (last chunk first): each keystream restarts at this chunk's block
+                    encryptors = [aes_ctr_encryptor(s.key, start * itemsize // 16) for s in streams]
+                position = start + m
+                for s, enc in zip(streams, encryptors):
+                    enc.update_into(zeros[: m * itemsize], scratch)
                     if s.sign > 0:
                         np.add(view, t, out=view)
                     else:
