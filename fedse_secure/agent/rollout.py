@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from fedse_secure.agent.merged import merged_adapter
 from fedse_secure.envs.base import ACTION_MARKER, TextEnv, react
 from fedse_secure.envs.trajectory import Trajectory, conversation_head
 from fedse_secure.memory import release_freed_memory
@@ -656,7 +657,8 @@ def run_episodes(
             release_freed_memory()  # each step's tensors have new shapes: see fedse_secure.memory
 
     try:
-        run_slots()
+        with merged_adapter(model):  # 1.7x the decode speed of the unmerged LoRA path on an H200: merged.py
+            run_slots()
     finally:
         for env in envs:
             env.close()  # a remote AgentGym server's instances are released, whatever happened

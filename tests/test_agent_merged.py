@@ -1,0 +1,99 @@
+"""Rollouts run on merged weights (fedse_secure/agent/merged.py): same outputs, and the model comes back unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedse_secure.agent.merged import merged_adapter
+from fedse_secure.agent.policy import AgentModel
+from fedse_secure.agent.rollout import RolloutSettings, run_episodes
+from fedse_secure.agent.sft import collate_examples, encode_for_training, target_token_loss
+from fedse_secure.config import LoraSettings, ModelConfig
+from fedse_secure.envs import generate_demonstrations, make_env
+
+
+@pytest.fixture(scope="module")
+def threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _agent(dtype: str) -> AgentModel:
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu", dtype=dtype), LoraSettings(), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    # A trained-looking adapter: lora_B starts at zero, where folding would change nothing.
+    agent.load_adapter_state({k: torch.randn(v.shape, generator=gen) * 0.3 if "lora_B" in k else v
+                              for k, v in agent.adapter_state().items()})
+    return agent
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _logits(agent) -> torch.Tensor:
+    ids = agent.tokenizer("Thought: go down\nAction: move down", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return agent.model(input_ids=ids).logits.float()
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_merged_forward_equals_the_lora_forward(threads):
+    agent = _agent("float32")
+    unmerged = _logits(agent)
+    with merged_adapter(agent.model) as folded:
+        assert folded == len(_lora_layers(agent.model)) > 0
+        assert all(layer.merged for layer in _lora_layers(agent.model))
+        merged = _logits(agent)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    with agent.model.disable_adapter():
+        base_only = _logits(agent)
+    assert (merged - base_only).abs().max() > 1e-2  # the adapter matters here, so the fold above is real
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_come_back_bit_for_bit_and_the_lora_path_trains_again(threads, dtype):
+    agent = _agent(dtype)
+    before, logits_before = _snapshot(agent.model), _logits(agent)
+    settings = RolloutSettings(max_turns=2, max_new_tokens=6, greedy=True, batch_size=2)
+    run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], settings)
+    after = _snapshot(agent.model)
+    assert after.keys() == before.keys()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert not any(layer.merged for layer in _lora_layers(agent.model))
+    assert torch.equal(_logits(agent), logits_before)
+    # Gradients reach the adapter again: the LoRA path is back, not the folded base.
+    example = encode_for_training(agent.tokenizer, generate_demonstrations("maze", [0]), 2048)[:1]
+    ids, mask, labels = collate_examples(example, agent.tokenizer.pad_token_id)
+    agent.model.train()
+    target_token_loss(agent.model, ids, mask, labels).backward()
+    agent.model.eval()
+    grads = [p.grad for n, p in agent.model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_weights_come_back_when_inference_fails(threads):
+    agent = _agent("bfloat16")
+    before = _snapshot(agent.model)
+    with pytest.raises(RuntimeError, match="env broke"):
+        with merged_adapter(agent.model):
+            raise RuntimeError("env broke")
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(agent.model).items())
+    assert not any(layer.merged for layer in _lora_layers(agent.model))
+
+
+def test_a_disabled_adapter_is_not_folded(threads):
+    agent = _agent("float32")
+    with agent.model.disable_adapter():
+        base_only = _logits(agent)
+        with merged_adapter(agent.model) as folded:
+            assert folded == 0
+            assert torch.equal(_logits(agent), base_only)
