@@ -21,8 +21,8 @@ def threads():
     torch.set_num_threads(old)
 
 
-def _agent(dtype: str) -> AgentModel:
-    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu", dtype=dtype), LoraSettings(), seed=0)
+def _agent(**model) -> AgentModel:
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu", **model), LoraSettings(), seed=0)
     gen = torch.Generator().manual_seed(0)
     # A trained-looking adapter: lora_B starts at zero, where folding would change nothing.
     agent.load_adapter_state({k: torch.randn(v.shape, generator=gen) * 0.3 if "lora_B" in k else v
@@ -47,7 +47,7 @@ def _lora_layers(model):
 
 
 def test_merged_forward_equals_the_lora_forward(threads):
-    agent = _agent("float32")
+    agent = _agent(dtype="float32")
     unmerged = _logits(agent)
     with merged_adapter(agent.model) as folded:
         assert folded == len(_lora_layers(agent.model)) > 0
@@ -61,7 +61,7 @@ def test_merged_forward_equals_the_lora_forward(threads):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_come_back_bit_for_bit_and_the_lora_path_trains_again(threads, dtype):
-    agent = _agent(dtype)
+    agent = _agent(dtype=dtype)
     before, logits_before = _snapshot(agent.model), _logits(agent)
     settings = RolloutSettings(max_turns=2, max_new_tokens=6, greedy=True, batch_size=2)
     run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], settings)
@@ -81,7 +81,7 @@ def test_weights_come_back_bit_for_bit_and_the_lora_path_trains_again(threads, d
 
 
 def test_weights_come_back_when_inference_fails(threads):
-    agent = _agent("bfloat16")
+    agent = _agent(dtype="bfloat16")
     before = _snapshot(agent.model)
     with pytest.raises(RuntimeError, match="env broke"):
         with merged_adapter(agent.model):
@@ -91,9 +91,18 @@ def test_weights_come_back_when_inference_fails(threads):
 
 
 def test_a_disabled_adapter_is_not_folded(threads):
-    agent = _agent("float32")
+    agent = _agent(dtype="float32")
     with agent.model.disable_adapter():
         base_only = _logits(agent)
         with merged_adapter(agent.model) as folded:
             assert folded == 0
             assert torch.equal(_logits(agent), base_only)
+
+
+def test_a_4bit_base_keeps_its_lora_path(threads):
+    pytest.importorskip("bitsandbytes")
+    agent = _agent(quantization="nf4")
+    before = _logits(agent)
+    with merged_adapter(agent.model) as folded:
+        assert folded == 0  # folding into 4-bit weights would round the update away
+        assert torch.equal(_logits(agent), before)
