@@ -13,6 +13,9 @@ One run, one JSON object as the last line:
   update must equal the CPU's on the same sampled batches, and with noise the adapter must move and stay finite;
 * ``fedse``: two rounds of ``configs/paper/one-gpu-small.yaml`` through the real CLI, success per environment.
 
+``--sections`` runs some of them and ``--fedse-rounds`` sets the rounds: a round of that config at the paper's
+turn limits takes minutes on a GPU, so a short lease measures it alone (``--sections fedse --fedse-rounds 1``).
+
 It keeps to a deadline (``--budget-s``, 450 s by default, well inside 8 minutes): the Fed-SE run gets what is
 left and is interrupted (and reported as such, with the rounds it finished) if it needs more. Without a CUDA
 device, or with ``--reduced``, it runs the same sections in a reduced form on the CPU (the tiny model, small
@@ -35,6 +38,7 @@ from _common import offline_torch
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = ("babyai", "webshop", "textcraft", "maze", "wordle")
+SECTIONS = ("sft", "sft_memory", "rollouts", "dp_sgd", "fedse")
 
 
 class Clock:
@@ -188,10 +192,10 @@ def check_dp_sgd(torch, model: str, gpu, examples_of, records: int) -> dict:
             "lora_update_ok": dev_batches == cpu_batches and finite and size > 0 and diff <= 1e-2 * size}
 
 
-def check_fedse(clock: Clock, reduced: bool, out_dir: Path) -> dict:
-    """Two rounds of one-gpu-small.yaml through the real CLI, within what is left of the budget."""
+def check_fedse(clock: Clock, reduced: bool, out_dir: Path, rounds: int) -> dict:
+    """``rounds`` rounds of one-gpu-small.yaml through the real CLI, within what is left of the budget."""
     config = REPO / "configs" / "paper" / "one-gpu-small.yaml"
-    overrides = ["federation.rounds=2"]
+    overrides = [f"federation.rounds={rounds}"]
     if reduced:
         overrides += ["model.name_or_path=tiny-llama", "model.device=cpu", "model.max_context_tokens=1024",
                       "training.max_seq_len=512", "training.max_steps_per_round=2", "exploration.episodes_per_round=2",
@@ -235,7 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=450.0, help="deadline for the whole check (default 450)")
     parser.add_argument("--reduced", action="store_true", help="the CPU form even where a GPU is present")
     parser.add_argument("--out", type=Path, default=None, help="folder for the Fed-SE run (default: a temporary one)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="which sections, comma-separated (default: all): " + ", ".join(SECTIONS))
+    parser.add_argument("--fedse-rounds", type=int, default=2, help="rounds of the Fed-SE run (default 2)")
     args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown or not chosen or args.fedse_rounds < 1:
+        parser.error(f"--sections takes some of {', '.join(SECTIONS)} (got {args.sections!r}) and --fedse-rounds "
+                     "at least 1")
     clock = Clock(args.budget_s)
     torch = offline_torch(None)
     from fedse_secure.machine import inspect_machine
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                                             max_new_tokens=12 if reduced else 64)),
         ("dp_sgd", lambda: check_dp_sgd(torch, model, gpu, examples_of, records=6 if reduced else 12)),
     ]
+    sections = [(name, run) for name, run in sections if name in chosen]
     for name, run in sections:
         t0 = time.perf_counter()
         try:
@@ -272,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
             result[name]["section_s"] = time.perf_counter() - t0
         if gpu is not None:
             torch.cuda.empty_cache()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        result["fedse"] = check_fedse(clock, reduced, args.out or Path(tmp))
+    if "fedse" in chosen:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+            result["fedse"] = check_fedse(clock, reduced, args.out or Path(tmp), args.fedse_rounds)
     result["wall_s"] = clock.elapsed()
     result["ok"] = all("error" not in (result[k] or {}) for k, _ in sections) \
-        and result["dp_sgd"].get("lora_update_ok") is True and result["fedse"]["returncode"] == 0
+        and result.get("dp_sgd", {}).get("lora_update_ok", True) is True \
+        and result.get("fedse", {}).get("returncode", 0) == 0
     print(json.dumps(result, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
     return 0 if result["ok"] else 1
 

@@ -3,7 +3,8 @@
 # rollout tokens/s per engine, DP-SGD on the GPU with the LoRA-update sanity check, and two rounds of
 # configs/paper/one-gpu-small.yaml with success per environment. Prints one JSON object (the last line) and
 # finishes within 8 minutes on one GPU (--budget-s, 450 s by default). Without a GPU (or with --reduced) it runs a
-# reduced form on the CPU. Details: benchmarks/gpu_check.py. Exit status 0 when every part worked.
+# reduced form on the CPU. --sections and --fedse-rounds pick what runs: benchmarks/gpu_check.py. Exit status 0
+# when every part worked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

@@ -88,3 +88,18 @@ def test_the_gpu_hours_estimate_reads_the_config_and_measured_trajectories():
     assert result["rounds"] == 20 and result["params"] == pytest.approx(7.62e9)
     assert 0 < result["gpu_hours_low"] < result["gpu_hours_high"]
     assert set(result["per_environment"]) == set(TURN_LIMITS)
+
+
+def test_the_gpu_check_runs_only_the_sections_asked_for_and_refuses_unknown_ones(tmp_path):
+    run = [str(REPO / "benchmarks" / "gpu_check.sh"), "--reduced", "--budget-s", "600", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run([*run, "--sections", "rollouts"], capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env=env)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and result["ok"] is True, (result, proc.stderr[-2000:])
+    assert result["rollouts"]["hf"]["tokens_per_s"] > 0
+    assert not {"sft", "sft_memory", "dp_sgd", "fedse"} & set(result)
+    bad = subprocess.run([*run, "--sections", "rollouts,vllm"], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env=env)
+    assert bad.returncode == 2 and "--sections takes some of sft, sft_memory, rollouts, dp_sgd, fedse" in bad.stderr
+    assert "Traceback" not in bad.stderr
