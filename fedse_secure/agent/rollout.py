@@ -329,9 +329,10 @@ def _generate_cached(model, tokenizer, prompt_ids: list[list[int]], caches: list
                     blocked[:n] = ~allowed[:n].to(logits.device)
                     logits[row, blocked] = float("-inf")
         token = _pick(logits, settings, generator)
+        picked = token.tolist()  # one device-to-host copy per step, not one per row
         for row in range(n_rows):
             if not done[row]:
-                tok = int(token[row])
+                tok = picked[row]
                 generated[row].append(tok)
                 if constraints is not None and constraints[row] is not None:
                     constraints[row].advance(tok)
