@@ -1,9 +1,10 @@
 """Rollouts on merged weights against the unmerged LoRA path, side by side in one process.
 
 Each repetition plays the same episodes (greedy, so both paths face the same prompts while their replies agree)
-once folded (``fedse_secure/agent/merged.py``, what ``run_episodes`` does) and once through peft's LoRA layers,
-alternating, and reports each path's best time, generated tokens and agent steps per second, the time ratio, and
-how many replies the two paths gave alike (folding rounds differently, so in bfloat16 a greedy reply can differ).
+once folded (``fedse_secure/agent/merged.py``, what ``run_episodes`` does on a GPU) and once through peft's LoRA
+layers, alternating, and reports each path's best time, generated tokens and agent steps per second, the time
+ratio, and how many replies the two paths gave alike (folding rounds differently: in bfloat16 a greedy reply can
+differ).
 
     python benchmarks/merged_rollouts.py --device cuda --json
 """
@@ -11,7 +12,6 @@ how many replies the two paths gave alike (folding rounds differently, so in bfl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -46,21 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = rollout.RolloutSettings(max_turns=args.turns, max_new_tokens=args.max_new_tokens, greedy=True,
                                        batch_size=args.episodes, max_context_tokens=4096,
                                        action_mode=args.action_mode)
-    folded = rollout.merged_adapter
-    paths = {"merged": folded, "unmerged": lambda model: contextlib.nullcontext(0)}
+    paths = {"merged": True, "unmerged": False}
 
     def play(path: str):
-        rollout.merged_adapter = paths[path]  # run_episodes looks the fold up at call time
-        try:
-            if agent.device.type == "cuda":
-                torch.cuda.synchronize(agent.device)
-            t0 = time.perf_counter()
-            trajs, stats = rollout.run_episodes(agent.model, agent.tokenizer, spec.make, tasks, settings, seed=0)
-            if agent.device.type == "cuda":
-                torch.cuda.synchronize(agent.device)
-            return trajs, stats, time.perf_counter() - t0
-        finally:
-            rollout.merged_adapter = folded
+        if agent.device.type == "cuda":
+            torch.cuda.synchronize(agent.device)
+        t0 = time.perf_counter()
+        trajs, stats = rollout.run_episodes(agent.model, agent.tokenizer, spec.make, tasks, settings, seed=0,
+                                            fold_adapter=paths[path])
+        if agent.device.type == "cuda":
+            torch.cuda.synchronize(agent.device)
+        return trajs, stats, time.perf_counter() - t0
 
     play("merged")  # warm-up: kernels, allocator, caches
     best: dict[str, dict] = {}

@@ -64,7 +64,7 @@ def test_weights_come_back_bit_for_bit_and_the_lora_path_trains_again(threads, d
     agent = _agent(dtype=dtype)
     before, logits_before = _snapshot(agent.model), _logits(agent)
     settings = RolloutSettings(max_turns=2, max_new_tokens=6, greedy=True, batch_size=2)
-    run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], settings)
+    run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0, 1], settings, fold_adapter=True)
     after = _snapshot(agent.model)
     assert after.keys() == before.keys()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
@@ -78,6 +78,24 @@ def test_weights_come_back_bit_for_bit_and_the_lora_path_trains_again(threads, d
     agent.model.eval()
     grads = [p.grad for n, p in agent.model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_rollouts_fold_by_default_only_on_a_gpu(threads, monkeypatch):
+    from fedse_secure.agent import rollout
+
+    agent = _agent(dtype="float32")
+    folds = []
+
+    def recording(model):
+        folds.append(model)
+        return merged_adapter(model)
+
+    monkeypatch.setattr(rollout, "merged_adapter", recording)
+    settings = RolloutSettings(max_turns=1, max_new_tokens=4, greedy=True, batch_size=1)
+    run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0], settings)
+    assert folds == []  # a CPU: decoding is FLOP-bound there, and the fold measured 1.00x
+    run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0], settings, fold_adapter=True)
+    assert folds == [agent.model]
 
 
 def test_weights_come_back_when_inference_fails(threads):
