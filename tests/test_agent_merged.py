@@ -124,3 +124,18 @@ def test_a_4bit_base_keeps_its_lora_path(threads):
     with merged_adapter(agent.model) as folded:
         assert folded == 0  # folding into 4-bit weights would round the update away
         assert torch.equal(_logits(agent), before)
+
+
+def test_a_head_tied_to_the_embedding_keeps_its_lora_path(threads):
+    # SmolLM2 and tiny-llama tie lm_head to embed_tokens: folding the head's adapter would move every embedding.
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu"),
+                            LoraSettings(target_modules=["q_proj", "lm_head"]), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    agent.load_adapter_state({k: torch.randn(v.shape, generator=gen) * 0.3 if "lora_B" in k else v
+                              for k, v in agent.adapter_state().items()})
+    head = agent.model.get_base_model().lm_head
+    assert head.base_layer.weight is agent.model.get_base_model().model.embed_tokens.weight
+    unfolded = _logits(agent)
+    with merged_adapter(agent.model) as folded:
+        assert folded == len(_lora_layers(agent.model)) - 1 and not head.merged
+        torch.testing.assert_close(_logits(agent), unfolded, rtol=1e-4, atol=1e-4)
