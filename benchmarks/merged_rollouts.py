@@ -3,8 +3,8 @@
 Each repetition plays the same episodes (greedy, so both paths face the same prompts while their replies agree)
 once folded (``fedse_secure/agent/merged.py``, what ``run_episodes`` does on a GPU) and once through peft's LoRA
 layers, alternating, and reports each path's best time, generated tokens and agent steps per second, the time
-ratio, and how many replies the two paths gave alike (folding rounds differently: in bfloat16 a greedy reply can
-differ).
+ratio, how many replies the two paths gave alike (folding rounds differently: in bfloat16 a greedy reply can
+differ), and the operator calls of one decode step on each path (what a launch-bound GPU step pays for).
 
     python benchmarks/merged_rollouts.py --device cuda --json
 """
@@ -12,6 +12,7 @@ differ).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch = offline_torch(args.threads)
     from fedse_secure.agent import rollout
+    from fedse_secure.agent.merged import merged_adapter
     from fedse_secure.agent.policy import AgentModel
     from fedse_secure.config import LoraSettings
     from fedse_secure.envs import ENVIRONMENTS
@@ -58,6 +60,21 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(agent.device)
         return trajs, stats, time.perf_counter() - t0
 
+    def operator_calls_per_decode_step(fold: bool) -> int:
+        """Operator calls the model makes in one batch decode step (not those inside other operators): each costs
+        dispatch time on the CPU and on a GPU most launch a kernel, so a launch-bound step's time follows them."""
+        from torch.profiler import ProfilerActivity, profile
+        from transformers import DynamicCache
+
+        ids = torch.full((args.episodes, 8), agent.tokenizer.pad_token_id or 0, device=agent.device)
+        with torch.no_grad(), (merged_adapter(agent.model) if fold else contextlib.nullcontext()):
+            cache = DynamicCache()
+            agent.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                agent.model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        return sum(1 for e in prof.events() if e.name.startswith("aten::")
+                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
     play("merged")  # warm-up: kernels, allocator, caches
     best: dict[str, dict] = {}
     replies: dict[str, list[str]] = {}
@@ -76,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, **best,
         # Same episodes on both paths, so the time ratio is the speed-up while their replies agree.
         "unmerged_over_merged_time": best["unmerged"]["seconds"] / best["merged"]["seconds"],
+        "operator_calls_per_decode_step": {"merged": operator_calls_per_decode_step(True),
+                                           "unmerged": operator_calls_per_decode_step(False)},
         "same_replies": f"{same}/{max(len(replies['merged']), len(replies['unmerged']))}",
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

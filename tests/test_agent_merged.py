@@ -139,3 +139,20 @@ def test_a_head_tied_to_the_embedding_keeps_its_lora_path(threads):
     with merged_adapter(agent.model) as folded:
         assert folded == len(_lora_layers(agent.model)) - 1 and not head.merged
         torch.testing.assert_close(_logits(agent), unfolded, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fold_benchmark_reports_both_paths_and_fewer_operator_calls_folded(repo_root):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "merged_rollouts.py"), "--model", "tiny-llama",
+                           "--device", "cpu", "--env", "maze", "--episodes", "2", "--turns", "1",
+                           "--max-new-tokens", "4", "--threads", "1", "--json"],
+                          capture_output=True, text=True, cwd=repo_root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["merged"]["agent_steps"] == result["unmerged"]["agent_steps"] == 2
+    assert result["unmerged_over_merged_time"] > 0
+    calls = result["operator_calls_per_decode_step"]
+    assert 0 < calls["merged"] < calls["unmerged"]
