@@ -93,7 +93,7 @@ def test_rollouts_fold_by_default_only_on_a_gpu(threads, monkeypatch):
     monkeypatch.setattr(rollout, "merged_adapter", recording)
     settings = RolloutSettings(max_turns=1, max_new_tokens=4, greedy=True, batch_size=1)
     run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0], settings)
-    assert folds == []  # a CPU: decoding is FLOP-bound there, and the fold measured 1.00x
+    assert folds == []  # a CPU: decoding is FLOP-bound there, and the fold measured 1.00-1.07x
     run_episodes(agent.model, agent.tokenizer, lambda: make_env("maze"), [0], settings, fold_adapter=True)
     assert folds == [agent.model]
 

@@ -6,7 +6,7 @@ SmolLM2-135M (results/gpu/h200-2026-12-04): batch-16 decoding reached 161 tokens
 GPU's kernels took 121 ms of 2.7 s; the rest was launching them. Folded into the base weights, a forward is the
 base model's forward: 316 against 184 tokens/s there, side by side (benchmarks/merged_rollouts.py), and a
 decode step makes 1676 operator calls instead of 2726 (counted on the CPU by the same benchmark). On a CPU, where
-decoding is FLOP-bound, the fold measured 1.00x, so ``run_episodes`` folds on GPUs only.
+decoding is FLOP-bound, the fold measured 1.00-1.07x, so ``run_episodes`` folds on GPUs only.
 
 The fold is undone by restoring a copy of the original weights, not by subtracting the update: ``W + BA - BA`` is
 not ``W`` after rounding (the tests see it even in float32), and training would drift a little every round. The

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -583,7 +583,7 @@ def run_episodes(
 
     ``fold_adapter``: play on the LoRA update folded into the base weights (``merged.py``); by default where that
     pays, on a GPU, where decoding is launch-bound (1.72x measured on an H200). On a CPU decoding is FLOP-bound:
-    folding measured 1.00x there and would only hold a second copy of the adapted weights.
+    folding measured 1.00-1.07x there and would hold a second copy of the adapted weights.
     """
     start = time.perf_counter()
     if fold_adapter is None:
