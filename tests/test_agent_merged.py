@@ -21,8 +21,9 @@ def threads():
     torch.set_num_threads(old)
 
 
-def _agent(**model) -> AgentModel:
-    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu", **model), LoraSettings(), seed=0)
+def _agent(lora: LoraSettings | None = None, **model) -> AgentModel:
+    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu", **model), lora or LoraSettings(),
+                            seed=0)
     gen = torch.Generator().manual_seed(0)
     # A trained-looking adapter: lora_B starts at zero, where folding would change nothing.
     agent.load_adapter_state({k: torch.randn(v.shape, generator=gen) * 0.3 if "lora_B" in k else v
@@ -128,11 +129,7 @@ def test_a_4bit_base_keeps_its_lora_path(threads):
 
 def test_a_head_tied_to_the_embedding_keeps_its_lora_path(threads):
     # SmolLM2 and tiny-llama tie lm_head to embed_tokens: folding the head's adapter would move every embedding.
-    agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu"),
-                            LoraSettings(target_modules=["q_proj", "lm_head"]), seed=0)
-    gen = torch.Generator().manual_seed(0)
-    agent.load_adapter_state({k: torch.randn(v.shape, generator=gen) * 0.3 if "lora_B" in k else v
-                              for k, v in agent.adapter_state().items()})
+    agent = _agent(LoraSettings(target_modules=["q_proj", "lm_head"]))
     head = agent.model.get_base_model().lm_head
     assert head.base_layer.weight is agent.model.get_base_model().model.embed_tokens.weight
     unfolded = _logits(agent)
@@ -146,8 +143,8 @@ def test_the_fold_benchmark_reports_both_paths_and_fewer_operator_calls_folded(r
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "merged_rollouts.py"), "--model", "tiny-llama",
-                           "--device", "cpu", "--env", "maze", "--episodes", "2", "--turns", "1",
+    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "merged_rollouts.py"),
+                           "--model", "tiny-llama", "--device", "cpu", "--env", "maze", "--episodes", "2", "--turns", "1",
                            "--max-new-tokens", "4", "--threads", "1", "--json"],
                           capture_output=True, text=True, cwd=repo_root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
