@@ -144,8 +144,8 @@ def test_the_fold_benchmark_reports_both_paths_and_fewer_operator_calls_folded(r
     import sys
 
     proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "merged_rollouts.py"),
-                           "--model", "tiny-llama", "--device", "cpu", "--env", "maze", "--episodes", "2", "--turns", "1",
-                           "--max-new-tokens", "4", "--threads", "1", "--json"],
+                           "--model", "tiny-llama", "--device", "cpu", "--env", "maze", "--episodes", "2",
+                           "--turns", "1", "--max-new-tokens", "4", "--threads", "1", "--json"],
                           capture_output=True, text=True, cwd=repo_root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
