@@ -24,6 +24,18 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="module")
+def threads():
+    """One torch thread for the tests of a module: oversubscribed OpenMP threads spin, and on a busy 2-core box two
+    threads ran ~30x slower than one."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """One `fedse simulate configs/smoke.yaml` through the real CLI, shared by the tests that inspect it."""

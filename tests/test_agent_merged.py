@@ -13,14 +13,6 @@ from fedse_secure.config import LoraSettings, ModelConfig
 from fedse_secure.envs import generate_demonstrations, make_env
 
 
-@pytest.fixture(scope="module")
-def threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _agent(lora: LoraSettings | None = None, **model) -> AgentModel:
     agent = AgentModel.load(ModelConfig(name_or_path="tiny-llama", device="cpu", **model), lora or LoraSettings(),
                             seed=0)

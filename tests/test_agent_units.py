@@ -28,15 +28,6 @@ from fedse_secure.envs.trajectory import Trajectory
 
 
 @pytest.fixture(scope="module")
-def threads():
-    # Oversubscribed OpenMP threads spin: on a busy 2-core box two threads ran ~30x slower than one.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def agent(threads):
     return AgentModel.load(ModelConfig(name_or_path="tiny-llama"), LoraSettings(), seed=0)
 
