@@ -2,9 +2,9 @@
 
 `cli/` and `threat_model/` are mapped to the import names `fedse_cli` and `fedse_threat_model`.
 
-`fedse_secure.secagg.masking._kernels` (AVX-512 quantisation and fused AES-CTR mask addition with VAES) is
-optional: where it cannot be compiled, installation goes on and masking computes the same bytes with numpy and
-the `cryptography` package.
+`fedse_secure.secagg.masking._kernels` (AEGIS-128X2 masks added in one pass with AES-NI or VAES, and AVX-512
+quantisation and release) is optional: where it cannot be compiled, installation goes on and masking computes the
+same bytes with numpy.
 """
 
 from setuptools import Extension, find_packages, setup

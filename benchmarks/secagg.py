@@ -52,7 +52,8 @@ from fedse_secure.secagg.backends.masking import MaskingBackend  # noqa: E402
 from fedse_secure.secagg.backends.plaintext import PlaintextBackend  # noqa: E402
 from fedse_secure.secagg.driver import InProcessParties, aggregate, drive  # noqa: E402
 from fedse_secure.secagg.masking import STAGES, IdentityKey, MaskingSettings, PublicKeyRegistry  # noqa: E402
-from fedse_secure.secagg.masking.prg import CHUNK_ELEMENTS, KERNEL, aes_ctr_encryptor  # noqa: E402
+from fedse_secure.secagg.masking import aegis  # noqa: E402
+from fedse_secure.secagg.masking.prg import CHUNK_ELEMENTS, MASK_KERNEL  # noqa: E402
 
 
 def make_inputs(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -103,8 +104,10 @@ def run_plaintext(inputs: dict[str, np.ndarray], identities=None):
 
 def aes_ctr_gb_per_s(seconds: float = 0.3) -> float:
     """AES-128-CTR keystream per CPU-second on this core from the ``cryptography`` package (OpenSSL's AES-NI),
-    written in the chunks masking uses (no additions): the fallback path's keystream rate."""
-    enc = aes_ctr_encryptor(bytes(16))
+    written in the chunks masking uses (no additions): what masks would cost as AES-CTR, for comparison."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(bytes(16)), modes.CTR(bytes(16))).encryptor()
     zeros, out = bytes(CHUNK_ELEMENTS * 4), bytearray(CHUNK_ELEMENTS * 4 + 16)
     done, c0 = 0, time.process_time()
     while time.process_time() - c0 < seconds:
@@ -115,18 +118,32 @@ def aes_ctr_gb_per_s(seconds: float = 0.3) -> float:
 
 
 def kernel_gb_per_s(seconds: float = 0.3) -> float | None:
-    """Keystream per CPU-second of the compiled VAES kernel, 7 masks added to one cache-resident chunk (as a
-    client of 10 does), or None where this machine has no kernel."""
-    if KERNEL is None:
+    """Keystream per CPU-second of the compiled mask kernel (AEGIS-128X2), 7 masks added to one cache-resident
+    chunk (as a client of 10 does), or None where this machine has no kernel."""
+    if MASK_KERNEL is None:
         return None
     vec = np.zeros(CHUNK_ELEMENTS, dtype=np.uint32)
     keys, subtract = bytes(range(16)) * 7, bytes(7)
     done, c0 = 0, time.process_time()
     while time.process_time() - c0 < seconds:
         for _ in range(16):
-            KERNEL.add_keystreams(vec, keys, subtract, 0, 4)
+            MASK_KERNEL.add_keystreams(vec, keys, subtract, 0, 4)
         done += 16 * 7 * vec.nbytes
     return done / (time.process_time() - c0) / 1e9
+
+
+def reference_gb_per_s() -> float:
+    """Keystream per CPU-second of the numpy reference (the path of a machine without the kernel), 7 masks of
+    one chunk."""
+    c0 = time.process_time()
+    aegis.keystreams([bytes(range(16))] * 7, 0, CHUNK_ELEMENTS * 4)
+    return 7 * CHUNK_ELEMENTS * 4 / (time.process_time() - c0) / 1e9
+
+
+def mask_kernel_name() -> str:
+    if MASK_KERNEL is None:
+        return "aegis128x2-numpy"
+    return {2: "aegis128x2-vaes", 1: "aegis128x2-aesni"}[MASK_KERNEL.mask_level()]
 
 
 def run_masking(inputs, identities, round_id: int):
@@ -303,12 +320,13 @@ def main() -> None:
                              for _, mm in masks)
     input_gbps = gbps * (size * 4) / m["client_keystream_bytes_max"]
     # The physical floor of masking on one core: every byte of keystream the round needs (each client's masks,
-    # the server's regenerated ones) at the fastest rate this core makes AES-128-CTR keystream, measured now
-    # (OpenSSL's AES-NI, and the VAES kernel where there is one).
+    # the server's regenerated ones) at the rate this core makes it, measured now (the mask kernel where there
+    # is one; OpenSSL's AES-128-CTR is measured beside it: what the masks would cost as AES-CTR).
     aes_gbps = aes_ctr_gb_per_s()
     kernel_gbps = kernel_gb_per_s()
     keystream_bytes = m["client_keystream_bytes_total"] + m["server_keystream_bytes"]
-    floor_s = keystream_bytes / (max(aes_gbps, kernel_gbps or 0.0) * 1e9)
+    mask_gbps = kernel_gbps if kernel_gbps is not None else reference_gb_per_s()
+    floor_s = keystream_bytes / (mask_gbps * 1e9)
 
     flower = None
     if not args.no_flower:
@@ -360,14 +378,15 @@ def main() -> None:
     print(f"critical path if clients ran concurrently (CPU of the slowest client per stage + server): masking "
           f"{crit:.3f} s vs plaintext {plain_crit:.3f} s (slowest serialisation + server sum) = "
           f"{crit / plain_crit:.2f}x")
-    print(f"per-client masking on one core: {gbps:.2f} GB/s of AES-128-CTR mask keystream expanded and added per "
+    print(f"per-client masking on one core: {gbps:.2f} GB/s of mask keystream expanded and added per "
           f"CPU-second (quantisation and checks included), i.e. {input_gbps:.2f} GB/s of float32 input with "
           f"{m['client_keystream_bytes_max'] // (size * (m['ring_bits'] // 8))} masks per client")
     upload_10 = m["bytes_sent_per_client"] / (size * 4)
-    kernel_text = (f"the VAES kernel {kernel_gbps:.2f} GB/s (used)" if kernel_gbps is not None
-                   else "no VAES kernel on this machine (OpenSSL used)")
-    print(f"floor: the round needs {keystream_bytes / 1e9:.2f} GB of AES-128-CTR keystream; this core makes "
-          f"{aes_gbps:.2f} GB/s with OpenSSL's AES-NI, {kernel_text} (measured now), so masking cannot take less "
+    kernel_text = (f"the mask kernel makes {kernel_gbps:.2f} GB/s of AEGIS-128X2 keystream (used)"
+                   if kernel_gbps is not None
+                   else f"no mask kernel: the numpy reference makes {mask_gbps:.3f} GB/s (used)")
+    print(f"floor: the round needs {keystream_bytes / 1e9:.2f} GB of keystream; on this core {kernel_text}, "
+          f"OpenSSL's AES-128-CTR {aes_gbps:.2f} GB/s (measured now), so masking cannot take less "
           f"than {floor_s:.3f} s of CPU = "
           f"{floor_s / plaintext_cpu:.2f}x plaintext; it takes {masking_cpu:.3f} s ({floor_s / masking_cpu:.0%} of "
           "the floor's speed)")
@@ -416,8 +435,9 @@ def main() -> None:
         "ratio_vs_plaintext_critical_path_cpu": round(crit / plain_crit, 3),
         "mask_gb_per_s_per_core": round(gbps, 3),
         "aes_ctr_gb_per_s_per_core": round(aes_gbps, 3),
-        "mask_kernel": "vaes-avx512" if KERNEL is not None else "cryptography",
-        "kernel_aes_ctr_gb_per_s_per_core": round(kernel_gbps, 3) if kernel_gbps is not None else None,
+        "mask_kernel": mask_kernel_name(),
+        "kernel_keystream_gb_per_s_per_core": round(kernel_gbps, 3) if kernel_gbps is not None else None,
+        "ratio_kernel_keystream_vs_aes_ctr": round(kernel_gbps / aes_gbps, 3) if kernel_gbps is not None else None,
         "keystream_bytes_per_round": int(keystream_bytes),
         "keystream_floor_cpu_s": round(floor_s, 4),
         "ratio_floor_vs_plaintext_cpu": round(floor_s / plaintext_cpu, 3),

@@ -36,11 +36,12 @@ def test_server_scaling_runs_on_the_neighbour_graph(bench):
     assert r["ring_bits"] == 32 and r["upload_ratio_for_adapter"] < 1.01
 
 
-def test_keystream_rate_probes_measure_both_aes_paths(bench):
+def test_keystream_rate_probes_measure_the_mask_paths_and_aes_ctr(bench):
     assert bench.aes_ctr_gb_per_s(0.01) > 0
     rate = bench.kernel_gb_per_s(0.01)
-    assert (rate is None) == (bench.KERNEL is None)
+    assert (rate is None) == (bench.MASK_KERNEL is None)
     assert rate is None or rate > 0
+    assert bench.mask_kernel_name().startswith("aegis128x2-")
 
 
 def test_the_benchmark_names_the_cpu_its_ratios_belong_to(bench):

@@ -32,8 +32,8 @@ seeds) resists larger coalitions; choose it when that matters.
 Two more limits of CrypTen 0.4.1 that this backend inherits, and why it is for local parties only:
 
 * the zero sharings are drawn from ``torch.Generator`` (Mersenne Twister) with 64-bit seeds from
-  ``os.urandom``: a statistical PRG, not a cryptographic one (the masking backend uses AES-CTR with
-  128-bit keys derived by HKDF);
+  ``os.urandom``: a statistical PRG, not a cryptographic one (the masking backend uses AEGIS-128X2
+  keystreams under 128-bit keys derived by HKDF);
 * gloo traffic, including CrypTen's seed exchange, is neither encrypted nor authenticated. On one host
   (loopback, a 0700 rendezvous folder) that is acceptable; across machines it would need a private network,
   which is why the backend declares itself single-site and a Flower deployment refuses it.

@@ -1,7 +1,8 @@
 """Secure aggregation by pairwise masking: SecAgg (Bonawitz et al., CCS 2017) with the SecAgg+ neighbour
-graph (Bell et al., CCS 2020). Every primitive comes from ``cryptography``: X25519 + HKDF-SHA256 key
-agreement, AES-256-GCM for share transport, AES-128-CTR mask expansion, Ed25519 identities; Shamir
-sharing over GF(2^521-1) is implemented here.
+graph (Bell et al., CCS 2020). X25519 + HKDF-SHA256 key agreement, AES-256-GCM for share transport, AES-GMAC
+input tags and Ed25519 identities come from ``cryptography``; the masks are AEGIS-128X2 keystreams (RFC 10032),
+which ``cryptography`` lacks, made by the compiled kernel or :mod:`.aegis`; Shamir sharing over GF(2^521-1) is
+implemented here.
 
 Layout (no module does I/O):
 

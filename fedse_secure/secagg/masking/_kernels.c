@@ -1,19 +1,19 @@
-/* The hot loops of masking, with AVX-512: quantising a float32 chunk into the 32-bit ring, adding AES-128-CTR
- * keystreams to (or subtracting them from) a ring vector in one pass with VAES, and the server's release of the
+/* The hot loops of masking: adding AEGIS-128X2 keystreams (the masks) to, or subtracting them from, a ring vector
+ * in one pass; and, with AVX-512, quantising a float32 chunk into the 32-bit ring and the server's release of the
  * unmasked sum as float64 with its range check.
  *
  * Why this exists: masking a client's update adds one keystream per neighbour plus its self mask, and the
- * server regenerates the self masks. Through the `cryptography` package each keystream is written to a scratch
- * buffer (OpenSSL's AES-NI CTR, ~11 GB/s on one core here) and then added by numpy: that was most of the
- * masking round. Here the keystream never leaves registers: 4 x 4 AES blocks are encrypted at once with 512-bit
- * VAES and added to the vector while it sits in L1.
+ * server regenerates the self masks, so keystream is most of a masking round. Here it never leaves registers:
+ * each state update makes 64 bytes that are added to the vector while it sits in L1. AEGIS-128X2 spends 8 AES
+ * rounds on those 64 bytes where AES-128-CTR (the masks before it) spends 40.
  *
- * The keystream is exactly the `cryptography` package's AES-128 in CTR mode with an all-zero 16-byte initial
- * counter block (a 128-bit big-endian counter), read as little-endian uint32 or uint64 ring elements; tests
- * compare the two byte for byte (tests/test_secagg_primitives.py). AES-NI/VAES run in constant time.
+ * The keystream is exactly fedse_secure/secagg/masking/aegis.py's (RFC 10032's stream-cipher use of
+ * AEGIS-128X2, a nonce per 64 KiB segment), read as little-endian uint32 or uint64 ring elements; tests compare
+ * the two byte for byte, on each path (tests/test_secagg_kernels.py). AES-NI/VAES run in constant time.
  *
- * Only x86-64 with VAES, AVX512F and AVX512BW is accelerated; `supported()` says whether this CPU qualifies,
- * and fedse_secure/secagg/masking/prg.py falls back to `cryptography` + numpy otherwise.
+ * The masks run on any x86-64 CPU with AES-NI (`mask_level()`: 2 with VAES and AVX-512VL, 1 with AES-NI only);
+ * quantisation and release need AVX512F/BW and VAES (`supported()`). Elsewhere
+ * fedse_secure/secagg/masking/prg.py and quantize.py take their numpy paths.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,151 +34,373 @@ static void wipe(void *p, size_t n) {
 
 #ifdef FEDSE_X86
 
-#define KEY_STEP(rk, i, rcon)                                                         \
-    do {                                                                             \
-        __m128i t_ = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(k, rcon), 0xff);    \
-        k = _mm_xor_si128(k, _mm_slli_si128(k, 4));                                  \
-        k = _mm_xor_si128(k, _mm_slli_si128(k, 4));                                  \
-        k = _mm_xor_si128(k, _mm_slli_si128(k, 4));                                  \
-        k = _mm_xor_si128(k, t_);                                                    \
-        rk[i] = k;                                                                   \
+#define TARGET_VAES __attribute__((target("avx512f,avx512bw,avx512vl,vaes,aes,prfchw")))
+#define TARGET_AESNI __attribute__((target("aes,sse2")))
+
+/* AEGIS-128X2 (RFC 10032): two AEGIS-128L lanes, each state eight 128-bit blocks. A mask is the keystream the
+ * RFC's stream-cipher use defines (the encryption of zeros) under the mask key, in segments of
+ * AEGIS_SEGMENT bytes: segment s uses the nonce s (little-endian, 16 bytes), so any segment can be started
+ * without the ones before it (the server releases the last chunk first). Each update of the state makes 64
+ * bytes: z0 of lanes 0 and 1, then z1 of lanes 0 and 1. One update costs 8 AES rounds for 64 bytes where
+ * AES-128-CTR costs 40: side by side on the EPYC box, 51 GB/s of keystream a core against CTR's 21 with VAES. */
+#define AEGIS_SEGMENT 65536
+#define AEGIS_STEP 64
+#define AEGIS_STATE_BYTES 256 /* 8 blocks x 2 lanes x 16 bytes */
+
+static const uint8_t AEGIS_C0[16] = {0x00, 0x01, 0x01, 0x02, 0x03, 0x05, 0x08, 0x0d,
+                                     0x15, 0x22, 0x37, 0x59, 0x90, 0xe9, 0x79, 0x62};
+static const uint8_t AEGIS_C1[16] = {0xdb, 0x3d, 0x18, 0x55, 0x6d, 0xc2, 0x2f, 0xf1,
+                                     0x20, 0x11, 0x31, 0x42, 0x73, 0xb5, 0x28, 0xdd};
+
+/* ---- 256-bit path (VAES on YMM, with AVX-512VL's 32 registers so two states stay in registers) ---- */
+
+TARGET_VAES static inline void y_update(__m256i S[8], __m256i m0, __m256i m1) {
+    __m256i t7 = S[7];
+    S[7] = _mm256_aesenc_epi128(S[6], S[7]);
+    S[6] = _mm256_aesenc_epi128(S[5], S[6]);
+    S[5] = _mm256_aesenc_epi128(S[4], S[5]);
+    S[4] = _mm256_aesenc_epi128(S[3], _mm256_xor_si256(S[4], m1));
+    S[3] = _mm256_aesenc_epi128(S[2], S[3]);
+    S[2] = _mm256_aesenc_epi128(S[1], S[2]);
+    S[1] = _mm256_aesenc_epi128(S[0], S[1]);
+    S[0] = _mm256_aesenc_epi128(t7, _mm256_xor_si256(S[0], m0));
+}
+
+TARGET_VAES static inline void y_advance(__m256i S[8]) {
+    __m256i t7 = S[7];
+    S[7] = _mm256_aesenc_epi128(S[6], S[7]);
+    S[6] = _mm256_aesenc_epi128(S[5], S[6]);
+    S[5] = _mm256_aesenc_epi128(S[4], S[5]);
+    S[4] = _mm256_aesenc_epi128(S[3], S[4]);
+    S[3] = _mm256_aesenc_epi128(S[2], S[3]);
+    S[2] = _mm256_aesenc_epi128(S[1], S[2]);
+    S[1] = _mm256_aesenc_epi128(S[0], S[1]);
+    S[0] = _mm256_aesenc_epi128(t7, S[0]);
+}
+
+TARGET_VAES static void y_init(__m256i S[8], const uint8_t *key, uint64_t segment) {
+    const __m256i k = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)key));
+    const __m256i n = _mm256_broadcastsi128_si256(_mm_set_epi64x(0, (long long)segment));
+    const __m256i c0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)AEGIS_C0));
+    const __m256i c1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)AEGIS_C1));
+    /* ctx: lane i's block starts with the bytes i, D - 1 (D = 2 lanes). */
+    const __m256i ctx = _mm256_set_epi64x(0, 0x0101, 0, 0x0100);
+    const __m256i kn = _mm256_xor_si256(k, n);
+    S[0] = kn, S[1] = c1, S[2] = c0, S[3] = c1;
+    S[4] = kn, S[5] = _mm256_xor_si256(k, c0), S[6] = _mm256_xor_si256(k, c1), S[7] = _mm256_xor_si256(k, c0);
+    for (int i = 0; i < 10; i++) {
+        S[3] = _mm256_xor_si256(S[3], ctx);
+        S[7] = _mm256_xor_si256(S[7], ctx);
+        y_update(S, n, k);
+    }
+}
+
+TARGET_VAES static inline __m256i y_z0(const __m256i S[8]) {
+    return _mm256_xor_si256(_mm256_xor_si256(S[6], S[1]), _mm256_and_si256(S[2], S[3]));
+}
+
+TARGET_VAES static inline __m256i y_z1(const __m256i S[8]) {
+    return _mm256_xor_si256(_mm256_xor_si256(S[2], S[5]), _mm256_and_si256(S[6], S[7]));
+}
+
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
+
+TARGET_VAES static ALWAYS_INLINE __m256i y_add(__m256i a, __m256i b, const int elem64) {
+    return elem64 ? _mm256_add_epi64(a, b) : _mm256_add_epi32(a, b);
+}
+
+TARGET_VAES static ALWAYS_INLINE __m256i y_sub(__m256i a, __m256i b, const int elem64) {
+    return elem64 ? _mm256_sub_epi64(a, b) : _mm256_sub_epi32(a, b);
+}
+
+TARGET_VAES static void y_load(__m256i S[8], const uint8_t *mem) {
+    for (int i = 0; i < 8; i++) S[i] = _mm256_loadu_si256((const __m256i *)(mem + 32 * i));
+}
+
+TARGET_VAES static void y_store(uint8_t *mem, const __m256i S[8]) {
+    for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i *)(mem + 32 * i), S[i]);
+}
+
+TARGET_VAES static void y_start(uint8_t *state, const uint8_t *key, uint64_t offset) {
+    __m256i S[8];
+    y_init(S, key, offset / AEGIS_SEGMENT);
+    for (uint64_t i = 0; i < offset % AEGIS_SEGMENT / AEGIS_STEP; i++) y_advance(S);
+    y_store(state, S);
+}
+
+TARGET_VAES static void y_keystream64(uint8_t *state, uint8_t out[64]) {
+    __m256i S[8];
+    y_load(S, state);
+    _mm256_storeu_si256((__m256i *)out, y_z0(S));
+    _mm256_storeu_si256((__m256i *)(out + 32), y_z1(S));
+    y_advance(S);
+    y_store(state, S);
+    wipe(S, sizeof S);
+}
+
+/* The prefetches of the next chunks: one line of each every other update, while the AES rounds keep the core
+ * busy. A prefetch never faults, so the last one may run past its buffer harmlessly. */
+#define WARM_STEP(i)                                                                \
+    do {                                                                            \
+        if ((i) & 1) {                                                              \
+            if (warm < warm_end) _mm_prefetch((const char *)warm, _MM_HINT_T1);     \
+            warm += 64;                                                             \
+            if (warm_out < warm_out_end) __builtin_prefetch(warm_out, 1, 2);        \
+            warm_out += 64;                                                         \
+        }                                                                           \
     } while (0)
 
-/* FIPS-197 AES-128 key expansion. */
-__attribute__((target("aes,sse2"))) static void expand_key(const uint8_t *key, __m128i rk[11]) {
-    __m128i k = _mm_loadu_si128((const __m128i *)key);
-    rk[0] = k;
-    KEY_STEP(rk, 1, 0x01);
-    KEY_STEP(rk, 2, 0x02);
-    KEY_STEP(rk, 3, 0x04);
-    KEY_STEP(rk, 4, 0x08);
-    KEY_STEP(rk, 5, 0x10);
-    KEY_STEP(rk, 6, 0x20);
-    KEY_STEP(rk, 7, 0x40);
-    KEY_STEP(rk, 8, 0x80);
-    KEY_STEP(rk, 9, 0x1b);
-    KEY_STEP(rk, 10, 0x36);
+/* vec[pos, end) (whole updates, inside one segment) += (or -= with `sub`) the keystreams of the state `a`, and of
+ * `b` too when `pair` (both with the same sign, so their sum enters the vector in one operation). Inlined with
+ * constant `elem64`, `sub` and `pair` into one loop each, so no branch or sign fix-up stays in the loop. */
+TARGET_VAES static ALWAYS_INLINE void y_run_impl(uint8_t *vec, size_t pos, size_t end, uint8_t *a, uint8_t *b,
+                                                 const int elem64, const int sub, const int pair,
+                                                 const uint8_t **warm_p, const uint8_t *warm_end,
+                                                 const uint8_t **warm_out_p, const uint8_t *warm_out_end) {
+    const uint8_t *warm = *warm_p, *warm_out = *warm_out_p;
+    __m256i A[8], B[8];
+    y_load(A, a);
+    if (pair) y_load(B, b);
+    for (size_t i = 0; pos < end; pos += AEGIS_STEP, i++) {
+        __m256i *p = (__m256i *)(vec + pos);
+        __m256i d0 = y_z0(A), d1 = y_z1(A);
+        if (pair) {
+            d0 = y_add(d0, y_z0(B), elem64);
+            d1 = y_add(d1, y_z1(B), elem64);
+        }
+        y_advance(A);
+        if (pair) y_advance(B);
+        WARM_STEP(i);
+        __m256i v0 = _mm256_loadu_si256(p), v1 = _mm256_loadu_si256(p + 1);
+        _mm256_storeu_si256(p, sub ? y_sub(v0, d0, elem64) : y_add(v0, d0, elem64));
+        _mm256_storeu_si256(p + 1, sub ? y_sub(v1, d1, elem64) : y_add(v1, d1, elem64));
+    }
+    y_store(a, A);
+    if (pair) y_store(b, B);
+    *warm_p = warm;
+    *warm_out_p = warm_out;
 }
+
+TARGET_VAES static void y_run(uint8_t *vec, size_t pos, size_t end, uint8_t *a, uint8_t *b, int elem64, int sub,
+                              const uint8_t **warm_p, const uint8_t *warm_end, const uint8_t **warm_out_p,
+                              const uint8_t *warm_out_end) {
+#define Y_RUN(E, S, P) y_run_impl(vec, pos, end, a, b, E, S, P, warm_p, warm_end, warm_out_p, warm_out_end)
+    switch ((elem64 ? 4 : 0) | (sub ? 2 : 0) | (b != NULL)) {
+    case 0: Y_RUN(0, 0, 0); break;
+    case 1: Y_RUN(0, 0, 1); break;
+    case 2: Y_RUN(0, 1, 0); break;
+    case 3: Y_RUN(0, 1, 1); break;
+    case 4: Y_RUN(1, 0, 0); break;
+    case 5: Y_RUN(1, 0, 1); break;
+    case 6: Y_RUN(1, 1, 0); break;
+    default: Y_RUN(1, 1, 1); break;
+    }
+#undef Y_RUN
+}
+
+/* ---- 128-bit path (AES-NI only: every x86-64 CPU since about 2010), the same keystream ---- */
 
 typedef struct {
-    __m512i rk[11];
-} round_keys;
+    __m128i s[2][8]; /* [lane][block] */
+} x_state;
 
-#define TARGET_VAES __attribute__((target("avx512f,avx512bw,vaes,aes,prfchw")))
-
-/* Each round key broadcast to the four 128-bit lanes of a 512-bit register. */
-TARGET_VAES static void load_key(const uint8_t *key, round_keys *out) {
-    __m128i rk[11];
-    expand_key(key, rk);
-    for (int r = 0; r < 11; r++) out->rk[r] = _mm512_broadcast_i32x4(rk[r]);
-    wipe(rk, sizeof rk);
+TARGET_AESNI static inline void x_update(__m128i S[8], __m128i m0, __m128i m1) {
+    __m128i t7 = S[7];
+    S[7] = _mm_aesenc_si128(S[6], S[7]);
+    S[6] = _mm_aesenc_si128(S[5], S[6]);
+    S[5] = _mm_aesenc_si128(S[4], S[5]);
+    S[4] = _mm_aesenc_si128(S[3], _mm_xor_si128(S[4], m1));
+    S[3] = _mm_aesenc_si128(S[2], S[3]);
+    S[2] = _mm_aesenc_si128(S[1], S[2]);
+    S[1] = _mm_aesenc_si128(S[0], S[1]);
+    S[0] = _mm_aesenc_si128(t7, _mm_xor_si128(S[0], m0));
 }
 
-/* Four 128-bit lanes of counters in little-endian form (low qword = block index, high qword = 0), byte-swapped
- * per lane into the big-endian 128-bit counter blocks CTR mode encrypts. */
-TARGET_VAES static inline __m512i encrypt4(__m512i ctr_le, const __m512i *rk, __m512i bswap) {
-    __m512i x = _mm512_xor_si512(_mm512_shuffle_epi8(ctr_le, bswap), rk[0]);
-    for (int r = 1; r < 10; r++) x = _mm512_aesenc_epi128(x, rk[r]);
-    return _mm512_aesenclast_epi128(x, rk[10]);
+TARGET_AESNI static void x_load(x_state *X, const uint8_t *mem) {
+    for (int i = 0; i < 8; i++)
+        for (int l = 0; l < 2; l++) X->s[l][i] = _mm_loadu_si128((const __m128i *)(mem + 32 * i + 16 * l));
 }
 
-TARGET_VAES static inline __m512i ring_op(__m512i v, __m512i ks, int subtract, int elem64) {
-    if (elem64) return subtract ? _mm512_sub_epi64(v, ks) : _mm512_add_epi64(v, ks);
-    return subtract ? _mm512_sub_epi32(v, ks) : _mm512_add_epi32(v, ks);
+TARGET_AESNI static void x_store(uint8_t *mem, const x_state *X) {
+    for (int i = 0; i < 8; i++)
+        for (int l = 0; l < 2; l++) _mm_storeu_si128((__m128i *)(mem + 32 * i + 16 * l), X->s[l][i]);
 }
 
-/* 8 registers of 4 blocks in flight: AES rounds have a latency of several cycles. On the 2-core EPYC box, 4 in
- * flight made 26-31 GB/s of keystream and 8 make 39-40. */
-#define WIDE 8
-#define WIDE_BYTES (64 * WIDE)
+TARGET_AESNI static void x_start(uint8_t *state, const uint8_t *key, uint64_t offset) {
+    const __m128i k = _mm_loadu_si128((const __m128i *)key);
+    const __m128i n = _mm_set_epi64x(0, (long long)(offset / AEGIS_SEGMENT));
+    const __m128i c0 = _mm_loadu_si128((const __m128i *)AEGIS_C0), c1 = _mm_loadu_si128((const __m128i *)AEGIS_C1);
+    const __m128i zero = _mm_setzero_si128();
+    x_state X;
+    for (int l = 0; l < 2; l++) {
+        __m128i *S = X.s[l];
+        const __m128i ctx = _mm_set_epi64x(0, 0x0100 | l);
+        S[0] = _mm_xor_si128(k, n), S[1] = c1, S[2] = c0, S[3] = c1;
+        S[4] = _mm_xor_si128(k, n), S[5] = _mm_xor_si128(k, c0), S[6] = _mm_xor_si128(k, c1);
+        S[7] = _mm_xor_si128(k, c0);
+        for (int i = 0; i < 10; i++) {
+            S[3] = _mm_xor_si128(S[3], ctx);
+            S[7] = _mm_xor_si128(S[7], ctx);
+            x_update(S, n, k);
+        }
+        for (uint64_t i = 0; i < offset % AEGIS_SEGMENT / AEGIS_STEP; i++) x_update(S, zero, zero);
+    }
+    x_store(state, &X);
+    wipe(&X, sizeof X);
+}
 
-/* vec (nbytes, a multiple of the element size) += or -= each key's keystream, the keystream starting at
- * counter block `first_block`. Work is blocked in 16 KiB pieces so every key's pass finds the piece in L1.
- * Meanwhile `warm` (warm_bytes, may be NULL) is prefetched into L2 for reading and `warm_out` (warm_out_bytes, may
- * be NULL) for writing, two lines of each a step: the AES rounds are compute-bound, so the memory traffic
- * overlaps them for free. Measured over the 10 clients' masking pass, 10 x 8M parameters: `warm` 137 -> 126 ms;
- * `warm_out`, whose first writes then find their lines in cache, 156-164 -> 141 ms. A prefetch never faults, so
- * the last one may run past its buffer harmlessly. */
-TARGET_VAES static void add_keystreams_vaes(uint8_t *vec, size_t nbytes, const round_keys *keys,
-                                            const uint8_t *subtract, Py_ssize_t nkeys, uint64_t first_block,
-                                            int elem64, const uint8_t *warm, size_t warm_bytes,
-                                            const uint8_t *warm_out, size_t warm_out_bytes) {
-    const uint8_t *warm_end = warm + warm_bytes, *warm_out_end = warm_out + warm_out_bytes;
-    const __m512i bswap = _mm512_broadcast_i32x4(
-        _mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    const __m512i step4 = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
-    const size_t PIECE = 16384; /* a multiple of WIDE_BYTES */
-    for (size_t s = 0; s < nbytes; s += PIECE) {
-        size_t e = s + PIECE < nbytes ? s + PIECE : nbytes;
-        uint64_t b0 = first_block + s / 16;
-        size_t full = (e - s) / WIDE_BYTES * WIDE_BYTES;
-        size_t quads = (e - s - full) / 64; /* then 64 at a time */
-        size_t tail = e - s - full - quads * 64;
-        for (Py_ssize_t k = 0; k < nkeys; k++) {
-            const __m512i *rk = keys[k].rk;
-            const int sub = subtract[k];
-            __m512i ctr = _mm512_set_epi64(0, (long long)(b0 + 3), 0, (long long)(b0 + 2), 0,
-                                           (long long)(b0 + 1), 0, (long long)b0);
-            uint8_t *p = vec + s;
-            for (size_t j = 0; j < full; j += WIDE_BYTES, p += WIDE_BYTES) {
-                __m512i x[WIDE];
-#pragma GCC unroll 8
-                for (int w = 0; w < WIDE; w++) {
-                    x[w] = _mm512_xor_si512(_mm512_shuffle_epi8(ctr, bswap), rk[0]);
-                    ctr = _mm512_add_epi64(ctr, step4);
-                }
-                /* Two lines a step into L2 while the AES rounds keep the core busy. */
-                if (warm < warm_end) {
-                    _mm_prefetch((const char *)warm, _MM_HINT_T1);
-                    _mm_prefetch((const char *)warm + 64, _MM_HINT_T1);
-                    warm += 128;
-                }
-                if (warm_out < warm_out_end) {
-                    __builtin_prefetch(warm_out, 1, 2);
-                    __builtin_prefetch(warm_out + 64, 1, 2);
-                    warm_out += 128;
-                }
-#pragma GCC unroll 9
-                for (int r = 1; r < 10; r++) {
-#pragma GCC unroll 8
-                    for (int w = 0; w < WIDE; w++) x[w] = _mm512_aesenc_epi128(x[w], rk[r]);
-                }
-#pragma GCC unroll 8
-                for (int w = 0; w < WIDE; w++) {
-                    x[w] = _mm512_aesenclast_epi128(x[w], rk[10]);
-                    uint8_t *q = p + 64 * w;
-                    _mm512_storeu_si512(q, ring_op(_mm512_loadu_si512(q), x[w], sub, elem64));
-                }
-            }
-            for (size_t q = 0; q < quads; q++, p += 64) {
-                __m512i x = encrypt4(ctr, rk, bswap);
-                ctr = _mm512_add_epi64(ctr, step4);
-                _mm512_storeu_si512(p, ring_op(_mm512_loadu_si512(p), x, sub, elem64));
-            }
-            if (tail) {
-                uint8_t ks[64];
-                _mm512_storeu_si512(ks, encrypt4(ctr, rk, bswap));
-                if (elem64) {
-                    for (size_t i = 0; i < tail; i += 8) {
-                        uint64_t v, w;
-                        memcpy(&v, p + i, 8);
-                        memcpy(&w, ks + i, 8);
-                        v = sub ? v - w : v + w;
-                        memcpy(p + i, &v, 8);
-                    }
-                } else {
-                    for (size_t i = 0; i < tail; i += 4) {
-                        uint32_t v, w;
-                        memcpy(&v, p + i, 4);
-                        memcpy(&w, ks + i, 4);
-                        v = sub ? v - w : v + w;
-                        memcpy(p + i, &v, 4);
-                    }
-                }
-                wipe(ks, sizeof ks);
-            }
+/* The next 64 bytes of keystream, as [z0 lane 0, z0 lane 1, z1 lane 0, z1 lane 1]; the state advances. */
+TARGET_AESNI static inline void x_next(x_state *X, __m128i z[4]) {
+    const __m128i zero = _mm_setzero_si128();
+    for (int l = 0; l < 2; l++) {
+        __m128i *S = X->s[l];
+        z[l] = _mm_xor_si128(_mm_xor_si128(S[6], S[1]), _mm_and_si128(S[2], S[3]));
+        z[2 + l] = _mm_xor_si128(_mm_xor_si128(S[2], S[5]), _mm_and_si128(S[6], S[7]));
+        x_update(S, zero, zero);
+    }
+}
+
+TARGET_AESNI static void x_keystream64(uint8_t *state, uint8_t out[64]) {
+    x_state X;
+    __m128i z[4];
+    x_load(&X, state);
+    x_next(&X, z);
+    for (int j = 0; j < 4; j++) _mm_storeu_si128((__m128i *)(out + 16 * j), z[j]);
+    x_store(state, &X);
+    wipe(&X, sizeof X);
+    wipe(z, sizeof z);
+}
+
+TARGET_AESNI static void x_run(uint8_t *vec, size_t pos, size_t end, uint8_t *a, int sub, int elem64,
+                               const uint8_t **warm_p, const uint8_t *warm_end, const uint8_t **warm_out_p,
+                               const uint8_t *warm_out_end) {
+    const uint8_t *warm = *warm_p, *warm_out = *warm_out_p;
+    const __m128i m = _mm_set1_epi32(sub ? -1 : 0);
+    x_state X;
+    __m128i z[4];
+    x_load(&X, a);
+    for (size_t i = 0; pos < end; pos += AEGIS_STEP, i++) {
+        x_next(&X, z);
+        WARM_STEP(i);
+        for (int j = 0; j < 4; j++) {
+            __m128i *p = (__m128i *)(vec + pos + 16 * j);
+            __m128i neg = _mm_sub_epi32(_mm_xor_si128(z[j], m), m);
+            if (elem64) neg = _mm_sub_epi64(_mm_xor_si128(z[j], m), m);
+            _mm_storeu_si128(p, elem64 ? _mm_add_epi64(_mm_loadu_si128(p), neg)
+                                       : _mm_add_epi32(_mm_loadu_si128(p), neg));
         }
     }
+    x_store(a, &X);
+    wipe(&X, sizeof X);
+    wipe(z, sizeof z);
+    *warm_p = warm;
+    *warm_out_p = warm_out;
+}
+
+/* vec (nbytes, a multiple of the element size) += or -= each key's mask, vec[0] sitting at byte `offset` (a
+ * multiple of AEGIS_STEP) of the masks. `states` holds AEGIS_STATE_BYTES of scratch per key. Work is blocked in
+ * 16 KiB pieces so every key's pass finds the piece in L1; keys go two at a time on the 256-bit path (the two
+ * state updates interleave: 51 GB/s a core against 40 for one at a time). Meanwhile `warm` (may be NULL) is
+ * prefetched into L2 for reading and `warm_out` (may be NULL) for writing: measured with the CTR kernel over
+ * the 10 clients' masking pass, `warm` 137 -> 126 ms, `warm_out` 156-164 -> 141 ms. */
+static void add_masks(int wide, uint8_t *vec, size_t nbytes, const uint8_t *keys, const uint8_t *subtract,
+                      Py_ssize_t nkeys, uint64_t offset, int elem64, uint8_t *states, const uint8_t *warm,
+                      size_t warm_bytes, const uint8_t *warm_out, size_t warm_out_bytes) {
+    const uint8_t *warm_end = warm + warm_bytes, *warm_out_end = warm_out + warm_out_bytes;
+    const size_t PIECE = 16384, full = nbytes / AEGIS_STEP * AEGIS_STEP;
+    for (Py_ssize_t k = 0; k < nkeys; k++) {
+        if (wide)
+            y_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, offset);
+        else
+            x_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, offset);
+    }
+    for (size_t s = 0; s < full; s += PIECE) {
+        size_t e = s + PIECE < full ? s + PIECE : full;
+        /* A segment may end inside the piece: run up to it, start the next segment's states, go on. */
+        for (size_t pos = s; pos < e;) {
+            uint64_t at = offset + pos;
+            if (pos > 0 && at % AEGIS_SEGMENT == 0)
+                for (Py_ssize_t k = 0; k < nkeys; k++) {
+                    if (wide)
+                        y_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, at);
+                    else
+                        x_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, at);
+                }
+            size_t to_boundary = (size_t)(AEGIS_SEGMENT - at % AEGIS_SEGMENT);
+            size_t stop = e - pos < to_boundary ? e : pos + to_boundary;
+            if (!wide) {
+                for (Py_ssize_t k = 0; k < nkeys; k++)
+                    x_run(vec, pos, stop, states + AEGIS_STATE_BYTES * k, subtract[k], elem64, &warm, warm_end,
+                          &warm_out, warm_out_end);
+            } else {
+                /* Two keys of the same sign at a time; a key left without a partner of its sign goes alone. */
+                for (int sign = 0; sign < 2; sign++) {
+                    Py_ssize_t waiting = -1;
+                    for (Py_ssize_t k = 0; k < nkeys; k++) {
+                        if ((subtract[k] != 0) != sign) continue;
+                        if (waiting < 0) {
+                            waiting = k;
+                            continue;
+                        }
+                        y_run(vec, pos, stop, states + AEGIS_STATE_BYTES * waiting, states + AEGIS_STATE_BYTES * k,
+                              elem64, sign, &warm, warm_end, &warm_out, warm_out_end);
+                        waiting = -1;
+                    }
+                    if (waiting >= 0)
+                        y_run(vec, pos, stop, states + AEGIS_STATE_BYTES * waiting, NULL, elem64, sign, &warm,
+                              warm_end, &warm_out, warm_out_end);
+                }
+            }
+            pos = stop;
+        }
+    }
+    if (full < nbytes) {
+        /* The last, partial update: its keystream through a buffer, added element by element. */
+        uint8_t ks[64];
+        uint64_t at = offset + full;
+        for (Py_ssize_t k = 0; k < nkeys; k++) {
+            uint8_t *st = states + AEGIS_STATE_BYTES * k;
+            if (full > 0 && at % AEGIS_SEGMENT == 0) {
+                if (wide)
+                    y_start(st, keys + 16 * k, at);
+                else
+                    x_start(st, keys + 16 * k, at);
+            }
+            if (wide)
+                y_keystream64(st, ks);
+            else
+                x_keystream64(st, ks);
+            uint8_t *p = vec + full;
+            size_t tail = nbytes - full;
+            if (elem64) {
+                for (size_t i = 0; i < tail; i += 8) {
+                    uint64_t v, w;
+                    memcpy(&v, p + i, 8);
+                    memcpy(&w, ks + i, 8);
+                    v = subtract[k] ? v - w : v + w;
+                    memcpy(p + i, &v, 8);
+                }
+            } else {
+                for (size_t i = 0; i < tail; i += 4) {
+                    uint32_t v, w;
+                    memcpy(&v, p + i, 4);
+                    memcpy(&w, ks + i, 4);
+                    v = subtract[k] ? v - w : v + w;
+                    memcpy(p + i, &v, 4);
+                }
+            }
+        }
+        wipe(ks, sizeof ks);
+    }
+}
+
+/* 2: VAES and AVX-512VL (the 256-bit path); 1: AES-NI (the 128-bit path); 0: neither. */
+static int mask_level(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("aes")) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vaes"))
+        return 2;
+    return 1;
 }
 
 static int cpu_supported(void) {
@@ -245,35 +467,58 @@ TARGET_VAES static void dequantise_i32_f64_avx512(const int32_t *v, double *out,
 
 #else
 static int cpu_supported(void) { return 0; }
+static int mask_level(void) { return 0; }
 #endif
 
 static PyObject *supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_supported()); }
 
-/* add_keystreams(vec, keys, subtract, first_block, elem_bytes)
+static PyObject *mask_level_py(PyObject *self, PyObject *unused) { return PyLong_FromLong(mask_level()); }
+
+/* add_keystreams(vec, keys, subtract, offset, elem_bytes[, warm[, warm_out[, level]]])
  *   vec: writable C-contiguous buffer of ring elements (uint32 or uint64, little-endian)
- *   keys: bytes, 16 per AES-128 key; subtract: bytes, one 0/1 per key (1: the keystream is subtracted)
- *   first_block: the counter block at which vec[0] sits (its byte offset in the stream / 16)
+ *   keys: bytes, 16 per mask key; subtract: bytes, one 0/1 per key (1: the mask is subtracted)
+ *   offset: the byte of the masks at which vec[0] sits (a multiple of 64)
  *   elem_bytes: 4 or 8
- *   warm (optional, may be None): a buffer to bring into L2 while the keystreams are added (the client passes
+ *   warm (optional, may be None): a buffer to bring into L2 while the masks are added (the client passes
  *     the next chunk of its float update, so quantising that chunk does not wait on memory); only read
  *   warm_out (optional, may be None): a buffer to bring into L2 ready to be written (the next chunk of the
- *     vector); only prefetched, never read or written here */
+ *     vector); only prefetched, never read or written here
+ *   level (optional, may be None): 1 or 2, the path to take (tests compare them); default the best this CPU
+ *     runs */
 static PyObject *add_keystreams(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs < 5 || nargs > 7) {
+    if (nargs < 5 || nargs > 8) {
         PyErr_SetString(PyExc_TypeError,
-                        "add_keystreams(vec, keys, subtract, first_block, elem_bytes[, warm[, warm_out]])");
+                        "add_keystreams(vec, keys, subtract, offset, elem_bytes[, warm[, warm_out[, level]]])");
         return NULL;
     }
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks VAES/AVX-512; use the cryptography fallback");
+    int level = mask_level();
+    if (nargs == 8 && args[7] != Py_None) {
+        long want = PyLong_AsLong(args[7]);
+        if (want == -1 && PyErr_Occurred()) return NULL;
+        if (want != 1 && want != 2) {
+            PyErr_SetString(PyExc_ValueError, "level must be 1 (AES-NI) or 2 (VAES)");
+            return NULL;
+        }
+        if (want > level) {
+            PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run that level");
+            return NULL;
+        }
+        level = (int)want;
+    }
+    if (level == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AES-NI; use the numpy reference");
         return NULL;
     }
-    unsigned long long first_block = PyLong_AsUnsignedLongLong(args[3]);
-    if (first_block == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long long offset = PyLong_AsUnsignedLongLong(args[3]);
+    if (offset == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     long elem_bytes = PyLong_AsLong(args[4]);
     if (elem_bytes == -1 && PyErr_Occurred()) return NULL;
     if (elem_bytes != 4 && elem_bytes != 8) {
         PyErr_SetString(PyExc_ValueError, "elem_bytes must be 4 or 8");
+        return NULL;
+    }
+    if (offset % AEGIS_STEP != 0) {
+        PyErr_SetString(PyExc_ValueError, "offset must be a multiple of 64 bytes");
         return NULL;
     }
     /* vec, keys, subtract, then warm and warm_out where given (not None); each one acquired is released. */
@@ -293,33 +538,31 @@ static PyObject *add_keystreams(PyObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_ValueError, "keys must be 16 bytes each, with one subtract flag per key");
     } else if (buf[VEC].len % elem_bytes != 0) {
         PyErr_SetString(PyExc_ValueError, "vec's length is not a whole number of ring elements");
-    } else if (first_block > UINT64_MAX - (uint64_t)buf[VEC].len / 16 - 4) {
-        PyErr_SetString(PyExc_OverflowError, "counter block out of range");
+    } else if (offset > UINT64_MAX - (uint64_t)buf[VEC].len - AEGIS_STEP) {
+        PyErr_SetString(PyExc_OverflowError, "offset out of range");
     } else {
 #ifdef FEDSE_X86
-        round_keys *rks = NULL;
-        if (nkeys > 0 && posix_memalign((void **)&rks, 64, (size_t)nkeys * sizeof(round_keys)) != 0) {
+        uint8_t *states = NULL;
+        if (nkeys > 0 && posix_memalign((void **)&states, 64, (size_t)nkeys * AEGIS_STATE_BYTES) != 0) {
             PyErr_NoMemory();
         } else {
-            for (Py_ssize_t k = 0; k < nkeys; k++) load_key((const uint8_t *)buf[KEYS].buf + 16 * k, &rks[k]);
             Py_BEGIN_ALLOW_THREADS
-            add_keystreams_vaes((uint8_t *)buf[VEC].buf, (size_t)buf[VEC].len, rks, (const uint8_t *)buf[SUB].buf,
-                                nkeys, (uint64_t)first_block, elem_bytes == 8,
-                                held[WARM] ? (const uint8_t *)buf[WARM].buf : NULL,
-                                held[WARM] ? (size_t)buf[WARM].len : 0,
-                                held[WARM_OUT] ? (const uint8_t *)buf[WARM_OUT].buf : NULL,
-                                held[WARM_OUT] ? (size_t)buf[WARM_OUT].len : 0);
+            add_masks(level == 2, (uint8_t *)buf[VEC].buf, (size_t)buf[VEC].len, (const uint8_t *)buf[KEYS].buf,
+                      (const uint8_t *)buf[SUB].buf, nkeys, (uint64_t)offset, elem_bytes == 8, states,
+                      held[WARM] ? (const uint8_t *)buf[WARM].buf : NULL, held[WARM] ? (size_t)buf[WARM].len : 0,
+                      held[WARM_OUT] ? (const uint8_t *)buf[WARM_OUT].buf : NULL,
+                      held[WARM_OUT] ? (size_t)buf[WARM_OUT].len : 0);
             Py_END_ALLOW_THREADS
-            if (rks != NULL) {
-                /* Round keys are key material: do not leave them in freed heap memory. */
-                wipe(rks, (size_t)nkeys * sizeof(round_keys));
-                free(rks);
+            if (states != NULL) {
+                /* The states are key material: do not leave them in freed heap memory. */
+                wipe(states, (size_t)nkeys * AEGIS_STATE_BYTES);
+                free(states);
             }
             Py_INCREF(Py_None);
             result = Py_None;
         }
 #else
-        PyErr_SetString(PyExc_RuntimeError, "not built for this CPU; use the cryptography fallback");
+        PyErr_SetString(PyExc_RuntimeError, "not built for this CPU; use the numpy reference");
 #endif
     }
 done:
@@ -413,9 +656,11 @@ static PyObject *dequantise_i32_f64(PyObject *self, PyObject *const *args, Py_ss
 
 static PyMethodDef methods[] = {
     {"supported", supported, METH_NOARGS, "Whether this CPU has VAES, AVX512F and AVX512BW."},
+    {"mask_level", mask_level_py, METH_NOARGS,
+     "The mask path this CPU runs: 2 (VAES, AVX-512VL), 1 (AES-NI) or 0 (neither)."},
     {"add_keystreams", (PyCFunction)(void (*)(void))add_keystreams, METH_FASTCALL,
-     "add_keystreams(vec, keys, subtract, first_block, elem_bytes[, warm[, warm_out]]): vec +/-= AES-128-CTR "
-     "keystreams."},
+     "add_keystreams(vec, keys, subtract, offset, elem_bytes[, warm[, warm_out[, level]]]): vec +/-= "
+     "AEGIS-128X2 masks."},
     {"quantise_f32_i32", (PyCFunction)(void (*)(void))quantise_f32_i32, METH_FASTCALL,
      "quantise_f32_i32(x, out, clip, scale) -> (clipped, nonfinite): out = rint(clip(x) * scale) as int32."},
     {"dequantise_i32_f64", (PyCFunction)(void (*)(void))dequantise_i32_f64, METH_FASTCALL,
@@ -424,7 +669,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
-                                    "AVX-512 kernels of masking: quantisation, fused AES-128-CTR masks and the release.", -1,
+                                    "Kernels of masking: AEGIS-128X2 masks; with AVX-512, quantisation and release.",
+                                    -1,
                                     methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

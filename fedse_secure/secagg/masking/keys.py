@@ -33,7 +33,7 @@ def x25519_public_bytes(key: X25519PrivateKey | X25519PublicKey) -> bytes:
 
 
 def pair_mask_key(own_mask_key: X25519PrivateKey, peer_public: bytes, digest: bytes, a: str, b: str) -> bytes:
-    """AES-128 key of the pairwise mask between ``a`` and ``b`` (symmetric in a, b)."""
+    """The 128-bit key of the pairwise mask between ``a`` and ``b`` (symmetric in a, b)."""
     shared = own_mask_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     lo, hi = sorted((a, b))
     return hkdf(shared, b"pair-mask", frame(digest, lo, hi), 16)

@@ -1,12 +1,13 @@
-"""Key derivation, mask expansion and randomness, built on the ``cryptography`` package (mask expansion also on a
-compiled VAES kernel, where the CPU has one).
+"""Key derivation, mask expansion and randomness, built on the ``cryptography`` package (mask expansion on the
+compiled ``_kernels``, or its numpy reference where that is not built).
 
-* Masks are AES-128-CTR keystreams with an all-zero initial counter block. A mask key is used for exactly one
-  round: keys are derived with HKDF-SHA256 whose ``info`` binds the round's setup digest, so a zero IV is safe.
-  Where the CPU has VAES and AVX-512, the compiled ``_kernels`` adds every keystream to the vector without
-  writing it to memory (per core: 39-40 GB/s of keystream on the AMD EPYC VM, 25 on the Intel Xeon one);
-  elsewhere the ``cryptography`` package makes the same keystream (OpenSSL AES-NI, ~10 GB/s) and numpy adds it.
-  Both give identical bytes (tested).
+* Masks are AEGIS-128X2 keystreams (RFC 10032's stream-cipher use, in 64 KiB segments each under its own nonce:
+  :mod:`fedse_secure.secagg.masking.aegis`). A mask key is used for exactly one round: keys are derived with
+  HKDF-SHA256 whose ``info`` binds the round's setup digest, so every (key, nonce) pair encrypts once. The
+  compiled kernel adds every keystream to the vector without writing it to memory: with VAES and AVX-512VL
+  (256-bit registers, two states interleaved; 51 GB/s of keystream a core on the AMD EPYC VM, against 21 for
+  the AES-128-CTR masks this replaced), else with AES-NI alone. Without either, the numpy reference makes the
+  same bytes (tested), about 100x slower.
 * :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, 11-20 GB/s per
   core with PCLMUL, 40 on the Intel Xeon VM's VPCLMULQDQ for a cached 256 KiB chunk), fed chunk by chunk while
   the chunk is still in cache. Its key is used for one message only, so
@@ -26,23 +27,28 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-DOMAIN = b"fedse-secagg/v1"
+from fedse_secure.secagg.masking import aegis
+
+# v2: masks are AEGIS-128X2 keystreams (v1: AES-128-CTR). The setup digest starts with this, so parties of the
+# two versions never agree on a setup instead of summing masks that do not cancel.
+DOMAIN = b"fedse-secagg/v2"
 
 #: Elements per chunk when masks are streamed: 64 Ki elements = 256/512 KiB, so the output chunk and the
 #: keystream chunk both stay in L2 while every mask of a client is added to them.
 CHUNK_ELEMENTS = 1 << 16
 
 
-def _load_kernel():
+def _load_kernels():
     try:
         from fedse_secure.secagg.masking import _kernels
     except ImportError:  # not compiled here (no C compiler at install time, or not x86-64)
-        return None
-    return _kernels if _kernels.supported() else None
+        return None, None
+    return (_kernels if _kernels.supported() else None), (_kernels if _kernels.mask_level() else None)
 
 
-#: The compiled AVX-512/VAES kernels, or None where they are not built or this CPU lacks VAES/AVX-512.
-KERNEL = _load_kernel()
+#: KERNEL: the compiled AVX-512 kernels (quantisation, release), or None where they are not built or this CPU
+#: lacks VAES/AVX-512. MASK_KERNEL: the compiled masks (any x86-64 CPU with AES-NI), or None.
+KERNEL, MASK_KERNEL = _load_kernels()
 
 
 def hkdf(key_material: bytes, label: bytes, context: bytes, length: int = 16) -> bytes:
@@ -53,7 +59,7 @@ def hkdf(key_material: bytes, label: bytes, context: bytes, length: int = 16) ->
 
 
 class MaskStream:
-    """An AES-128-CTR keystream read as ring elements (uint32 or uint64), from its start.
+    """A mask: the AEGIS-128X2 keystream of ``key`` read as ring elements (uint32 or uint64), from its start.
 
     ``sign`` is +1 or -1: how the mask enters the vector it is applied to.
     """
@@ -70,34 +76,17 @@ class MaskStream:
         self.sign = sign
 
 
-def aes_ctr_encryptor(key: bytes, first_block: int = 0):
-    """``cryptography``'s AES-128-CTR, the reference keystream of a mask: from the all-zero counter block, or from
-    block ``first_block`` of that keystream (the counter block is a 128-bit big-endian block index)."""
-    return Cipher(algorithms.AES(key), modes.CTR(first_block.to_bytes(16, "big"))).encryptor()
-
-
-_ZEROS: dict[int, memoryview] = {}
-
-
-def _zeros(nbytes: int) -> memoryview:
-    # Read-only, so one buffer serves every applier.
-    z = _ZEROS.get(nbytes)
-    if z is None:
-        z = _ZEROS[nbytes] = memoryview(bytes(nbytes))
-    return z
-
-
 class MaskApplier:
-    """Applies many keystream masks to one ring vector, chunk-major so the data stays in cache.
+    """Applies many masks to one ring vector, chunk-major so the data stays in cache.
 
-    ``kernel``: the compiled VAES kernel (default: :data:`KERNEL`, when this CPU has it), or None for the
-    ``cryptography`` + numpy path. The two produce identical vectors.
+    ``kernel``: the compiled mask kernel (default: :data:`MASK_KERNEL`, where this machine has it), or None for
+    the numpy reference. The two produce identical vectors.
     """
 
-    def __init__(self, dtype: np.dtype, chunk: int = CHUNK_ELEMENTS, kernel=KERNEL) -> None:
+    def __init__(self, dtype: np.dtype, chunk: int = CHUNK_ELEMENTS, kernel=MASK_KERNEL) -> None:
         self.dtype = np.dtype(dtype)
-        if (chunk * self.dtype.itemsize) % 16:
-            raise ValueError("a chunk must hold whole AES blocks")
+        if (chunk * self.dtype.itemsize) % aegis.STEP_BYTES:
+            raise ValueError(f"a chunk must hold whole {aegis.STEP_BYTES}-byte keystream steps")
         self.chunk = chunk
         self.kernel = kernel
         self.keystream_bytes = 0
@@ -121,27 +110,17 @@ class MaskApplier:
             add = self.kernel.add_keystreams
 
             def add_masks(view: np.ndarray, start: int, warm, upcoming) -> None:
-                add(view, keys, subtract, start * itemsize // 16, itemsize, warm, upcoming)
+                add(view, keys, subtract, start * itemsize, itemsize, warm, upcoming)
         else:
-            nbytes = self.chunk * itemsize
-            zeros, scratch = _zeros(nbytes), bytearray(nbytes + 16)
-            tmp = np.frombuffer(scratch, dtype=self.dtype, count=self.chunk)
-            encryptors: list = []
-            position = -1  # the element the encryptors' keystreams have reached
+            keys = [s.key for s in streams]
 
             def add_masks(view: np.ndarray, start: int, warm, upcoming) -> None:
-                nonlocal encryptors, position
-                m = view.size
-                t = tmp[:m]
-                if start != position:  # a jump (last chunk first): each keystream restarts at this chunk's block
-                    encryptors = [aes_ctr_encryptor(s.key, start * itemsize // 16) for s in streams]
-                position = start + m
-                for s, enc in zip(streams, encryptors):
-                    enc.update_into(zeros[: m * itemsize], scratch)
+                masks = aegis.keystreams(keys, start * itemsize, view.size * itemsize).view(self.dtype)
+                for s, mask in zip(streams, masks):
                     if s.sign > 0:
-                        np.add(view, t, out=view)
+                        np.add(view, mask, out=view)
                     else:
-                        np.subtract(view, t, out=view)
+                        np.subtract(view, mask, out=view)
 
         starts = range(0, n, self.chunk)
         order = list(reversed(starts) if reverse else starts)
@@ -173,7 +152,7 @@ class InputTag:
         return self._ctx.tag
 
 
-def expand_mask(key: bytes, size: int, dtype: np.dtype, kernel=KERNEL) -> np.ndarray:
+def expand_mask(key: bytes, size: int, dtype: np.dtype, kernel=MASK_KERNEL) -> np.ndarray:
     """The whole keystream of ``key`` as ``size`` ring elements (for tests and one-off uses)."""
     out = np.zeros(size, dtype=dtype)
     MaskApplier(dtype, kernel=kernel).apply(out, [MaskStream(key, dtype, +1)])
