@@ -85,20 +85,20 @@ def inspect_machine() -> dict[str, Any]:
 
 
 def secagg_kernel() -> dict[str, Any]:
-    """Whether masking runs on the compiled kernels here (the masks on any x86-64 CPU with AES-NI, quantisation
-    and the release with VAES and AVX-512), and why not where it does not."""
+    """Whether masking runs on the compiled kernels here (the masks on x86-64 with AES-NI and 64-bit ARM with
+    its Cryptographic Extension, quantisation and the release with VAES and AVX-512), and why not where not."""
     from fedse_secure.secagg.masking.prg import KERNEL, MASK_KERNEL
 
     if KERNEL is not None:
         return {"active": True, "why": "compiled, and this CPU has VAES and AVX-512 (every masking kernel)"}
     if MASK_KERNEL is not None:
-        return {"active": True, "why": "compiled; this CPU has AES-NI but not VAES/AVX-512, so masks take the "
-                                       "128-bit path and quantisation numpy (the same bytes)"}
+        return {"active": True, "why": "compiled; this CPU has AES instructions but not VAES/AVX-512, so masks "
+                                       "take the 128-bit path and quantisation numpy (the same bytes)"}
     if importlib.util.find_spec("fedse_secure.secagg.masking._kernels") is None:
         why = "not compiled (no C compiler when the package was installed); reinstall with one (make venv)"
     else:
-        why = "compiled, but this CPU lacks AES-NI"
-    return {"active": False, "why": why + "; masking uses the numpy reference (the same bytes, about 100x slower "
+        why = "compiled, but this CPU lacks AES instructions"
+    return {"active": False, "why": why + "; masking uses the numpy reference (the same bytes, 300-1,200x slower "
                                           "per mask, and table-based AES rounds: not constant-time)"}
 
 

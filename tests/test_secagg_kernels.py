@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +272,52 @@ def test_the_quantiser_hands_the_next_chunk_of_the_update_to_the_mask_kernel():
     assert np.array_equal(q(0, 4, out[:4]), x[4:8])
     assert q(8, 11, out[8:]) is None  # the last chunk (with the count) warms nothing
     assert ChunkQuantiser(x, 8.0, 24, 32, "inst0", kernel=None)(0, 4, out[:4]) is None
+
+
+# The kernel's 64-bit ARM path, built with a cross compiler and run under qemu-user where both are installed
+# (`apt-get install crossbuild-essential-arm64 qemu-user`); CI's x86 box has neither, so there it is skipped.
+_ARM_HARNESS = r"""
+#include "KERNEL_C"
+#include <stdio.h>
+int main(int argc, char **argv) {
+    int nkeys = (int)strlen(argv[1]) / 32;
+    uint8_t keys[16 * 8], subtract[8];
+    for (int i = 0; i < 16 * nkeys; i++) sscanf(argv[1] + 2 * i, "%2hhx", &keys[i]);
+    for (int k = 0; k < nkeys; k++) subtract[k] = argv[5][k] == '1';
+    uint64_t offset = strtoull(argv[2], 0, 10);
+    size_t nbytes = strtoull(argv[3], 0, 10);
+    uint8_t *vec = calloc(nbytes, 1), *states = aligned_alloc(64, 256 * nkeys);
+    printf("%d\n", mask_level());
+    add_masks(0, vec, nbytes, keys, subtract, nkeys, offset, atoi(argv[4]) == 8, states, NULL, 0, NULL, 0);
+    for (size_t i = 0; i < nbytes; i++) printf("%02x", vec[i]);
+    printf("\n");
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
+                    reason="no aarch64 cross compiler and qemu-user here")
+def test_the_arm_path_makes_the_reference_masks(tmp_path):
+    kernel_c = Path(__file__).resolve().parents[1] / "fedse_secure/secagg/masking/_kernels.c"
+    (tmp_path / "harness.c").write_text(_ARM_HARNESS.replace("KERNEL_C", str(kernel_c)))
+    # Static, with the Python API left unresolved: the harness calls only the C mask code.
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-static", f"-I{sysconfig.get_paths()['include']}",
+                    str(tmp_path / "harness.c"), "-o", str(tmp_path / "harness"),
+                    "-Wl,--unresolved-symbols=ignore-all"], check=True)
+    keys = [os.urandom(16) for _ in range(3)]
+    seg = aegis.SEGMENT_BYTES
+    # One key; a start just before a segment's end and a partial last update; a 64-bit ring, subtracting.
+    cases = [(0, 64, 4, "0"), (seg - 640, 4 * 20_003, 4, "010"), (2 * seg, 8 * 999, 8, "10")]
+    for offset, nbytes, elem, signs in cases:
+        n = len(signs)
+        run = ["qemu-aarch64", str(tmp_path / "harness"), b"".join(keys[:n]).hex(), str(offset), str(nbytes),
+               str(elem), signs]
+        out = subprocess.run(run, check=True, capture_output=True, text=True).stdout.split()
+        assert out[0] == "1"  # the Armv8 Cryptographic Extension was found and used
+        dtype = np.uint32 if elem == 4 else np.uint64
+        ref = aegis.keystreams(keys[:n], offset, nbytes).view(dtype)
+        want = np.zeros(nbytes // elem, dtype)
+        for mask, sign in zip(ref, signs):
+            want = want - mask if sign == "1" else want + mask
+        assert bytes.fromhex(out[1]) == want.tobytes()

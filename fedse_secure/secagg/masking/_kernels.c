@@ -11,7 +11,8 @@
  * AEGIS-128X2, a nonce per 64 KiB segment), read as little-endian uint32 or uint64 ring elements; tests compare
  * the two byte for byte, on each path (tests/test_secagg_kernels.py). AES-NI/VAES run in constant time.
  *
- * The masks run on any x86-64 CPU with AES-NI (`mask_level()`: 2 with VAES and AVX-512VL, 1 with AES-NI only);
+ * The masks run on x86-64 with AES-NI (`mask_level()`: 2 with VAES and AVX-512VL, 1 with AES-NI only) and on
+ * 64-bit ARM with the Armv8 Cryptographic Extension (1; tested under qemu-user, tests/test_secagg_kernels.py);
  * quantisation and release need AVX512F/BW and VAES (`supported()`). Elsewhere
  * fedse_secure/secagg/masking/prg.py and quantize.py take their numpy paths.
  */
@@ -24,6 +25,12 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FEDSE_X86 1
 #include <immintrin.h>
+#elif defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+#define FEDSE_ARM 1
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
 #endif
 
 /* Zeroes key material in a way the compiler may not drop as a dead store. */
@@ -31,11 +38,6 @@ static void wipe(void *p, size_t n) {
     volatile uint8_t *z = (volatile uint8_t *)p;
     while (n--) *z++ = 0;
 }
-
-#ifdef FEDSE_X86
-
-#define TARGET_VAES __attribute__((target("avx512f,avx512bw,avx512vl,vaes,aes,prfchw")))
-#define TARGET_AESNI __attribute__((target("aes,sse2")))
 
 /* AEGIS-128X2 (RFC 10032): two AEGIS-128L lanes, each state eight 128-bit blocks. A mask is the keystream the
  * RFC's stream-cipher use defines (the encryption of zeros) under the mask key, in segments of
@@ -51,6 +53,25 @@ static const uint8_t AEGIS_C0[16] = {0x00, 0x01, 0x01, 0x02, 0x03, 0x05, 0x08, 0
                                      0x15, 0x22, 0x37, 0x59, 0x90, 0xe9, 0x79, 0x62};
 static const uint8_t AEGIS_C1[16] = {0xdb, 0x3d, 0x18, 0x55, 0x6d, 0xc2, 0x2f, 0xf1,
                                      0x20, 0x11, 0x31, 0x42, 0x73, 0xb5, 0x28, 0xdd};
+
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
+
+/* The prefetches of the next chunks: one line of each every other update, while the AES rounds keep the core
+ * busy. A prefetch never faults, so the last one may run past its buffer harmlessly. */
+#define WARM_STEP(i)                                                                \
+    do {                                                                            \
+        if ((i) & 1) {                                                              \
+            if (warm < warm_end) __builtin_prefetch(warm, 0, 2);                    \
+            warm += 64;                                                             \
+            if (warm_out < warm_out_end) __builtin_prefetch(warm_out, 1, 2);        \
+            warm_out += 64;                                                         \
+        }                                                                           \
+    } while (0)
+
+#ifdef FEDSE_X86
+
+#define TARGET_VAES __attribute__((target("avx512f,avx512bw,avx512vl,vaes,aes,prfchw")))
+#define TARGET_AESNI __attribute__((target("aes,sse2")))
 
 /* ---- 256-bit path (VAES on YMM, with AVX-512VL's 32 registers so two states stay in registers) ---- */
 
@@ -103,8 +124,6 @@ TARGET_VAES static inline __m256i y_z1(const __m256i S[8]) {
     return _mm256_xor_si256(_mm256_xor_si256(S[2], S[5]), _mm256_and_si256(S[6], S[7]));
 }
 
-#define ALWAYS_INLINE __attribute__((always_inline)) inline
-
 TARGET_VAES static ALWAYS_INLINE __m256i y_add(__m256i a, __m256i b, const int elem64) {
     return elem64 ? _mm256_add_epi64(a, b) : _mm256_add_epi32(a, b);
 }
@@ -137,18 +156,6 @@ TARGET_VAES static void y_keystream64(uint8_t *state, uint8_t out[64]) {
     y_store(state, S);
     wipe(S, sizeof S);
 }
-
-/* The prefetches of the next chunks: one line of each every other update, while the AES rounds keep the core
- * busy. A prefetch never faults, so the last one may run past its buffer harmlessly. */
-#define WARM_STEP(i)                                                                \
-    do {                                                                            \
-        if ((i) & 1) {                                                              \
-            if (warm < warm_end) _mm_prefetch((const char *)warm, _MM_HINT_T1);     \
-            warm += 64;                                                             \
-            if (warm_out < warm_out_end) __builtin_prefetch(warm_out, 1, 2);        \
-            warm_out += 64;                                                         \
-        }                                                                           \
-    } while (0)
 
 /* vec[pos, end) (whole updates, inside one segment) += (or -= with `sub`) the keystreams of the state `a`, and of
  * `b` too when `pair` (both with the same sign, so their sum enters the vector in one operation). Inlined with
@@ -297,6 +304,136 @@ TARGET_AESNI static void x_run(uint8_t *vec, size_t pos, size_t end, uint8_t *a,
     *warm_out_p = warm_out;
 }
 
+#elif defined(FEDSE_ARM)
+
+/* ---- 128-bit path on 64-bit ARM (the Armv8 Cryptographic Extension), the same keystream as on x86 ---- */
+
+#if defined(__clang__)
+#define TARGET_ARM_AES __attribute__((target("aes")))
+#else
+#define TARGET_ARM_AES __attribute__((target("+crypto")))
+#endif
+
+/* AESRound: AESE is AddRoundKey, SubBytes, ShiftRows; with a zero key and AESMC after it, the x86 AESENC
+ * without its key, which is added last. */
+TARGET_ARM_AES static inline uint8x16_t a_round(uint8x16_t x, uint8x16_t rk) {
+    return veorq_u8(vaesmcq_u8(vaeseq_u8(x, vdupq_n_u8(0))), rk);
+}
+
+typedef struct {
+    uint8x16_t s[2][8]; /* [lane][block] */
+} x_state;
+
+TARGET_ARM_AES static inline void x_update(uint8x16_t S[8], uint8x16_t m0, uint8x16_t m1) {
+    uint8x16_t t7 = S[7];
+    S[7] = a_round(S[6], S[7]);
+    S[6] = a_round(S[5], S[6]);
+    S[5] = a_round(S[4], S[5]);
+    S[4] = a_round(S[3], veorq_u8(S[4], m1));
+    S[3] = a_round(S[2], S[3]);
+    S[2] = a_round(S[1], S[2]);
+    S[1] = a_round(S[0], S[1]);
+    S[0] = a_round(t7, veorq_u8(S[0], m0));
+}
+
+TARGET_ARM_AES static void x_load(x_state *X, const uint8_t *mem) {
+    for (int i = 0; i < 8; i++)
+        for (int l = 0; l < 2; l++) X->s[l][i] = vld1q_u8(mem + 32 * i + 16 * l);
+}
+
+TARGET_ARM_AES static void x_store(uint8_t *mem, const x_state *X) {
+    for (int i = 0; i < 8; i++)
+        for (int l = 0; l < 2; l++) vst1q_u8(mem + 32 * i + 16 * l, X->s[l][i]);
+}
+
+TARGET_ARM_AES static void x_start(uint8_t *state, const uint8_t *key, uint64_t offset) {
+    uint8_t nonce[16] = {0}, ctx_bytes[16] = {0};
+    uint64_t segment = offset / AEGIS_SEGMENT;
+    for (int i = 0; i < 8; i++) nonce[i] = (uint8_t)(segment >> (8 * i));
+    const uint8x16_t k = vld1q_u8(key), n = vld1q_u8(nonce), zero = vdupq_n_u8(0);
+    const uint8x16_t c0 = vld1q_u8(AEGIS_C0), c1 = vld1q_u8(AEGIS_C1);
+    x_state X;
+    for (int l = 0; l < 2; l++) {
+        uint8x16_t *S = X.s[l];
+        ctx_bytes[0] = (uint8_t)l, ctx_bytes[1] = 1;
+        const uint8x16_t ctx = vld1q_u8(ctx_bytes);
+        S[0] = veorq_u8(k, n), S[1] = c1, S[2] = c0, S[3] = c1;
+        S[4] = veorq_u8(k, n), S[5] = veorq_u8(k, c0), S[6] = veorq_u8(k, c1), S[7] = veorq_u8(k, c0);
+        for (int i = 0; i < 10; i++) {
+            S[3] = veorq_u8(S[3], ctx);
+            S[7] = veorq_u8(S[7], ctx);
+            x_update(S, n, k);
+        }
+        for (uint64_t i = 0; i < offset % AEGIS_SEGMENT / AEGIS_STEP; i++) x_update(S, zero, zero);
+    }
+    x_store(state, &X);
+    wipe(&X, sizeof X);
+}
+
+TARGET_ARM_AES static inline void x_next(x_state *X, uint8x16_t z[4]) {
+    const uint8x16_t zero = vdupq_n_u8(0);
+    for (int l = 0; l < 2; l++) {
+        uint8x16_t *S = X->s[l];
+        z[l] = veorq_u8(veorq_u8(S[6], S[1]), vandq_u8(S[2], S[3]));
+        z[2 + l] = veorq_u8(veorq_u8(S[2], S[5]), vandq_u8(S[6], S[7]));
+        x_update(S, zero, zero);
+    }
+}
+
+TARGET_ARM_AES static void x_keystream64(uint8_t *state, uint8_t out[64]) {
+    x_state X;
+    uint8x16_t z[4];
+    x_load(&X, state);
+    x_next(&X, z);
+    for (int j = 0; j < 4; j++) vst1q_u8(out + 16 * j, z[j]);
+    x_store(state, &X);
+    wipe(&X, sizeof X);
+    wipe(z, sizeof z);
+}
+
+TARGET_ARM_AES static void x_run(uint8_t *vec, size_t pos, size_t end, uint8_t *a, int sub, int elem64,
+                                 const uint8_t **warm_p, const uint8_t *warm_end, const uint8_t **warm_out_p,
+                                 const uint8_t *warm_out_end) {
+    const uint8_t *warm = *warm_p, *warm_out = *warm_out_p;
+    x_state X;
+    uint8x16_t z[4];
+    x_load(&X, a);
+    for (size_t i = 0; pos < end; pos += AEGIS_STEP, i++) {
+        x_next(&X, z);
+        WARM_STEP(i);
+        for (int j = 0; j < 4; j++) {
+            uint8_t *p = vec + pos + 16 * j;
+            if (elem64) {
+                uint64x2_t v = vld1q_u64((const uint64_t *)p), w = vreinterpretq_u64_u8(z[j]);
+                vst1q_u64((uint64_t *)p, sub ? vsubq_u64(v, w) : vaddq_u64(v, w));
+            } else {
+                uint32x4_t v = vld1q_u32((const uint32_t *)p), w = vreinterpretq_u32_u8(z[j]);
+                vst1q_u32((uint32_t *)p, sub ? vsubq_u32(v, w) : vaddq_u32(v, w));
+            }
+        }
+    }
+    x_store(a, &X);
+    wipe(&X, sizeof X);
+    wipe(z, sizeof z);
+    *warm_p = warm;
+    *warm_out_p = warm_out;
+}
+
+#endif
+
+#if defined(FEDSE_X86) || defined(FEDSE_ARM)
+
+/* A key's state at byte `offset` of its mask, on the 256-bit path (`wide`, x86 only) or the 128-bit one. */
+static void start_state(int wide, uint8_t *state, const uint8_t *key, uint64_t offset) {
+#ifdef FEDSE_X86
+    if (wide) {
+        y_start(state, key, offset);
+        return;
+    }
+#endif
+    x_start(state, key, offset);
+}
+
 /* vec (nbytes, a multiple of the element size) += or -= each key's mask, vec[0] sitting at byte `offset` (a
  * multiple of AEGIS_STEP) of the masks. `states` holds AEGIS_STATE_BYTES of scratch per key. Work is blocked in
  * 16 KiB pieces so every key's pass finds the piece in L1; keys go two at a time on the 256-bit path (the two
@@ -309,10 +446,7 @@ static void add_masks(int wide, uint8_t *vec, size_t nbytes, const uint8_t *keys
     const uint8_t *warm_end = warm + warm_bytes, *warm_out_end = warm_out + warm_out_bytes;
     const size_t PIECE = 16384, full = nbytes / AEGIS_STEP * AEGIS_STEP;
     for (Py_ssize_t k = 0; k < nkeys; k++) {
-        if (wide)
-            y_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, offset);
-        else
-            x_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, offset);
+        start_state(wide, states + AEGIS_STATE_BYTES * k, keys + 16 * k, offset);
     }
     for (size_t s = 0; s < full; s += PIECE) {
         size_t e = s + PIECE < full ? s + PIECE : full;
@@ -320,12 +454,8 @@ static void add_masks(int wide, uint8_t *vec, size_t nbytes, const uint8_t *keys
         for (size_t pos = s; pos < e;) {
             uint64_t at = offset + pos;
             if (pos > 0 && at % AEGIS_SEGMENT == 0)
-                for (Py_ssize_t k = 0; k < nkeys; k++) {
-                    if (wide)
-                        y_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, at);
-                    else
-                        x_start(states + AEGIS_STATE_BYTES * k, keys + 16 * k, at);
-                }
+                for (Py_ssize_t k = 0; k < nkeys; k++)
+                    start_state(wide, states + AEGIS_STATE_BYTES * k, keys + 16 * k, at);
             size_t to_boundary = (size_t)(AEGIS_SEGMENT - at % AEGIS_SEGMENT);
             size_t stop = e - pos < to_boundary ? e : pos + to_boundary;
             if (!wide) {
@@ -333,6 +463,7 @@ static void add_masks(int wide, uint8_t *vec, size_t nbytes, const uint8_t *keys
                     x_run(vec, pos, stop, states + AEGIS_STATE_BYTES * k, subtract[k], elem64, &warm, warm_end,
                           &warm_out, warm_out_end);
             } else {
+#ifdef FEDSE_X86
                 /* Two keys of the same sign at a time; a key left without a partner of its sign goes alone. */
                 for (int sign = 0; sign < 2; sign++) {
                     Py_ssize_t waiting = -1;
@@ -350,6 +481,7 @@ static void add_masks(int wide, uint8_t *vec, size_t nbytes, const uint8_t *keys
                         y_run(vec, pos, stop, states + AEGIS_STATE_BYTES * waiting, NULL, elem64, sign, &warm,
                               warm_end, &warm_out, warm_out_end);
                 }
+#endif
             }
             pos = stop;
         }
@@ -360,15 +492,12 @@ static void add_masks(int wide, uint8_t *vec, size_t nbytes, const uint8_t *keys
         uint64_t at = offset + full;
         for (Py_ssize_t k = 0; k < nkeys; k++) {
             uint8_t *st = states + AEGIS_STATE_BYTES * k;
-            if (full > 0 && at % AEGIS_SEGMENT == 0) {
-                if (wide)
-                    y_start(st, keys + 16 * k, at);
-                else
-                    x_start(st, keys + 16 * k, at);
-            }
+            if (full > 0 && at % AEGIS_SEGMENT == 0) start_state(wide, st, keys + 16 * k, at);
+#ifdef FEDSE_X86
             if (wide)
                 y_keystream64(st, ks);
             else
+#endif
                 x_keystream64(st, ks);
             uint8_t *p = vec + full;
             size_t tail = nbytes - full;
@@ -393,6 +522,10 @@ static void add_masks(int wide, uint8_t *vec, size_t nbytes, const uint8_t *keys
         wipe(ks, sizeof ks);
     }
 }
+
+#endif
+
+#ifdef FEDSE_X86
 
 /* 2: VAES and AVX-512VL (the 256-bit path); 1: AES-NI (the 128-bit path); 0: neither. */
 static int mask_level(void) {
@@ -465,6 +598,19 @@ TARGET_VAES static void dequantise_i32_f64_avx512(const int32_t *v, double *out,
     *hi_out = h;
 }
 
+#elif defined(FEDSE_ARM)
+static int cpu_supported(void) { return 0; }
+
+/* 1: the Armv8 Cryptographic Extension (the 128-bit path); 0: without it. */
+static int mask_level(void) {
+#if defined(__APPLE__)
+    return 1; /* every Apple arm64 CPU has it */
+#elif defined(__linux__) && defined(HWCAP_AES)
+    return (getauxval(AT_HWCAP) & HWCAP_AES) ? 1 : 0;
+#else
+    return 0;
+#endif
+}
 #else
 static int cpu_supported(void) { return 0; }
 static int mask_level(void) { return 0; }
@@ -541,7 +687,7 @@ static PyObject *add_keystreams(PyObject *self, PyObject *const *args, Py_ssize_
     } else if (offset > UINT64_MAX - (uint64_t)buf[VEC].len - AEGIS_STEP) {
         PyErr_SetString(PyExc_OverflowError, "offset out of range");
     } else {
-#ifdef FEDSE_X86
+#if defined(FEDSE_X86) || defined(FEDSE_ARM)
         uint8_t *states = NULL;
         if (nkeys > 0 && posix_memalign((void **)&states, 64, (size_t)nkeys * AEGIS_STATE_BYTES) != 0) {
             PyErr_NoMemory();

@@ -9,9 +9,11 @@ Why AEGIS and not AES-128-CTR: one state update costs 8 AES rounds and makes 64 
 rounds on them; masking a client's update is mostly keystream (k + 1 masks of the whole vector), so this is the
 cost that sets masking's speed (``benchmarks/secagg.py``).
 
-This path runs where the compiled kernel does not (no C compiler at install time, or a CPU without AES-NI). It
-is table-based, so unlike AES-NI it is not constant-time against a co-located cache-timing observer, and about
-100x slower than the kernel; ``fedse doctor`` says which path a machine takes. ``tests/test_secagg_kernels.py``
+This path runs where the compiled kernel does not (no C compiler at install time, a CPU without AES instructions:
+AES-NI on x86-64, the Cryptographic Extension on 64-bit ARM, or another architecture). It is table-based, so
+unlike the AES instructions it is not constant-time against a co-located cache-timing observer, and it makes
+about 0.04 GB/s of keystream a core: 300x slower than the kernel's AES-NI path, 1,200x than its VAES one.
+``fedse doctor`` says which path a machine takes. ``tests/test_secagg_kernels.py``
 checks it against the RFC's test vectors and the kernel byte for byte.
 """
 
