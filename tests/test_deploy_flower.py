@@ -37,7 +37,8 @@ def _fedse(*args: str) -> list[str]:
 
 class Deployment:
     def __init__(self, root: Path, *, rounds: int = 2, stage_timeout_s: float = 60.0, train_s: float = 300.0,
-                 privacy: dict | None = None, policies: dict[str, Path] | None = None):
+                 straggler_s: float | None = None, privacy: dict | None = None,
+                 policies: dict[str, Path] | None = None):
         self.root = root
         self.policies = policies or {}
         self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -64,6 +65,8 @@ class Deployment:
         data["state_dir"] = str(root / "coordinator")
         data["identity_key"] = str(self.pki / "coordinator/identity_ed25519.pem")
         data["timeouts"] = {"join_s": 120, "train_s": train_s, "evaluate_s": 120}
+        if straggler_s is not None:
+            data["timeouts"]["straggler_s"] = straggler_s
         self.coordinator = root / "coordinator.yaml"
         self.coordinator.write_text(yaml.safe_dump(data))
         self.state = root / "coordinator"
@@ -318,8 +321,9 @@ def test_killed_institution_drops_out_and_a_crashed_coordinator_resumes(deployme
     """Round 1: an institution is killed mid-round; the round finishes with the two survivors. Round 2: the
     coordinator itself is killed mid-round; `fedse server start --resume` continues from the checkpoint."""
     # The default 60 s stage timeout: one CI run on a loaded 2-core box saw a survivor miss a 30 s stage (5 s when
-    # idle), which aborted round 1.
-    d = deployment_factory(rounds=2, train_s=300.0)
+    # idle), which aborted round 1. The survivors keep it; only the last one, once both have answered, is cut
+    # early (straggler_s): Flower itself would see the power cut only after two missed heartbeats (~60 s).
+    d = deployment_factory(rounds=2, train_s=300.0, straggler_s=10.0)
     victim = "wordle-lab"
     survivors = sorted(set(NAMES) - {victim})
     d.start_server()
@@ -368,7 +372,9 @@ def test_an_institution_that_answers_late_is_asked_again_in_the_next_round(deplo
     """A slow institution is not a dead one. Its worker is paused through round 1's share_keys stage, so it
     drops out of round 1; resumed, it answers that closed stage late. Its SuperNode never disconnected, so only
     the late reply shows it is alive: round 2 must ask it again, and it contributes to round 2's sum."""
-    d = deployment_factory(rounds=2, train_s=300.0)
+    # Cut as a straggler once the other two have answered, rather than after the full 60 s stage timeout; in round
+    # 2 the same setting must not cut any of the three.
+    d = deployment_factory(rounds=2, train_s=300.0, straggler_s=10.0)
     slow = "craft-works"
     d.start_server()
     d.start_nodes()

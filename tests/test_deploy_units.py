@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import time
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -192,3 +195,64 @@ def test_superlink_guard_keeps_control_and_runtime_apis_local():
         assert client.post("/v1/fleet/activate-node").status_code == 200
     finally:
         superlink_main._get_middleware = original
+
+
+class _Grid:
+    """A SuperLink stand-in: node n answers ``at[n]`` seconds after the push (None: never; "error": at once,
+    with an error the SuperLink writes in a node's place)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def push_messages(self, msgs):
+        self.t0, self.out = time.monotonic(), set()
+        return [f"m{m.metadata.dst_node_id}" for m in msgs]
+
+    def pull_messages(self, ids):
+        due = [i for i in ids if i not in self.out and self.at[int(i[1:])] is not None
+               and (self.at[int(i[1:])] == "error" or time.monotonic() - self.t0 >= self.at[int(i[1:])])]
+        self.out.update(due)
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i, src_node_id=int(i[1:])),
+                        has_error=lambda i=i: self.at[int(i[1:])] == "error") for i in due]
+
+
+def _exchange(monkeypatch, at, straggler_s, timeout_s=30.0):
+    from fedse_secure.federation.flower import server_app
+
+    monkeypatch.setattr(server_app, "POLL_S", 0.01)
+    said = []
+    t = server_app.FlowerTransport(_Grid(at), Path("nodes.json"), Path("."), said.append)
+    msgs = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in at]
+    t0 = time.monotonic()
+    got = t._send_and_receive(msgs, timeout_s, {n: f"inst{n}" for n in at}, straggler_s)
+    return sorted(m.metadata.src_node_id for m in got), time.monotonic() - t0, t, said
+
+
+def test_the_last_silent_institution_is_waited_for_only_straggler_s_once_every_other_one_has_answered(monkeypatch):
+    got, took, t, said = _exchange(monkeypatch, {1: 0.0, 2: 0.2, 3: None}, straggler_s=0.3)
+    assert got == [1, 2] and took < 10, took
+    assert list(t._unanswered.values()) == [("inst3", 3)]  # its late answer still lets it rejoin
+    assert "['inst3'] not answered" in said[0]
+    # It gets at least as long again as its peers took (they slow down with the machine): 0.9 s < 2 x 0.6 s.
+    assert _exchange(monkeypatch, {1: 0.0, 2: 0.6, 3: 0.9}, straggler_s=0.05)[0] == [1, 2, 3]
+    # The full stage timeout: without the setting, for the second of two, and when a peer's "answer" is an error.
+    for at, straggler_s in (({1: 0.0, 2: 0.0, 3: None}, None), ({1: 0.0, 2: None}, 0.1),
+                            ({1: "error", 2: 0.0, 3: None}, 0.1)):
+        got, took, _t, said = _exchange(monkeypatch, at, straggler_s, timeout_s=0.5)
+        assert took >= 0.5 and not said, (at, straggler_s, took)
+
+
+def test_training_and_evaluation_stages_always_get_their_full_timeout(monkeypatch, tmp_path):
+    from fedse_secure.federation.flower import server_app
+    from fedse_secure.federation.wire import EVALUATE, StageRequest
+
+    # A real Message needs the run a ServerApp is started for.
+    monkeypatch.setattr(server_app, "Message", lambda *a, **kw: SimpleNamespace(**kw))
+    (tmp_path / "nodes.json").write_text(json.dumps({n: i for i, n in enumerate(NAMES, 1)}))
+    t = server_app.FlowerTransport(None, tmp_path / "nodes.json", tmp_path, print, straggler_s=5.0)
+    seen = []
+    monkeypatch.setattr(t, "_send_and_receive", lambda msgs, timeout_s, name_of, straggler_s: seen.append(
+        straggler_s) or [])
+    for stage, train in (("advertise_keys", True), (EVALUATE, False), ("share_keys", False)):
+        t.send_stage({n: StageRequest(stage, 1, "k", "", train=train) for n in NAMES}, 60.0)
+    assert seen == [None, None, 5.0]

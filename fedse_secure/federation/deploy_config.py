@@ -87,6 +87,12 @@ class CoordinatorTimeouts(StrictModel):
     # Evaluation requests (each institution evaluates the global adapter on its own test tasks).
     evaluate_s: float = Field(1800.0, gt=0)
     # The other secure-aggregation stages use experiment.federation.secure_aggregation.stage_timeout_s.
+    # Opt-in: once every institution asked in such a stage but one has answered (at least two did), the last one
+    # is waited for at most max(straggler_s, the time the others took) more. In those stages every institution
+    # does the same small step, so one that far behind its peers is most likely down, and a power cut is only
+    # seen by Flower after two missed heartbeats (up to 60 s). A slow one that is cut rejoins in the next round
+    # (its late answer shows it is alive). None: always the full stage timeout.
+    straggler_s: float | None = Field(None, gt=0)
 
 
 class CoordinatorDeployConfig(StrictModel):

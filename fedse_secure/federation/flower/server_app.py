@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedse_secure.federation.flower.codec import reply_from_record, request_to_record
-from fedse_secure.federation.wire import FLOWER_MESSAGE_TYPE, StageReply, StageRequest, WireError
+from fedse_secure.federation.wire import EVALUATE, FLOWER_MESSAGE_TYPE, StageReply, StageRequest, WireError
 
 POLL_S = 0.5
 app = ServerApp()
@@ -26,8 +26,10 @@ log = logging.getLogger("fedse.serverapp")
 
 
 class FlowerTransport:
-    def __init__(self, grid: Grid, nodes_file: Path, flwr_home: Path, say):
+    def __init__(self, grid: Grid, nodes_file: Path, flwr_home: Path, say, straggler_s: float | None = None):
         self.grid = grid
+        #: CoordinatorTimeouts.straggler_s (None: every stage waits out its full timeout for the last reply).
+        self.straggler_s = straggler_s
         self.flwr_home = flwr_home
         self.nodes_file = nodes_file
         self.say = say
@@ -51,20 +53,35 @@ class FlowerTransport:
         by_id = {v: k for k, v in self._node_map().items()}
         return {by_id[n] for n in self.grid.get_node_ids() if n in by_id}
 
-    def _send_and_receive(self, msgs: list[Message], timeout_s: float, name_of: dict[int, str]) -> list[Message]:
+    def _send_and_receive(self, msgs: list[Message], timeout_s: float, name_of: dict[int, str],
+                          straggler_s: float | None = None) -> list[Message]:
         # Grid.send_and_receive polls every 3 s; a round has five stages, so poll faster (loopback-cheap, and
         # a few requests per second are nothing for a SuperLink).
         ids = list(self.grid.push_messages(msgs))
         pending = set(ids)
-        deadline = time.monotonic() + timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
         replies: list[Message] = []
+        answered = 0
+        cut = False
         while pending and time.monotonic() < deadline:
             got = list(self.grid.pull_messages(pending))
             for m in got:
                 pending.discard(m.metadata.reply_to_message_id)
+                # An error the SuperLink writes for a node (offline, expired) is no sign of peers' progress.
+                answered += not m.has_error()
             replies.extend(got)
+            if straggler_s is not None and not cut and len(pending) == 1 and answered >= 2:
+                # The last one gets at least as long again as its peers needed: under load they slow down too.
+                cut = True
+                took = time.monotonic() - t0
+                deadline = min(deadline, t0 + took + max(straggler_s, took))
             if pending:
                 time.sleep(POLL_S)
+        if cut and pending:
+            late = sorted(name_of.get(m.metadata.dst_node_id, "?") for mid, m in zip(ids, msgs) if mid in pending)
+            self.say(f"{late} not answered {time.monotonic() - t0:.0f} s after the stage opened, when every other "
+                     "institution had; not waited for further (timeouts.straggler_s)")
         for mid, msg in zip(ids, msgs):
             if mid in pending and msg.metadata.dst_node_id in name_of:
                 self._unanswered[mid] = (name_of[msg.metadata.dst_node_id], msg.metadata.dst_node_id)
@@ -100,7 +117,10 @@ class FlowerTransport:
             msgs.append(Message(request_to_record(req), dst_node_id=node_of[name], message_type=FLOWER_MESSAGE_TYPE))
         out: dict[str, StageReply] = {}
         sent_at = time.time()
-        for rep in self._send_and_receive(msgs, timeout_s, name_of):
+        # Only where every institution does the same small step: training and evaluation take as long as each
+        # institution's data and environment make them.
+        same_work = all(not r.train and r.stage != EVALUATE for r in requests.values())
+        for rep in self._send_and_receive(msgs, timeout_s, name_of, self.straggler_s if same_work else None):
             name = name_of.get(rep.metadata.src_node_id)
             if name is None:
                 continue
@@ -139,5 +159,6 @@ def main(grid: Grid, context: Context) -> None:
         append_jsonl(events_file, [e])
 
     event({"event": "serverapp_started", "time": time.time(), "resume": resume})
-    CoordinatorRun(cfg, FlowerTransport(grid, cfg.state_dir / "nodes.json", cfg.state_dir / "flwr-home", say), resume=resume, log=say,
-                   events=event).run()
+    transport = FlowerTransport(grid, cfg.state_dir / "nodes.json", cfg.state_dir / "flwr-home", say,
+                                straggler_s=cfg.timeouts.straggler_s)
+    CoordinatorRun(cfg, transport, resume=resume, log=say, events=event).run()
