@@ -5,7 +5,7 @@ compiled ``_kernels``, or its numpy reference where that is not built).
   :mod:`fedse_secure.secagg.masking.aegis`). A mask key is used for exactly one round: keys are derived with
   HKDF-SHA256 whose ``info`` binds the round's setup digest, so every (key, nonce) pair encrypts once. The
   compiled kernel adds every keystream to the vector without writing it to memory: with VAES and AVX-512VL
-  (256-bit registers, two states interleaved; 51 GB/s of keystream a core on the AMD EPYC VM, against 21 for
+  (256-bit registers, two states interleaved; 43-45 GB/s of keystream a core on the AMD EPYC VM, against 21-23 for
   the AES-128-CTR masks this replaced), else with AES-NI or the Armv8 Cryptographic Extension (128-bit registers,
   11 GB/s with AES-NI). Without any, the numpy reference makes the same bytes (tested), 300-1,200x slower.
 * :class:`InputTag` authenticates a masked input: AES-GMAC (AES-GCM over associated data only, 11-20 GB/s per
