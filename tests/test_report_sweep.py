@@ -66,6 +66,7 @@ def test_experiment_configs_differ_from_fedse_only_where_intended(repo_root):
     ("webshop-fedse.yaml", {"webshop-fedit.yaml": "fedit"}),
     ("webshop-fedse-rounds8.yaml", {"webshop-fedit-rounds8.yaml": "fedit"}),
     ("webshop-fedse-rounds8-epoch1.yaml", {"webshop-fedit-rounds8-epoch1.yaml": "fedit"}),
+    ("webshop-fedse-rounds8-epoch2.yaml", {"webshop-fedit-rounds8-epoch2.yaml": "fedit"}),
 ])
 def test_cpu_evidence_methods_differ_only_in_their_mode(repo_root, base, others):
     """The CPU-evidence comparisons are fair only if each method's config is its Fed-SE twin but for the mode."""
@@ -120,3 +121,19 @@ def test_the_epoch_lever_changes_only_how_many_steps_a_round_trains(repo_root):
         assert diff == {"training.epochs_per_round": (100, 1), "training.max_steps_per_round": (15, None)}, method
         # 36 examples (8 demonstrations) in batches of 3 are 12 steps; 72 (a grown Fed-SE buffer) are 24.
         assert [planned_steps(n, lever_cfg.training) for n in (36, 41, 72)] == [12, 14, 24]
+
+
+def test_the_two_epoch_lever_changes_only_the_epochs(repo_root):
+    """webshop-{fedse,fedit}-rounds8-epoch2 are the one-epoch pair with the paper's two passes a round; nothing else
+    may differ, and the step count must double."""
+    from fedse_secure.agent.sft import planned_steps
+    from fedse_secure.config import load_config
+
+    folder = repo_root / "configs" / "experiments" / "cpu-evidence"
+    for method in ("fedse", "fedit"):
+        base = _flat(load_config(folder / f"webshop-{method}-rounds8-epoch1.yaml").model_dump())
+        lever_cfg = load_config(folder / f"webshop-{method}-rounds8-epoch2.yaml")
+        lever = _flat(lever_cfg.model_dump())
+        diff = {k: (base[k], lever[k]) for k in base if lever[k] != base[k] and k != "name"}
+        assert diff == {"training.epochs_per_round": (1, 2)}, method
+        assert [planned_steps(n, lever_cfg.training) for n in (36, 41, 72)] == [24, 28, 48]
