@@ -133,35 +133,43 @@ def test_the_rounds_lever_readme_reports_what_its_runs_give():
         assert row in readme, row
 
 
-def test_the_epoch_lever_readme_reports_what_its_runs_give():
-    """Both methods train one epoch a round over their buffers for 8 rounds (seeds 0-2), paired by seed; the per-seed
-    row also shows the same seeds with 15 steps a round (../webshop-rounds8/), Fed-SE's exploration successes per
-    round, each retailer's final buffer and the SFT steps of each run."""
-    folder = RESULTS / "cpu-evidence" / "webshop-rounds8-epoch1"
+def _assert_epoch_lever_readme(lever: str, before: str, shown: dict[str, str]) -> None:
+    """An 8-round epoch lever (runs ``webshop-{m}-rounds8-<lever>``, seeds 0-2, paired by seed) against the lever run
+    before it (``webshop-rounds8[-<before>]``): its README's table and difference, and per seed the goals solved before
+    and after the lever by FedIT and by Fed-SE, Fed-SE's exploration successes per round, each retailer's final
+    buffer and the SFT steps of each run."""
+    folder = RESULTS / "cpu-evidence" / f"webshop-rounds8-{lever}"
     runs = sorted((folder / "runs").glob("cpu-evidence-webshop-*"))
-    assert [r.name for r in runs] == sorted(f"cpu-evidence-webshop-{m}-rounds8-epoch1-seed{s}"
+    assert [r.name for r in runs] == sorted(f"cpu-evidence-webshop-{m}-rounds8-{lever}-seed{s}"
                                             for m in ("fedse", "fedit") for s in range(3)), [r.name for r in runs]
     summaries = [load_summary(r) for r in runs]
     readme = (folder / "README.md").read_text()
-    _assert_readme_shows(readme, summaries, EPOCH_LEVER_ROWS, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)",
-                         seeds=3)
-    fifteen = {(s.mode, s.seed): round(24 * s.micro_avg["8"])
-               for s in (load_summary(RESULTS / "cpu-evidence" / "webshop-rounds8" / "runs" /
-                                      f"cpu-evidence-webshop-{m}-rounds8-seed{k}")
+    baseline = f"cpu-evidence-webshop-fedit-rounds8-{lever} (fedit)"
+    _assert_readme_shows(readme, summaries, shown, baseline, seeds=3)
+    suffix = f"-{before}" if before else ""
+    earlier = {(s.mode, s.seed): round(24 * s.micro_avg["8"])
+               for s in (load_summary(RESULTS / "cpu-evidence" / f"webshop-rounds8{suffix}" / "runs" /
+                                      f"cpu-evidence-webshop-{m}-rounds8{suffix}-seed{k}")
                          for m in ("fedse", "fedit") for k in range(3))}
-    epoch = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+    now = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
     for seed in range(3):
-        fedse, fedit = (_completed_rounds(folder / "runs" / f"cpu-evidence-webshop-{m}-rounds8-epoch1-seed{seed}")
+        fedse, fedit = (_completed_rounds(folder / "runs" / f"cpu-evidence-webshop-{m}-rounds8-{lever}-seed{seed}")
                         for m in ("fedse", "fedit"))
         found = _exploration_successes(fedse)
         buffers = [fedse[-1]["institutions"][f"retailer-{n}"]["report"]["explore"]["buffer_size"]
                    for n in ("north", "south", "east")]
         steps = [sum(i["report"]["train"]["steps"] for r in records for i in r["institutions"].values())
                  for records in (fedit, fedse)]
-        row = (f"| {seed} | {fifteen[('fedit', seed)]} | {epoch[('fedit', seed)]} | {fifteen[('fedse', seed)]} | "
-               f"{epoch[('fedse', seed)]} | {', '.join(map(str, found))} | {', '.join(map(str, buffers))} | "
+        row = (f"| {seed} | {earlier[('fedit', seed)]} | {now[('fedit', seed)]} | {earlier[('fedse', seed)]} | "
+               f"{now[('fedse', seed)]} | {', '.join(map(str, found))} | {', '.join(map(str, buffers))} | "
                f"{steps[0]} / {steps[1]} |")
         assert row in readme, row
+
+
+def test_the_epoch_lever_readme_reports_what_its_runs_give():
+    """Both methods train one epoch a round over their buffers for 8 rounds, instead of 15 steps
+    (../webshop-rounds8/)."""
+    _assert_epoch_lever_readme("epoch1", "", EPOCH_LEVER_ROWS)
 
 
 def test_the_epoch_levers_added_seeds_are_reported_beside_the_preregistered_ones():
@@ -182,3 +190,11 @@ def test_the_epoch_levers_added_seeds_are_reported_beside_the_preregistered_ones
             _completed_rounds(folder / "more-seeds" / f"cpu-evidence-webshop-fedse-rounds8-epoch1-seed{seed}"))
         row = f"| {seed} | {goals[('fedit', seed)]} | {goals[('fedse', seed)]} | {', '.join(map(str, found))} |"
         assert row in readme, row
+
+
+def test_the_two_epoch_levers_readme_reports_what_its_runs_give():
+    """Both methods train two epochs a round over their buffers, the paper's count, instead of one
+    (../webshop-rounds8-epoch1/)."""
+    _assert_epoch_lever_readme("epoch2", "epoch1", {
+        "cpu-evidence-webshop-fedit-rounds8-epoch2 (fedit)": "FedIT, two epochs a round",
+        "cpu-evidence-webshop-fedse-rounds8-epoch2 (fedse)": "Fed-SE, two epochs a round"})
