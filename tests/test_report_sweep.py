@@ -106,34 +106,25 @@ def test_the_rounds_lever_changes_only_the_rounds_in_both_methods(repo_root):
         assert diff == {"federation.rounds": (4, 8)}, method
 
 
-def test_the_epoch_lever_changes_only_how_many_steps_a_round_trains(repo_root):
-    """webshop-{fedse,fedit}-rounds8-epoch1 train one pass over the buffer a round instead of 15 steps; nothing else
-    may differ from the 8-round pair, and the step count must then follow the buffer."""
+@pytest.mark.parametrize("before, lever, changes, steps", [
+    # One pass over the buffer a round instead of 15 steps: 36 examples (8 demonstrations) in batches of 3 are 12
+    # steps, 72 (a grown Fed-SE buffer) are 24, so the step count follows the buffer.
+    ("rounds8", "rounds8-epoch1",
+     {"training.epochs_per_round": (100, 1), "training.max_steps_per_round": (15, None)}, [12, 14, 24]),
+    # The paper's two passes a round instead of one: the step count doubles.
+    ("rounds8-epoch1", "rounds8-epoch2", {"training.epochs_per_round": (1, 2)}, [24, 28, 48]),
+])
+def test_an_epoch_lever_changes_only_how_many_steps_a_round_trains(repo_root, before, lever, changes, steps):
+    """webshop-{fedse,fedit}-<lever> are the <before> pair but for the training-length settings; nothing else may
+    differ, or the lever's result would mix two changes."""
     from fedse_secure.agent.sft import planned_steps
     from fedse_secure.config import load_config
 
     folder = repo_root / "configs" / "experiments" / "cpu-evidence"
     for method in ("fedse", "fedit"):
-        base = _flat(load_config(folder / f"webshop-{method}-rounds8.yaml").model_dump())
-        lever_cfg = load_config(folder / f"webshop-{method}-rounds8-epoch1.yaml")
-        lever = _flat(lever_cfg.model_dump())
-        diff = {k: (base[k], lever[k]) for k in base if lever[k] != base[k] and k != "name"}
-        assert diff == {"training.epochs_per_round": (100, 1), "training.max_steps_per_round": (15, None)}, method
-        # 36 examples (8 demonstrations) in batches of 3 are 12 steps; 72 (a grown Fed-SE buffer) are 24.
-        assert [planned_steps(n, lever_cfg.training) for n in (36, 41, 72)] == [12, 14, 24]
-
-
-def test_the_two_epoch_lever_changes_only_the_epochs(repo_root):
-    """webshop-{fedse,fedit}-rounds8-epoch2 are the one-epoch pair with the paper's two passes a round; nothing else
-    may differ, and the step count must double."""
-    from fedse_secure.agent.sft import planned_steps
-    from fedse_secure.config import load_config
-
-    folder = repo_root / "configs" / "experiments" / "cpu-evidence"
-    for method in ("fedse", "fedit"):
-        base = _flat(load_config(folder / f"webshop-{method}-rounds8-epoch1.yaml").model_dump())
-        lever_cfg = load_config(folder / f"webshop-{method}-rounds8-epoch2.yaml")
-        lever = _flat(lever_cfg.model_dump())
-        diff = {k: (base[k], lever[k]) for k in base if lever[k] != base[k] and k != "name"}
-        assert diff == {"training.epochs_per_round": (1, 2)}, method
-        assert [planned_steps(n, lever_cfg.training) for n in (36, 41, 72)] == [24, 28, 48]
+        base = _flat(load_config(folder / f"webshop-{method}-{before}.yaml").model_dump())
+        lever_cfg = load_config(folder / f"webshop-{method}-{lever}.yaml")
+        lever_flat = _flat(lever_cfg.model_dump())
+        diff = {k: (base[k], lever_flat[k]) for k in base if lever_flat[k] != base[k] and k != "name"}
+        assert diff == changes, method
+        assert [planned_steps(n, lever_cfg.training) for n in (36, 41, 72)] == steps
