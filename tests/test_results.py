@@ -18,8 +18,11 @@ from fedse_secure.report import differences, final_table, load_summary
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 RUN_FILES = {"summary.json", "metrics.jsonl", "config.yaml"}
 WEBSHOP = RESULTS / "cpu-evidence" / "webshop"
-EPOCH_LEVER_ROWS = {"cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)": "FedIT, 8 rounds, one epoch a round",
-                    "cpu-evidence-webshop-fedse-rounds8-epoch1 (fedse)": "Fed-SE, 8 rounds, one epoch a round"}
+EPOCH_LEVER_ROWS = {
+    "epoch1": {"cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)": "FedIT, 8 rounds, one epoch a round",
+               "cpu-evidence-webshop-fedse-rounds8-epoch1 (fedse)": "Fed-SE, 8 rounds, one epoch a round"},
+    "epoch2": {"cpu-evidence-webshop-fedit-rounds8-epoch2 (fedit)": "FedIT, two epochs a round",
+               "cpu-evidence-webshop-fedse-rounds8-epoch2 (fedse)": "Fed-SE, two epochs a round"}}
 
 
 def _run_folders() -> list[Path]:
@@ -169,32 +172,31 @@ def _assert_epoch_lever_readme(lever: str, before: str, shown: dict[str, str]) -
 def test_the_epoch_lever_readme_reports_what_its_runs_give():
     """Both methods train one epoch a round over their buffers for 8 rounds, instead of 15 steps
     (../webshop-rounds8/)."""
-    _assert_epoch_lever_readme("epoch1", "", EPOCH_LEVER_ROWS)
-
-
-def test_the_epoch_levers_added_seeds_are_reported_beside_the_preregistered_ones():
-    """Seeds 3-4 were added after seeds 0-2 were seen; they live in more-seeds/, and the README's five-seed table,
-    difference and per-seed rows are what those runs and the pre-registered ones give together."""
-    folder = RESULTS / "cpu-evidence" / "webshop-rounds8-epoch1"
-    added = sorted((folder / "more-seeds").glob("cpu-evidence-webshop-*"))
-    assert [r.name for r in added] == sorted(f"cpu-evidence-webshop-{m}-rounds8-epoch1-seed{s}"
-                                             for m in ("fedse", "fedit") for s in (3, 4)), [r.name for r in added]
-    summaries = [load_summary(r) for r in [*sorted((folder / "runs").glob("cpu-evidence-webshop-*")), *added]]
-    assert sorted(s.seed for s in summaries) == sorted([*range(5)] * 2)
-    readme = (folder / "README.md").read_text()
-    _assert_readme_shows(readme, summaries, EPOCH_LEVER_ROWS, "cpu-evidence-webshop-fedit-rounds8-epoch1 (fedit)",
-                         seeds=5)
-    goals = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
-    for seed in (3, 4):
-        found = _exploration_successes(
-            _completed_rounds(folder / "more-seeds" / f"cpu-evidence-webshop-fedse-rounds8-epoch1-seed{seed}"))
-        row = f"| {seed} | {goals[('fedit', seed)]} | {goals[('fedse', seed)]} | {', '.join(map(str, found))} |"
-        assert row in readme, row
+    _assert_epoch_lever_readme("epoch1", "", EPOCH_LEVER_ROWS["epoch1"])
 
 
 def test_the_two_epoch_levers_readme_reports_what_its_runs_give():
     """Both methods train two epochs a round over their buffers, the paper's count, instead of one
     (../webshop-rounds8-epoch1/)."""
-    _assert_epoch_lever_readme("epoch2", "epoch1", {
-        "cpu-evidence-webshop-fedit-rounds8-epoch2 (fedit)": "FedIT, two epochs a round",
-        "cpu-evidence-webshop-fedse-rounds8-epoch2 (fedse)": "Fed-SE, two epochs a round"})
+    _assert_epoch_lever_readme("epoch2", "epoch1", EPOCH_LEVER_ROWS["epoch2"])
+
+
+@pytest.mark.parametrize("lever", sorted(EPOCH_LEVER_ROWS))
+def test_an_epoch_levers_added_seeds_are_reported_beside_the_preregistered_ones(lever):
+    """Seeds 3-4 were added after seeds 0-2 were seen; they live in more-seeds/, and the README's five-seed table,
+    difference and per-seed rows are what those runs and the pre-registered ones give together."""
+    folder = RESULTS / "cpu-evidence" / f"webshop-rounds8-{lever}"
+    added = sorted((folder / "more-seeds").glob("cpu-evidence-webshop-*"))
+    assert [r.name for r in added] == sorted(f"cpu-evidence-webshop-{m}-rounds8-{lever}-seed{s}"
+                                             for m in ("fedse", "fedit") for s in (3, 4)), [r.name for r in added]
+    summaries = [load_summary(r) for r in [*sorted((folder / "runs").glob("cpu-evidence-webshop-*")), *added]]
+    assert sorted(s.seed for s in summaries) == sorted([*range(5)] * 2)
+    readme = (folder / "README.md").read_text()
+    _assert_readme_shows(readme, summaries, EPOCH_LEVER_ROWS[lever],
+                         f"cpu-evidence-webshop-fedit-rounds8-{lever} (fedit)", seeds=5)
+    goals = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+    for seed in (3, 4):
+        found = _exploration_successes(
+            _completed_rounds(folder / "more-seeds" / f"cpu-evidence-webshop-fedse-rounds8-{lever}-seed{seed}"))
+        row = f"| {seed} | {goals[('fedit', seed)]} | {goals[('fedse', seed)]} | {', '.join(map(str, found))} |"
+        assert row in readme, row
