@@ -72,6 +72,11 @@ def _exploration_successes(records: list[dict]) -> list[int]:
     return [sum(i["report"]["explore"]["successes"] for i in r["institutions"].values()) for r in records]
 
 
+def _goals_solved(summaries, at_round: str) -> dict[tuple[str, int], int]:
+    """Held-out goals solved of WebShop-simple's 24 at ``at_round``, by (method, seed)."""
+    return {(s.mode, s.seed): round(24 * s.micro_avg[at_round]) for s in summaries}
+
+
 def test_the_webshop_evidence_readme_reports_what_its_ten_runs_give():
     runs = sorted((WEBSHOP / "runs").glob("cpu-evidence-webshop-*-seed*"))
     assert [r.name for r in runs] == sorted(f"cpu-evidence-webshop-{m}-seed{s}" for m in ("fedse", "fedit")
@@ -82,7 +87,7 @@ def test_the_webshop_evidence_readme_reports_what_its_ten_runs_give():
                                              "cpu-evidence-webshop-fedse (fedse)": "Fed-SE"},
                          "cpu-evidence-webshop-fedit (fedit)", seeds=5)
     # The per-seed table: test goals solved of 24 after round 4, FedIT then Fed-SE.
-    solved = {(s.mode, s.seed): round(24 * s.micro_avg["4"]) for s in summaries}
+    solved = _goals_solved(summaries, "4")
     for seed in range(5):
         fedit, fedse = solved[("fedit", seed)], solved[("fedse", seed)]
         assert f"| {seed} | {fedit} | {fedse} |" in readme, (seed, fedit, fedse)
@@ -124,10 +129,9 @@ def test_the_rounds_lever_readme_reports_what_its_runs_give():
     _assert_readme_shows(readme, summaries, {"cpu-evidence-webshop-fedit-rounds8 (fedit)": "FedIT, 8 rounds",
                                              "cpu-evidence-webshop-fedse-rounds8 (fedse)": "Fed-SE, 8 rounds"},
                          "cpu-evidence-webshop-fedit-rounds8 (fedit)", seeds=3)
-    four = {(s.mode, s.seed): round(24 * s.micro_avg["4"])
-            for s in (load_summary(WEBSHOP / "runs" / f"cpu-evidence-webshop-{m}-seed{k}")
-                      for m in ("fedse", "fedit") for k in range(3))}
-    eight = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+    four = _goals_solved((load_summary(WEBSHOP / "runs" / f"cpu-evidence-webshop-{m}-seed{k}")
+                          for m in ("fedse", "fedit") for k in range(3)), "4")
+    eight = _goals_solved(summaries, "8")
     for seed in range(3):
         found = _exploration_successes(
             _completed_rounds(folder / "runs" / f"cpu-evidence-webshop-fedse-rounds8-seed{seed}"))
@@ -136,7 +140,7 @@ def test_the_rounds_lever_readme_reports_what_its_runs_give():
         assert row in readme, row
 
 
-def _assert_epoch_lever_readme(lever: str, before: str, shown: dict[str, str]) -> None:
+def _assert_epoch_lever_readme(lever: str, before: str) -> None:
     """An 8-round epoch lever (runs ``webshop-{m}-rounds8-<lever>``, seeds 0-2, paired by seed) against the lever run
     before it (``webshop-rounds8[-<before>]``): its README's table and difference, and per seed the goals solved before
     and after the lever by FedIT and by Fed-SE, Fed-SE's exploration successes per round, each retailer's final
@@ -148,13 +152,12 @@ def _assert_epoch_lever_readme(lever: str, before: str, shown: dict[str, str]) -
     summaries = [load_summary(r) for r in runs]
     readme = (folder / "README.md").read_text()
     baseline = f"cpu-evidence-webshop-fedit-rounds8-{lever} (fedit)"
-    _assert_readme_shows(readme, summaries, shown, baseline, seeds=3)
+    _assert_readme_shows(readme, summaries, EPOCH_LEVER_ROWS[lever], baseline, seeds=3)
     suffix = f"-{before}" if before else ""
-    earlier = {(s.mode, s.seed): round(24 * s.micro_avg["8"])
-               for s in (load_summary(RESULTS / "cpu-evidence" / f"webshop-rounds8{suffix}" / "runs" /
-                                      f"cpu-evidence-webshop-{m}-rounds8{suffix}-seed{k}")
-                         for m in ("fedse", "fedit") for k in range(3))}
-    now = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+    earlier = _goals_solved((load_summary(RESULTS / "cpu-evidence" / f"webshop-rounds8{suffix}" / "runs" /
+                                          f"cpu-evidence-webshop-{m}-rounds8{suffix}-seed{k}")
+                             for m in ("fedse", "fedit") for k in range(3)), "8")
+    now = _goals_solved(summaries, "8")
     for seed in range(3):
         fedse, fedit = (_completed_rounds(folder / "runs" / f"cpu-evidence-webshop-{m}-rounds8-{lever}-seed{seed}")
                         for m in ("fedse", "fedit"))
@@ -172,13 +175,13 @@ def _assert_epoch_lever_readme(lever: str, before: str, shown: dict[str, str]) -
 def test_the_epoch_lever_readme_reports_what_its_runs_give():
     """Both methods train one epoch a round over their buffers for 8 rounds, instead of 15 steps
     (../webshop-rounds8/)."""
-    _assert_epoch_lever_readme("epoch1", "", EPOCH_LEVER_ROWS["epoch1"])
+    _assert_epoch_lever_readme("epoch1", "")
 
 
 def test_the_two_epoch_levers_readme_reports_what_its_runs_give():
     """Both methods train two epochs a round over their buffers, the paper's count, instead of one
     (../webshop-rounds8-epoch1/)."""
-    _assert_epoch_lever_readme("epoch2", "epoch1", EPOCH_LEVER_ROWS["epoch2"])
+    _assert_epoch_lever_readme("epoch2", "epoch1")
 
 
 @pytest.mark.parametrize("lever", sorted(EPOCH_LEVER_ROWS))
@@ -194,7 +197,7 @@ def test_an_epoch_levers_added_seeds_are_reported_beside_the_preregistered_ones(
     readme = (folder / "README.md").read_text()
     _assert_readme_shows(readme, summaries, EPOCH_LEVER_ROWS[lever],
                          f"cpu-evidence-webshop-fedit-rounds8-{lever} (fedit)", seeds=5)
-    goals = {(s.mode, s.seed): round(24 * s.micro_avg["8"]) for s in summaries}
+    goals = _goals_solved(summaries, "8")
     for seed in (3, 4):
         found = _exploration_successes(
             _completed_rounds(folder / "more-seeds" / f"cpu-evidence-webshop-fedse-rounds8-{lever}-seed{seed}"))
