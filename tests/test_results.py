@@ -115,6 +115,20 @@ def test_the_exploration_lever_readme_reports_what_its_runs_give_against_fedit()
         "cpu-evidence-webshop-fedit (fedit)": "FedIT, seeds 0-3",
         "cpu-evidence-webshop-fedse-explore16 (fedse)": "Fed-SE, 16 episodes a round",
     }, "cpu-evidence-webshop-fedit (fedit)", seeds=4)
+    # Per seed: goals solved by FedIT, Fed-SE with 4 episodes (../webshop/) and with 16, then the 16-episode run's
+    # exploration successes per round and each retailer's final buffer in the order the header names.
+    four = _goals_solved((load_summary(WEBSHOP / "runs" / f"cpu-evidence-webshop-fedse-seed{s}") for s in range(4)),
+                         "4")
+    solved = _goals_solved(summaries, "4")
+    for seed, run in enumerate(runs):
+        records = _completed_rounds(run)
+        found = _exploration_successes(records)
+        buffers = [records[-1]["institutions"][f"retailer-{n}"]["report"]["explore"]["buffer_size"]
+                   for n in ("north", "south", "east")]
+        row = (f"| {seed} | {solved[('fedit', seed)]} | {four[('fedse', seed)]} | {solved[('fedse', seed)]} | "
+               f"{', '.join(map(str, found))} | {', '.join(map(str, buffers))} |")
+        assert row in readme, row
+    assert "| exploration successes, rounds 1-4 | buffer at the end (north, south, east) |" in readme
 
 
 def test_the_rounds_lever_readme_reports_what_its_runs_give():

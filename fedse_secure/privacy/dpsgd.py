@@ -8,7 +8,7 @@ the data set (and the accountant would then be told a different rate than the sa
 Here one value of ``q`` feeds the sampler, the optimiser's normaliser and the accountant, and training checks
 afterwards that the accountant recorded exactly the projected event.
 
-Pitfalls handled (shared/research/deps.md §3b):
+Pitfalls handled (known problems of Opacus with Hugging Face models):
 
 * ``grad_sample_mode="hooks"`` — ghost clipping with HF's internal loss silently skips clipping. We compute the
   loss ourselves, as a per-sequence token mean averaged over the batch: HF's batch-wide token mean would make
