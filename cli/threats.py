@@ -7,6 +7,7 @@ import json
 import typer
 
 from fedse_cli.progress import fail
+from fedse_threat_model.protections import PROTECTIONS
 
 threats_app = typer.Typer(
     help="The threat model: list the threats, run their executable checks.",
@@ -43,8 +44,7 @@ def verify(
     only: list[str] = typer.Option([], "--only", help="Run only this threat's check (repeatable), e.g. --only T3."),
     disable: list[str] = typer.Option(
         [], "--disable",
-        help="Switch a protection off to see its checks fail (repeatable): masking, signatures, aead, "
-             "consistency, requirements, input-auth, share-commitments, dp, ledger-chain, budget, tls.",
+        help=f"Switch a protection off to see its checks fail (repeatable): {', '.join(PROTECTIONS)}.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulated data and keys."),
 ) -> None:

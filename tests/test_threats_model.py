@@ -66,3 +66,22 @@ def test_security_md_points_at_the_threat_model_and_the_verify_command():
     text = (REPO / "SECURITY.md").read_text()
     for needle in ("threat_model/THREATS.md", "fedse threats verify", "Reporting a vulnerability"):
         assert needle in text
+
+
+def test_threats_md_names_every_check_module():
+    modules = {p.name for p in (REPO / "threat_model" / "checks").glob("*.py") if p.name != "__init__.py"}
+    intro = threats_markdown().split("### T1 ", 1)[0]
+    named = set(re.findall(r"`(\w+\.py)`", intro))
+    assert modules <= named, f"THREATS.md's list of check modules lacks {sorted(modules - named)}"
+
+
+def test_verify_help_lists_every_protection_it_can_switch_off():
+    from typer.testing import CliRunner
+
+    from fedse_cli.main import app
+
+    result = CliRunner().invoke(app, ["threats", "verify", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    help_text = " ".join(result.output.split())
+    missing = [name for name in PROTECTIONS if name not in help_text]
+    assert not missing, f"`fedse threats verify --help` does not name {missing}"
