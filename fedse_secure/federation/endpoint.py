@@ -16,6 +16,7 @@ import hashlib
 import json
 from typing import Any
 
+from fedse_secure.config import FEDERATED_MODES
 from fedse_secure.errors import FedseError
 from fedse_secure.federation.institution import Institution
 from fedse_secure.federation.progress import NULL_PROGRESS, Progress
@@ -64,6 +65,8 @@ class InstitutionEndpoint:
         self._client = None
         self._round: int | None = None
         self._first_stage: dict[str, Any] | None = None
+        # Rounds of this run whose input stage this endpoint answered (the audit log keeps them across restarts).
+        self._inputs_sent: set[int] = set()
 
     @property
     def name(self) -> str:
@@ -123,7 +126,20 @@ class InstitutionEndpoint:
             # Nothing leaves that the audit log did not record.
             reply = self._refusal(req, Refused(f"{self.name}: the audit log cannot be written ({err}); nothing "
                                                "leaves this institution until it is repaired"))
+        if not reply.error and req.stage == self.backend.input_stage:
+            self._inputs_sent.add(req.round_id)
         return reply
+
+    def _input_sent(self, round_id: int) -> bool:
+        """Whether this institution already answered the input stage of ``round_id`` in this run: in this process,
+        or before a restart (its audit log records every reply before it leaves)."""
+        if round_id in self._inputs_sent:
+            return True
+        if self.audit is None:
+            return False
+        stage = self.backend.input_stage
+        return any(e["kind"] == "export" and e["data"].get("run_key") == self.key and e["data"].get("stage") == stage
+                   and e["data"].get("round") == round_id for e in self.audit.events())
 
     def _refusal(self, req: StageRequest, err: FedseError) -> StageReply:
         from fedse_secure.privacy.budget import BudgetExceededError
@@ -179,9 +195,18 @@ class InstitutionEndpoint:
             state = self._global_state(req, adapter_round=req.round_id)
             report = self.institution.evaluate(state, self.progress, label=f"evaluate r{req.round_id}")
             return StageReply(req.stage, req.round_id, self.name, self.key, report=filter_evaluation(report, allow))
+        mode = self.decision.effective.federation.mode
+        if mode not in FEDERATED_MODES:
+            # The policy skips the aggregation checks for a mode that never aggregates, so nothing may leave for it.
+            raise Refused(f"{self.name}: the experiment's federation.mode is {mode!r}, which never aggregates; "
+                          "nothing leaves this institution for it")
         if req.stage not in self.backend.stages:
             raise Refused(f"{self.name}: {req.stage!r} is not a stage of {self.backend.name}")
         if req.train:
+            # Before anything else: the re-run's payload would equal the one sent (its seeds follow the round id).
+            if self._input_sent(req.round_id):
+                raise Refused(f"{self.name}: it already sent its input for round {req.round_id} of this run; a "
+                              "coordinator that re-runs a round with other participants could subtract the sums")
             self._client = None
             client = self.backend.client(self.name, self.identity, self.registry)
             # A setup this institution refuses (weaker than its requirements, replayed) costs it no training.

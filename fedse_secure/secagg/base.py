@@ -162,6 +162,9 @@ class Backend(ABC):
     capabilities: ClassVar[Capabilities]
     #: Stage names in protocol order (what ``federation.simulate_dropouts`` may name).
     stages: ClassVar[tuple[str, ...]]
+    #: The stage whose reply carries the institution's input (masked or not). An institution answers it at most
+    #: once per round of a run: re-runs of one round with other rosters would let the coordinator subtract sums.
+    input_stage: ClassVar[str]
     #: Fewest institutions a round may have (a sum of two reveals each one's input to the other).
     min_participants: ClassVar[int] = 3
 

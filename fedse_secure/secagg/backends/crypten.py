@@ -80,6 +80,7 @@ class CryptenBackend(Backend):
     Settings = CryptenSettings
     capabilities = Capabilities(cross_machine=False, tolerates_dropouts=False, hides_inputs=True)
     stages = (INPUT,)
+    input_stage = INPUT
 
     def __init__(self, settings: CryptenSettings | None = None, **engine_options) -> None:
         """``engine_options`` go to :class:`CryptenParties` (``python``, ``workdir_root``, ``startup_allowance_s``)."""

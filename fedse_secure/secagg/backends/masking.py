@@ -109,6 +109,7 @@ class MaskingBackend(Backend):
     Settings = MaskingSettings
     capabilities = Capabilities(cross_machine=True, tolerates_dropouts=True, hides_inputs=True)
     stages = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
+    input_stage = "masked_input"
 
     def __init__(self, settings: MaskingSettings | None = None, *, requirements: MaskingRequirements | None = None,
                  aead: Callable | None = None, client_class: type | None = None,

@@ -66,6 +66,7 @@ class PlaintextBackend(Backend):
     Settings = PlaintextSettings
     capabilities = Capabilities(cross_machine=True, tolerates_dropouts=False, hides_inputs=False)
     stages = (INPUT,)
+    input_stage = INPUT
     min_participants = 1
 
     def server(self, round_id, participants, vector_len, registry=None, *, seed=None) -> PlaintextServer:
