@@ -102,12 +102,18 @@ def test_counts_in_the_payload_are_refused_under_add_remove_accounting(repo_root
 
 def test_replace_one_policies_refuse_add_remove_and_colluders_bound_the_threshold(repo_root, tmp_path):
     policy = _policy(tmp_path, privacy={"mechanisms": ["client-dp"], "neighbouring": "replace-one"},
-                     secure_aggregation={"colluder_fraction": 0.45})
+                     secure_aggregation={"colluder_fraction": 0.3})
     exp = _smoke(repo_root, "privacy.mode=client-dp", "federation.secure_aggregation.colluder_fraction=0.0",
                  "federation.secure_aggregation.threshold=2")
     fields = [v.field for v in decide(policy, exp, "x").violations]
-    # The experiment assumes no colluder; the institution assumes 2 of 3, under which t=2 exposes an honest update.
+    # The experiment assumes no colluder; the institution assumes 1 of 3, under which t=2 exposes an honest update.
     assert fields == ["privacy.neighbouring", "privacy.honest_fraction", "federation.secure_aggregation.threshold"]
+    # Assuming 2 of 3, no threshold helps: the sum of all three minus the colluders' inputs is the third's update.
+    policy = _policy(tmp_path, privacy={"mechanisms": ["client-dp"], "neighbouring": "replace-one"},
+                     secure_aggregation={"colluder_fraction": 0.45})
+    lines = decide(policy, exp, "x").lines
+    assert [line.split(":")[0] for line in lines] == ["privacy.neighbouring", "privacy.honest_fraction", "clients"]
+    assert "more institutions: a sum of 3 listed institutions cannot hold two honest inputs" in lines[2]
 
 
 def test_experiment_approval_uses_the_hash_of_what_the_coordinator_sends(repo_root, tmp_path):
@@ -239,3 +245,58 @@ def test_policy_check_cli_on_the_smoke_experiment(repo_root):
     explained = runner.invoke(app, ["policy", "explain", "exports"])
     assert explained.exit_code == 0 and "train.loss" in explained.output and "privacy.ledger_head" in explained.output
     assert not math.isnan(0.0)
+
+
+def _federation_of(repo_root, n: int, *overrides):
+    """The smoke experiment with ``n`` institutions (Maze beyond the first three)."""
+    exp = _smoke(repo_root, *overrides)
+    extra = [exp.clients[0].model_copy(update={"name": f"maze-{i:02d}"}) for i in range(n - len(exp.clients))]
+    return exp.model_copy(update={"clients": [*exp.clients, *extra]})
+
+
+def test_client_dp_rounds_must_hold_the_contributors_its_noise_was_sized_for(repo_root, tmp_path):
+    """Client-dp noise shares are sized for the t(N) contributors an N-institution sum is guaranteed; a round the
+    coordinator sets up over fewer institutions, with the smaller threshold derived for them, is refused."""
+    from fedse_secure.federation.endpoint import institution_backend
+    from fedse_secure.federation.institution import release_terms
+
+    policy = _policy(tmp_path, privacy={"mechanisms": ["client-dp"]})
+    exp = _federation_of(repo_root, 40, "privacy.mode=client-dp", "privacy.honest_fraction=0.5")
+    assert decide(policy, exp, "maze-clinic").accepted
+    sized_for = release_terms(exp).min_contributors
+    requirements = institution_backend(exp, policy).requirements
+    assert requirements.min_threshold == sized_for and len(requirements.roster) == 40
+    # Without client-dp the same institution accepts a round of 20 of the 40 at the least it requires for them.
+    plain = institution_backend(_federation_of(repo_root, 40, "privacy.mode=dp-sgd"), policy).requirements
+    graph = plain.parameters(20)
+    assert plain.refusal(20, 20, graph.degree, graph.threshold) is None and graph.threshold < sized_for
+    why = requirements.refusal(20, 20, graph.degree, graph.threshold)
+    assert why is not None and why.parameter == "threshold" and why.least.startswith(f"{sized_for},")
+
+
+def test_honest_fraction_leaves_the_noise_of_a_sum_after_its_colluders_remove_theirs(repo_root, tmp_path):
+    """Three institutions, t = 3, one colluder assumed (10%, rounded up): of a sum of three noise shares two are
+    honest, so honest_fraction may be at most 2/3 (the policy once allowed 1 - 10% = 0.9)."""
+    policy = _policy(tmp_path, privacy={"mechanisms": ["client-dp"]})
+    refused = decide(policy, _smoke(repo_root, "privacy.mode=client-dp", "privacy.honest_fraction=0.9"), "x")
+    assert [v.field for v in refused.violations] == ["privacy.honest_fraction"]
+    assert "<= 0.666667" in refused.lines[0] and "1 of them may collude" in refused.lines[0]
+    assert decide(policy, _smoke(repo_root, "privacy.mode=client-dp", "privacy.honest_fraction=0.6"), "x").accepted
+
+
+def test_the_default_policy_caps_epsilon_so_that_a_token_noise_is_not_called_private(repo_root, tmp_path):
+    """A node without a policy file requires DP; a noise multiplier of 1e-6 is still a DP mode, so the default
+    caps epsilon at 8: the budget is lowered to it and the round's projected cost is refused before training."""
+    from fedse_secure.privacy.budget import BudgetExceededError, BudgetGuard
+    from fedse_secure.privacy.dpsgd import dp_sgd_event
+    from fedse_secure.privacy.ledger import PrivacyLedger
+
+    exp = _smoke(repo_root, "privacy.mode=dp-sgd", "privacy.noise_multiplier=1e-6")
+    decision = decide(NodePolicy(), exp, "x")
+    assert decision.accepted and decision.effective.privacy.epsilon_budget == 8.0
+    assert decision.adjustments == ["privacy.epsilon_budget: none -> 8 (the institution's epsilon cap)"]
+    privacy = decision.effective.privacy
+    guard = BudgetGuard(PrivacyLedger(tmp_path / "ledger.jsonl"), privacy, institution="x")
+    with pytest.raises(BudgetExceededError):
+        guard.ensure_affordable(dp_sgd_event(8, exp.training, privacy))
+    assert NodePolicy.open().privacy.max_epsilon is None, "research simulations keep their own budget"

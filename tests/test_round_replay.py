@@ -72,9 +72,13 @@ class Federation:
         from fedse_secure.federation.endpoint import InstitutionEndpoint
         from fedse_secure.policy import NodePolicy, decide
 
+        # The open policy (no colluders assumed, every mechanism) with the default of a policy file: one input a
+        # round. The open policy itself lets a simulation re-run a round it lost before recording it.
+        policy = NodePolicy.open()
+        policy.secure_aggregation.one_input_per_round = True
         return InstitutionEndpoint(
             self.institutions[name], self.exp.federation.backend(), self.identities[name], self.registry,
-            key=self.key, decision=decide(NodePolicy.open(), self.exp, name, experiment_json=self.text),
+            key=self.key, decision=decide(policy, self.exp, name, experiment_json=self.text),
             audit=AuditLog(self.root / name / "audit.jsonl") if audit else None, coordinator_key=self.coordinator_key)
 
     def request(self, stage: str, round_id: int, data: bytes, train: bool) -> StageRequest:

@@ -172,6 +172,41 @@ def test_an_institution_never_takes_its_requirements_from_the_coordinator():
     assert np.array_equal(res.total, _quantised_sum(xs, names, server.machine))
 
 
+def test_a_coordinator_cannot_gather_the_colluders_into_a_small_round():
+    """Twenty institutions approved the experiment; two of them (10%, within the assumed fraction) collude with the
+    coordinator, which lists only them and one victim in a round. Counted among the three listed, one colluder is
+    assumed and t = 3 looks safe, and the sum minus the colluders' inputs is the victim's update. Counted among the
+    twenty approved, both may be listed: no threshold leaves two honest inputs, and the victim refuses."""
+    approved, listed = _names(20), ["p00", "p01", "p02"]
+    xs = _inputs(listed, 16)
+    unbound = _Federation(listed, client_backend=MaskingBackend(requirements=MaskingRequirements()),
+                          server_backend=MaskingBackend())
+    server, clients = unbound.machines(1, xs)
+    res = drive(server, InProcessParties(clients, stages=STAGES))
+    exposed = res.total - _quantised_sum(xs, ["p01", "p02"], server.machine)
+    assert np.array_equal(exposed, _quantised_sum(xs, ["p00"], server.machine)), "the attack must work unbound"
+
+    bound = MaskingBackend(requirements=MaskingRequirements().for_roster(approved))
+    server, clients = _Federation(listed, client_backend=bound, server_backend=MaskingBackend()).machines(2, xs)
+    with pytest.raises(UnsafeSetupError, match=r"^p00 refuses the setup of round 2: participants: a sum of 3 listed "
+                                               r"institutions cannot hold two honest inputs beside the 2 colluders"):
+        drive(server, InProcessParties(clients, stages=STAGES))
+    # Within the roster a smaller round stays possible when it keeps two honest inputs: 5 approved, 3 listed.
+    small = MaskingBackend(requirements=MaskingRequirements().for_roster(_names(5)))
+    server, clients = _Federation(listed, client_backend=small, server_backend=MaskingBackend()).machines(3, xs)
+    assert np.array_equal(drive(server, InProcessParties(clients, stages=STAGES)).total,
+                          _quantised_sum(xs, listed, server.machine))
+
+
+def test_a_setup_may_list_only_the_approved_experiments_institutions():
+    names = _names(4)
+    bound = MaskingBackend(requirements=MaskingRequirements().for_roster(names[:3]))
+    fed = _Federation(names, client_backend=bound, server_backend=MaskingBackend())
+    server, clients = fed.machines(1, _inputs(names, 8))
+    with pytest.raises(UnsafeSetupError, match=r"participants: \['p03'\] are not institutions of the experiment"):
+        drive(server, InProcessParties(clients, stages=STAGES))
+
+
 def test_the_graph_is_drawn_from_every_signed_advertisement_not_chosen_by_the_coordinator():
     """The setup carries no graph seed. The same setup answered by the same institutions with fresh keys gives
     another graph, so the coordinator cannot evaluate (let alone grind) a graph before every key is in. A

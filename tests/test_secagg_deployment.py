@@ -61,9 +61,10 @@ def test_a_deployed_institution_refuses_a_weak_setup_before_training(deployment)
     assert len(reply.error.splitlines()) == 1
     # It refused before the local round: no training report, nothing spent.
     assert reply.report == {}
-    # The backend it built holds it to its own requirements (the defaults), not to what the coordinator sent.
+    # The backend it built holds it to its own requirements (the defaults), not to what the coordinator sent, and
+    # counts the colluders among the institutions of the experiment it approved.
     backend = session.endpoint.backend
-    assert backend.requirements == MaskingRequirements()
+    assert backend.requirements == MaskingRequirements().for_roster(c.name for c in exp.clients)
     assert backend.settings == exp.federation.secure_aggregation
 
 
@@ -76,7 +77,7 @@ def test_an_institution_states_its_own_requirements_in_its_node_policy(deploymen
     session = InstitutionSession(config(colluder_fraction=0.0, min_participants=3))
     assert session.policy.secure_aggregation.masking_requirements() == MaskingRequirements(colluder_fraction=0.0)
     backend = institution_backend(exp, session.policy)
-    assert backend.requirements == MaskingRequirements(colluder_fraction=0.0)
+    assert backend.requirements == MaskingRequirements(colluder_fraction=0.0).for_roster(c.name for c in exp.clients)
     # With no colluders assumed it accepts the coordinator's t = 2 of 3.
     client = backend.client("maze-clinic", session.identity, session.registry)
     client.screen(server.start()["maze-clinic"])

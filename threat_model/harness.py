@@ -28,6 +28,8 @@ How a check switches a protection off, always through an explicit seam of the li
 * ``export-filter`` - the round report leaves as the institution computed it;
 * ``adapter-signature`` - the institution has no coordinator key and its policy does not require signatures;
 * ``audit-chain`` - the audit log is read as plain JSON lines instead of through ``AuditLog.verify``.
+* ``one-input-per-round`` - the institutions' policies allow a re-run (``secure_aggregation.one_input_per_round:
+  false``, the simulation's open default), so each attempt at a round gets their input again.
 
 Checks live in the modules of :mod:`fedse_threat_model.checks`, one per area, and register themselves with
 :func:`check`; the attack machinery they share is in :mod:`fedse_threat_model.attacks`.

@@ -23,4 +23,7 @@ PROTECTIONS: dict[str, str] = {
     "export-filter": "the node policy's export filter: no statistic computed from private data without DP leaves",
     "adapter-signature": "global adapters loaded only if the coordinator's Ed25519 signature verifies",
     "audit-chain": "hash-chained audit log with sealed head, checked by AuditLog.verify",
+    "one-input-per-round": "an institution answers the input stage of a round of a run at most once (remembered in "
+                           "memory and in its audit log): a re-run of the round is refused before training "
+                           "(node policy secure_aggregation.one_input_per_round)",
 }

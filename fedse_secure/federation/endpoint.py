@@ -28,13 +28,24 @@ def institution_backend(experiment, policy=None) -> Backend:
     """The experiment's secure-aggregation backend as one institution runs it. A masking client holds every
     round's setup to the institution's own requirements (its node policy's ``secure_aggregation``), never to
     the coordinator's settings; ``policy=None`` (a simulated institution without a policy file) accepts what
-    the experiment itself derives."""
+    the experiment itself derives.
+
+    The requirements are bound to the approved experiment's institutions: a setup may list only them, and the
+    colluders are counted among all of them, so a coordinator cannot gather them into a small round. Under
+    client-dp the noise shares are sized for the contributors the experiment guarantees a sum
+    (:func:`~fedse_secure.federation.institution.release_terms`), so a setup with a lower threshold is refused."""
+    from fedse_secure.federation.institution import release_terms
     from fedse_secure.secagg.masking.settings import MaskingSettings
 
     settings = experiment.federation.secure_aggregation
     if policy is None or not isinstance(settings, MaskingSettings):
         return experiment.federation.backend()
-    return experiment.federation.backend(requirements=policy.secure_aggregation.masking_requirements())
+    requirements = policy.secure_aggregation.masking_requirements()
+    if experiment.privacy.mode == "client-dp":
+        sized_for = release_terms(experiment).min_contributors
+        floor = max(requirements.min_threshold or 0, sized_for)
+        requirements = requirements.model_copy(update={"min_threshold": floor})
+    return experiment.federation.backend(requirements=requirements.for_roster(c.name for c in experiment.clients))
 
 
 class Refused(FedseError, RuntimeError):
@@ -204,7 +215,7 @@ class InstitutionEndpoint:
             raise Refused(f"{self.name}: {req.stage!r} is not a stage of {self.backend.name}")
         if req.train:
             # Before anything else: the re-run's payload would equal the one sent (its seeds follow the round id).
-            if self._input_sent(req.round_id):
+            if self.policy.secure_aggregation.one_input_per_round and self._input_sent(req.round_id):
                 raise Refused(f"{self.name}: it already sent its input for round {req.round_id} of this run; a "
                               "coordinator that re-runs a round with other participants could subtract the sums")
             self._client = None

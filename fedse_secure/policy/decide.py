@@ -130,10 +130,7 @@ def decide(policy: NodePolicy, experiment: ExperimentConfig, institution: str, *
         if rules.neighbouring == "replace-one" and p.neighbouring != "replace-one":
             v(Violation("privacy.neighbouring", p.neighbouring, "replace-one (privacy.neighbouring)"))
         if p.mode == "client-dp":
-            honest_max = 1.0 - policy.secure_aggregation.colluder_fraction
-            if p.honest_fraction > honest_max + 1e-12:
-                v(Violation("privacy.honest_fraction", _fmt(p.honest_fraction),
-                            f"<= {honest_max:g} (1 - secure_aggregation.colluder_fraction)"))
+            _check_honest_fraction(policy, experiment, v)
 
     fed = experiment.federation
     from fedse_secure.config import FEDERATED_MODES
@@ -167,6 +164,27 @@ def decide(policy: NodePolicy, experiment: ExperimentConfig, institution: str, *
     return decision
 
 
+def _check_honest_fraction(policy: NodePolicy, experiment: ExperimentConfig, v) -> None:
+    """Client-dp noise shares are sized so that honest_fraction x t of them make the noise of a sum of t
+    contributors (t: the fewest the backend releases). The colluders assumed may all be among those t and remove
+    their own shares, so at most t - c of them are honest: honest_fraction must not exceed (t - c) / t."""
+    n = len(experiment.clients)
+    if n < 2:
+        return  # nothing is summed; the experiment's own validation names the problem
+    try:
+        contributors = experiment.federation.backend().min_contributors(n)
+    except ValueError:
+        return  # the experiment's own validation names the problem
+    colluders = min(contributors, policy.secure_aggregation.masking_requirements().colluders(n))
+    honest_max = (contributors - colluders) / contributors
+    honest = experiment.privacy.honest_fraction
+    if honest > honest_max + 1e-12:
+        v(Violation("privacy.honest_fraction", _fmt(honest),
+                    f"<= {honest_max:g}: a released sum may hold as few as {contributors} contributors, and "
+                    f"{colluders} of them may collude (secure_aggregation.colluder_fraction "
+                    f"{policy.secure_aggregation.colluder_fraction:g} of {n}) and remove their noise"))
+
+
 def _check_secure_aggregation(policy: NodePolicy, experiment: ExperimentConfig, v) -> None:
     rules = policy.secure_aggregation
     fed = experiment.federation
@@ -192,7 +210,9 @@ def _check_secure_aggregation(policy: NodePolicy, experiment: ExperimentConfig, 
         if why is not None:
             field = {"degree": "federation.secure_aggregation.neighbours", "participants": "clients"}.get(
                 why.parameter, f"federation.secure_aggregation.{why.parameter}")
-            v(Violation(field, f"degree {graph.degree} and t={graph.threshold}", why.least or why.problem))
+            required = why.least or (f"more institutions: {why.problem}" if why.parameter == "participants"
+                                     else why.problem)
+            v(Violation(field, f"degree {graph.degree} and t={graph.threshold}", required))
         return
     # Other backends: colluders subtract their own inputs from a released sum, so at least two honest inputs
     # must remain in the smallest sum the backend releases, or one institution's update is exposed exactly.

@@ -22,6 +22,7 @@ by ``fedse policy explain``)::
       correctness_bits: 20
       min_degree: null
       min_threshold: null
+      one_input_per_round: true
     exports:            # what may leave besides the DP-protected update (see fedse_secure.policy.exports)
       allow: []
     approvals:          # which experiments and base models this institution signed off ("any", or hashes)
@@ -31,7 +32,7 @@ by ``fedse policy explain``)::
       require_signature: true
 
 A field left out takes the default below. The defaults are the conservative choice where one exists (DP
-required, no statistic leaves, signed adapters only); approvals default to ``any`` so that a policy without
+required with epsilon <= 8 over the ledger, no statistic leaves, signed adapters only); approvals default to ``any`` so that a policy without
 hash lists is usable, and a compliance office that approves runs one by one lists their hashes
 (``fedse policy hash``).
 """
@@ -91,8 +92,10 @@ class PrivacyRules(StrictModel):
     )
     max_delta: float = Field(1e-5, gt=0.0, lt=1.0, description="The largest privacy.delta accepted.")
     max_epsilon: float | None = Field(
-        None, gt=0.0, description="This institution's epsilon cap over its whole ledger; the coordinator's "
-                                  "privacy.epsilon_budget is lowered to it (the stricter side wins).",
+        8.0, gt=0.0, description="This institution's epsilon cap over its whole ledger; the coordinator's "
+                                 "privacy.epsilon_budget is lowered to it (the stricter side wins), and a round "
+                                 "whose projected cost would pass it is refused before training. Without a cap "
+                                 "(null) any positive noise is accepted, however large its epsilon.",
     )
     accountants: list[AccountantName] = Field(
         default_factory=lambda: ["rdp", "prv", "pld"],
@@ -129,10 +132,17 @@ class SecureAggregationRules(MaskingRequirements):
     # Below 3 only for backends other than masking (masking never runs with fewer than 3).
     min_participants: int = Field(3, ge=1, description="The fewest institutions (experiment clients) a round may "
                                                        "have.")
+    one_input_per_round: bool = Field(
+        True,
+        description="Send this institution's input for a round of a run at most once. Its round is deterministic in "
+                    "the round id, so a coordinator that re-runs a round with other participants could subtract the "
+                    "sums and read its update. The cost: a round lost after the inputs were sent (a coordinator that "
+                    "crashed before recording it) cannot be re-run, and the run must start anew.",
+    )
 
     def masking_requirements(self) -> MaskingRequirements:
         """What this institution's masking client holds every round's setup to."""
-        fields = self.model_dump(exclude={"backends"})
+        fields = self.model_dump(exclude={"backends", "one_input_per_round"})
         fields["min_participants"] = max(3, self.min_participants)
         return MaskingRequirements(**fields)
 
@@ -200,11 +210,14 @@ class NodePolicy(StrictModel):
         from fedse_secure.secagg.backends import BACKENDS
 
         policy = cls(
-            privacy=PrivacyRules(mechanisms=MECHANISMS.names(), max_delta=0.999999, accountants=ACCOUNTANTS.names()),
+            privacy=PrivacyRules(mechanisms=MECHANISMS.names(), max_delta=0.999999, max_epsilon=None,
+                                 accountants=ACCOUNTANTS.names()),
             aggregation=AggregationRules(rules=RULES.names()),
             # Research runs: any setup the experiment itself considers safe (its own colluder assumption).
+            # One operator runs coordinator and institutions, so a round lost before it was recorded is re-run.
             secure_aggregation=SecureAggregationRules(backends=BACKENDS.names(), min_participants=1,
-                                                      colluder_fraction=0.0, dropout_fraction=0.0),
+                                                      colluder_fraction=0.0, dropout_fraction=0.0,
+                                                      one_input_per_round=False),
             exports=ExportRules(allow=sorted(CATALOGUE)),
             adapters=AdapterRules(require_signature=True),
         )

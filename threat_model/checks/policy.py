@@ -1,6 +1,6 @@
 """Threat checks on what the institution decides and records: T13 a coordinator weakens the privacy settings,
 T14 concurrent runs outspend the budget, T15 un-noised statistics leave the institution, T16 a forged global
-adapter is loaded, T17 the audit log is edited."""
+adapter is loaded, T17 the audit log is edited, T18 a round is re-run with other participants."""
 
 from __future__ import annotations
 
@@ -292,3 +292,118 @@ def audit_log_tampering(settings: ProtectionSettings) -> CheckResult:
                f"(true bytes out {true_bytes}; edits claim as few as "
                f"{min(o['claimed_bytes'] for o in outcomes.values())})")
     return CheckResult(passed, summary, {"true_bytes": true_bytes, "attacks": outcomes})
+
+
+# ======================================================================================================
+# T18: the coordinator re-runs a round with other participants and subtracts the sums
+# ======================================================================================================
+
+class _DeterministicInstitution:
+    """An institution whose local round, like the real one (its seeds follow the round id), gives the same
+    update every time the same round is asked for; a seeded vector stands in for the trained adapter."""
+
+    def __init__(self, experiment, name: str, size: int, seed: int) -> None:
+        self.experiment, self.name, self.size, self.seed = experiment, name, size, seed
+        self.rounds_trained = 0
+
+    def local_round(self, round_id, state, progress):
+        import numpy as np
+
+        from fedse_secure.federation.institution import LocalRound, derive_seed
+
+        self.rounds_trained += 1
+        rng = np.random.default_rng(derive_seed(self.seed, self.name, "train", round_id))
+        return LocalRound(rng.normal(0.0, 0.05, self.size), {"privacy": {"mechanism": "none", "private": False}})
+
+
+@check
+def round_rerun_subtraction(settings: ProtectionSettings) -> CheckResult:
+    """The coordinator runs round 1 with four institutions, then re-runs round 1 on the same adapter four times,
+    each time without one of them, and subtracts each re-run's sum from the first: S(all) - S(all but i) is
+    institution i's update, with no colluder and under any secure aggregation. Pass: an institution answers
+    the input stage of a round of a run at most once (remembered in memory and in its audit log), so each
+    re-run is refused before training and releases nothing. Off: the institutions' policies allow a re-run
+    (``secure_aggregation.one_input_per_round: false``, the simulation's open default) and every update is
+    recovered."""
+    from collections import OrderedDict
+
+    import numpy as np
+    import torch
+
+    from fedse_secure.audit import AuditLog
+    from fedse_secure.config import ExperimentConfig
+    from fedse_secure.federation.endpoint import InstitutionEndpoint
+    from fedse_secure.federation.wire import StageRequest, run_key
+    from fedse_secure.models.adapters import state_to_bytes
+    from fedse_secure.policy import NodePolicy, decide
+    from fedse_secure.secagg.base import RoundAbortedError
+    from fedse_secure.secagg.driver import drive
+    from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
+
+    names, size = ["clinic-a", "clinic-b", "clinic-c", "clinic-d"], 512
+    exp = ExperimentConfig.model_validate({
+        "name": "threat-rerun", "seed": settings.seed, "model": {"name_or_path": "tiny-llama"},
+        "clients": [{"name": n, "env": "maze", "seed_demos": 2} for n in names],
+        "federation": {"secure_aggregation": {"backend": "masking", "colluder_fraction": 0.0}},
+        "privacy": {"mode": "none"},
+    })
+    text, backend = exp.model_dump_json(), exp.federation.backend()
+    key = run_key(text)
+    ids = {n: IdentityKey.generate() for n in names}
+    registry = PublicKeyRegistry.from_identities(ids)
+    policy = NodePolicy.open()
+    policy.adapters.require_signature = False  # T16's concern; this check is about what the institution sends
+    policy.secure_aggregation.one_input_per_round = settings.on("one-input-per-round")
+    institutions = {n: _DeterministicInstitution(exp, n, size, settings.seed) for n in names}
+    adapter, order = state_to_bytes(OrderedDict(w=torch.zeros(4)))
+
+    with tempfile.TemporaryDirectory(prefix="fedse-threat-rerun-") as tmp:
+        def endpoint(name):
+            audit = AuditLog(Path(tmp) / name / "audit.jsonl")
+            return InstitutionEndpoint(institutions[name], backend, ids[name], registry, key=key,
+                                       decision=decide(policy, exp, name, experiment_json=text), audit=audit)
+
+        endpoints = {n: endpoint(n) for n in names}
+
+        def attempt(roster):
+            server, refused = backend.server(1, roster, size, registry), set()
+
+            def exchange(stage, requests):
+                train, out = stage == backend.stages[0], {}
+                for name, data in requests.items():
+                    blobs = {"request": data}
+                    if train:
+                        blobs.update(global_state=adapter, global_state_keys=order)
+                    reply = endpoints[name].handle(StageRequest(stage, 1, key, text if train else "", train=train,
+                                                                blobs=blobs))
+                    if reply.error:
+                        refused.add(name)
+                    else:
+                        out[name] = reply.blobs["reply"]
+                return out
+
+            try:
+                return drive(server, exchange).total, refused
+            except RoundAbortedError:
+                return None, refused
+
+        total, _ = attempt(names)
+        trained = sum(i.rounds_trained for i in institutions.values())
+        recovered, refusals, released = {}, 0, 0
+        for left_out in names:
+            rerun, refused = attempt([n for n in names if n != left_out])
+            refusals += len(refused)
+            if rerun is not None:
+                released += 1
+                truth = institutions[left_out].local_round(1, None, None).payload
+                institutions[left_out].rounds_trained -= 1
+                recovered[left_out] = rounded(float(np.abs(total - rerun - truth).max()), 9)
+        retrained = sum(i.rounds_trained for i in institutions.values()) - trained
+    exact = sum(err < 1e-4 for err in recovered.values())
+    passed = total is not None and released == 0 and exact == 0 and retrained == 0
+    evidence = {"institutions": len(names), "reruns": len(names), "reruns_released": released,
+                "refusals": refusals, "local_rounds_in_reruns": retrained, "updates_recovered": exact,
+                "max_abs_error_of_recovery": recovered}
+    summary = (f"{released}/{len(names)} re-runs of round 1 released a sum; {exact} of {len(names)} updates "
+               f"recovered by subtraction ({refusals} refusals before training)")
+    return CheckResult(passed, summary, evidence)

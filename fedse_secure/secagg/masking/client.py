@@ -205,6 +205,11 @@ class SecAggClient:
         unknown = [p for p in names if p not in self.registry]
         if unknown:
             raise refuse(f"participants: {unknown[:3]} have no identity key in this institution's registry")
+        roster = self.requirements.roster
+        outsiders = sorted(p for p in names if roster is not None and p not in roster)
+        if outsiders:
+            raise refuse(f"participants: {outsiders[:3]} are not institutions of the experiment this institution "
+                         "approved")
         reason = self.requirements.refusal(n, n, setup.degree, setup.threshold)
         if reason:
             raise refuse(f"{reason}; the coordinator must propose at least what its institutions require")

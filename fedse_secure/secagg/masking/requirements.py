@@ -41,7 +41,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from fedse_secure.schema import StrictModel
 
@@ -101,8 +101,9 @@ class MaskingRequirements(StrictModel):
     )
     colluder_fraction: float = Field(
         0.1, ge=0.0, lt=0.5, allow_inf_nan=False,
-        description="Fraction of the participants (rounded up) assumed to collude with the coordinator; the "
-                    "degree and threshold are derived so that such a coalition learns no individual update.",
+        description="Fraction of the institutions (rounded up) assumed to collude with the coordinator: of the "
+                    "approved experiment's, when an institution checks a round's setup. The degree and threshold "
+                    "are derived so that such a coalition learns no individual update.",
     )
     dropout_fraction: float = Field(
         0.1, ge=0.0, lt=0.5, allow_inf_nan=False,
@@ -126,6 +127,10 @@ class MaskingRequirements(StrictModel):
         None, ge=2, description="Explicit floor for the Shamir threshold t (None: derived only)."
     )
 
+    #: The institutions of the experiment this institution approved (None: the coordinator's own settings, or a
+    #: simulated institution). Set, every setup must list only them, and the colluders are counted among all of them.
+    _roster: frozenset[str] | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _feasible(self) -> MaskingRequirements:
         if self.colluder_fraction + 2 * self.dropout_fraction > 0.9 + _SMALL:
@@ -135,9 +140,33 @@ class MaskingRequirements(StrictModel):
             )
         return self
 
+    def for_roster(self, names) -> MaskingRequirements:
+        """These requirements bound to the approved experiment's institutions ``names``.
+
+        A coordinator picks who a round lists. Counted as a fraction of the listed ones only, the colluders could
+        all be listed beside one victim (the sum minus their inputs is the victim's update). Counted among the
+        approved experiment's institutions, all of them may sit in any round: a round of m listed institutions
+        assumes min(m - 1, ceil(colluder_fraction x N)) colluders for N approved ones."""
+        bound = self.model_copy()
+        bound._roster = frozenset(names)
+        return bound
+
+    @property
+    def roster(self) -> frozenset[str] | None:
+        return self._roster
+
     # -- derivation ----------------------------------------------------------------------------------------
     def colluders(self, n: int) -> int:
-        return min(n - 1, math.ceil(self.colluder_fraction * n - _SMALL))
+        """Colluders assumed among ``n`` listed institutions (of the approved roster's, when bound to one)."""
+        population = max(n, len(self._roster)) if self._roster is not None else n
+        return min(n - 1, math.ceil(self.colluder_fraction * population - _SMALL))
+
+    def honest_floor(self, n: int) -> int:
+        """The least threshold of a complete graph over ``n`` listed institutions: its released sum needs only t
+        survivors, so t must leave two honest inputs beside the colluders assumed, or they subtract theirs and read
+        one institution's update exactly. (In a sparser graph every honest survivor needs t live holders in its own
+        neighbourhood, which the colluder bound already keeps from being filled by colluders.)"""
+        return self.colluders(n) + 2
 
     def dropouts(self, n: int) -> int:
         return math.floor(self.dropout_fraction * n + _SMALL)
@@ -153,6 +182,12 @@ class MaskingRequirements(StrictModel):
             t = max(t, _least_threshold(n, n, self.colluders(n), k, self.security_bits))
         if self.min_threshold is not None:
             t = max(t, self.min_threshold)
+        if k >= n - 1 and self.honest_floor(n) > k + 1:
+            of = f" of the {len(self._roster)} approved institutions" if self._roster is not None else ""
+            raise ValueError(f"a sum of {n} listed institutions cannot hold two honest inputs beside the "
+                             f"{self.colluders(n)} colluders assumed (colluder_fraction {self.colluder_fraction}{of})")
+        if k >= n - 1:
+            t = max(t, self.honest_floor(n))
         if t > k + 1:
             raise ValueError(f"threshold {t} exceeds the neighbourhood size {k + 1} (degree {k} + 1)")
         return GraphParameters(k, t)
@@ -160,7 +195,8 @@ class MaskingRequirements(StrictModel):
     def refusal(self, n_listed: int, n_present: int, degree: int, threshold: int) -> SetupRefusal | None:
         """Why a setup of ``degree`` and ``threshold`` is weaker than these requirements allow, or None.
 
-        ``n_listed`` is how many participants the setup lists (the colluder count is a fraction of it);
+        ``n_listed`` is how many participants the setup lists (the colluder count is a fraction of it, or of the
+        approved roster when these requirements are bound to one: :meth:`for_roster`);
         ``n_present`` how many advertised keys (the graph is drawn over those, so a coordinator that drops
         honest institutions before the graph is fixed raises the colluders' share; checked again then).
         """
@@ -191,6 +227,13 @@ class MaskingRequirements(StrictModel):
             return SetupRefusal("degree", f"no threshold is safe with degree {k} {context}; a larger degree is needed")
         if self.min_threshold is not None:
             need_t = max(need_t, self.min_threshold)
+        if k >= complete and self.honest_floor(n_listed) > need_t:
+            need_t = self.honest_floor(n_listed)
+            context = (f"for two honest inputs in every released sum beside the {self.colluders(n_listed)} colluders "
+                       f"assumed {context}")
+        if need_t > k + 1:
+            return SetupRefusal("participants", f"a sum of the {n_listed} listed institutions cannot hold two honest "
+                                f"inputs beside the {self.colluders(n_listed)} colluders assumed {context}")
         if threshold < need_t:
             return SetupRefusal.below("threshold", threshold,
                                       f"{need_t}, the least this institution accepts with degree {k} {context}")
