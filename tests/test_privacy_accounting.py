@@ -161,3 +161,13 @@ def test_plan_finds_the_smallest_noise_for_the_target(accountant):
     assert more > sigma
     with pytest.raises(AccountingError, match="already spent"):
         noise_multiplier_for_target(1.0, DELTA, 0.05, 40, 5, accountant, spent_events=[_event(0.5, 0.5, 500)])
+
+
+@pytest.mark.parametrize("accountant", ["prv", "pld"])
+def test_a_token_noise_is_one_line_under_every_accountant_not_a_crash(accountant):
+    """A noise multiplier of 1e-6 (what a coordinator might send to make a run look private) makes the PRV and PLD
+    supports astronomically large; each says so and names the RDP accountant instead of raising MemoryError."""
+    tiny = _event(1e-6, 0.5, 2)
+    assert epsilon([tiny], 1e-5, "rdp") > 1e9
+    with pytest.raises(AccountingError, match=f"the {accountant.upper()} accountant could not compute epsilon"):
+        epsilon([tiny], 1e-5, accountant)

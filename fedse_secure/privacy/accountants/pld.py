@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from fedse_secure.privacy.accountants import ACCOUNTANTS, Accountant
+from fedse_secure.privacy.accountants import ACCOUNTANTS, Accountant, AccountingError
 
 PLD_DISCRETIZATION = 1e-2
 
@@ -36,6 +36,17 @@ class PldAccountant(Accountant):
     relations = ("add-remove", "replace-one")
 
     def _curve(self, histories, delta, relation):
+        try:
+            return self._compose(histories, delta, relation)
+        except (MemoryError, OverflowError, ValueError) as err:  # a near-zero noise makes the PLD's support huge
+            raise AccountingError(
+                f"the PLD accountant could not compute epsilon at delta={delta} ({type(err).__name__}: {err}); "
+                "this happens for a near-zero noise multiplier; use the RDP accountant (privacy.accountant: rdp), "
+                "which is always defined"
+            ) from err
+
+    @staticmethod
+    def _compose(histories, delta, relation):
         from dp_accounting.pld import privacy_loss_distribution as pld
 
         composed, seen, out = pld.identity(value_discretization_interval=PLD_DISCRETIZATION), False, []
