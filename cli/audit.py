@@ -60,6 +60,11 @@ def verify(
         raise typer.Exit(1)
 
 
+def _is_html(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(64).lstrip().lower().startswith(b"<!doctype html")
+
+
 @audit_app.command("report")
 def report(
     folder: Path = typer.Argument(..., help="An institution's folder or a run folder."),
@@ -70,11 +75,10 @@ def report(
     """A self-contained HTML page for a compliance reviewer: the epsilon curve, what left, when and to whom, the
     refusals, and the node policy in force. Written even when a check fails (the page says which)."""
     from fedse_secure.audit.review import render_html
-    from fedse_secure.io_utils import atomic_write_text
+    from fedse_secure.io_utils import atomic_write_text, check_output_file
 
+    check_output_file(out, "--out", "an HTML report", "report.html", _is_html)  # before the review: nothing to undo
     reviews = _reviews(folder, run, registry)
-    if out.exists() and out.is_dir():
-        _fail(f"--out {out} is a folder; pass a file name such as report.html")
     atomic_write_text(out, render_html(reviews, str(folder)))
     verdict = "every check passed" if all(r.ok for r in reviews) else "a check FAILED (see the page)"
     typer.echo(f"wrote {out}: {len(reviews)} institution(s), {verdict}")

@@ -274,6 +274,40 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+class OutputPathError(FedseError, ValueError):
+    """An output option names a path it must not write: a folder, a ledger or audit log, another kind of file."""
+
+
+def is_ledger_or_audit_log(path: str | Path) -> bool:
+    """A privacy ledger or an audit log, or one of their sidecars (``.head``, ``.lock``): by the names fedse gives
+    them, or under any name by the sealed ``<file>.head`` that :mod:`fedse_secure.audit.chain` keeps beside each."""
+    path = Path(path)
+    name = path.name
+    log = name[: -len(".head")] if name.endswith((".head", ".lock")) and len(name) > len(".head") else name
+    return "ledger" in name or name.startswith("audit.jsonl") or path.with_name(log + ".head").is_file()
+
+
+def check_output_file(path: str | Path, option: str, kind: str, example: str,
+                      is_kind: Callable[[Path], bool]) -> None:
+    """Refuse, before anything is written, an output path that is a folder, a privacy ledger or audit log (never
+    replaced, whatever the flags), or an existing file ``is_kind`` does not recognise as ``kind``: an output
+    option replaces only the kind of file its command writes."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; pass a file name such as {example}")
+    if is_ledger_or_audit_log(path):
+        raise OutputPathError(f"{option} {path} is a privacy ledger or audit log, which is never replaced; pass "
+                              f"another file name such as {example}")
+    if os.path.lexists(path):
+        try:
+            ours = path.is_file() and is_kind(path)
+        except (OSError, ValueError, FedseError):  # unreadable or unparsable: not a file this command wrote
+            ours = False
+        if not ours:
+            raise OutputPathError(f"{option} {path} already exists and is not {kind}, so it is not replaced; move it "
+                                  f"away or pass another file name such as {example}")
+
+
 def _json_default(o: Any):
     import numpy as np
 

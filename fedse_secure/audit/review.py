@@ -116,6 +116,10 @@ def review_institution(folder: str | Path, run_dir: str | Path | None = None,
     review.ledger_path = ledger_path
     heads = [e["data"].get("privacy", {}).get("ledger_head") for e in review.events if e["kind"] == "export"]
     heads = [h for h in heads if h]
+    if run_dir and not (Path(run_dir) / "metrics.jsonl").is_file():
+        # Silently skipping the attestation check would report OK for less than was asked.
+        raise ReviewError(f"--run {run_dir}: not a run folder (no metrics.jsonl); pass the coordinator's run folder "
+                          "(the --out of `fedse simulate`, or run_dir in a deployment)")
     run_dir = Path(run_dir) if run_dir else _run_folder_of(folder)
     attested: list[str] = []
     if run_dir is not None and review.name:

@@ -8,7 +8,10 @@ Layout::
       metrics.jsonl          one RoundRecord per line (round 0 = the initial evaluation), appended + fsynced
       adapters/round-001/    the global adapter after each round (peft format, written to a temp folder + rename)
       adapters/final/        the last global adapter (or adapters/<client>/... in the "local" baseline)
-      institutions/<name>/   each institution's private state in a simulation (buffer.jsonl, privacy_ledger.jsonl)
+      institutions/<name>/   each institution's private state in a simulation (buffer.jsonl, privacy_ledger.jsonl,
+                             audit.jsonl, identity_ed25519.pem)
+      registry.json          a simulation's institution identity public keys (round attestations verify against it)
+      coordinator_identity.pem/.pub  a simulation's adapter-signing key pair (a resumed run signs with the same one)
       summary.json           the RunSummary, rewritten atomically after every round and at the end
       .fedse-run             the marker: this folder was created by fedse (only such a folder is ever overwritten)
       .fedse-lock            held (flock) by the process writing the run: a dead run shows as ``interrupted``
@@ -49,6 +52,7 @@ from fedse_secure.io_utils import (
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
+    is_ledger_or_audit_log,
     read_jsonl,
 )
 #: Written when fedse creates a run folder; only a folder holding it is ever overwritten.
@@ -57,7 +61,8 @@ LOCK = ".fedse-lock"
 LEDGER_ARCHIVE = "ledger-archive"
 #: What fedse writes at the top of a run folder; anything else there is the user's and blocks an overwrite.
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "adapters", "institutions", "events.jsonl",
-                         "success_per_round.png", MARKER, LOCK, LEDGER_ARCHIVE})
+                         "success_per_round.png", "registry.json", "coordinator_identity.pem",
+                         "coordinator_identity.pub", MARKER, LOCK, LEDGER_ARCHIVE})
 #: Statuses of a run that no longer runs; "running" with no live process becomes "interrupted" when read.
 FINAL_STATUSES = ("completed", "failed", "interrupted", "budget_exhausted")
 
@@ -302,7 +307,7 @@ class RunFolder:
         """Move every privacy ledger and audit log (with their sealed heads) out of the way of an overwrite,
         keeping their paths."""
         ledgers = [p for p in self.path.rglob("*") if p.is_file() and LEDGER_ARCHIVE not in p.parts
-                   and ("ledger" in p.name or p.name.startswith("audit.jsonl"))]
+                   and is_ledger_or_audit_log(p)]
         if not ledgers:
             return []
         dest_root = self.path / LEDGER_ARCHIVE / _utc_now().replace(":", "")
