@@ -44,7 +44,9 @@ def certs_init(
     host: list[str] = typer.Option(["127.0.0.1", "localhost", "::1"], "--host",
                                    help="Names/IPs the SuperLink certificate is valid for (repeat)."),
     days: int = typer.Option(365, "--days", min=1),
-    force: bool = typer.Option(False, "--force", help="Replace an existing CA (invalidates every certificate)."),
+    force: bool = typer.Option(False, "--force", help="Replace the existing CA and TLS keys (invalidates every "
+                                                      "certificate); without it they are kept and certificates "
+                                                      "reissued."),
 ) -> None:
     """Create a local CA, the SuperLink certificate and each institution's SuperNode certificate."""
     from fedse_secure.federation.flower import pki
@@ -80,8 +82,8 @@ def keys_init(
             n: pki.raw_public_bytes(pki.load_identity_public(pub)) for n, (_priv, pub) in paths.identity.items()})
     except _errors() as err:
         _fail(err)
-    for name in institution:
-        typer.echo(f"{name}: {paths.node_auth[name][0]} (+.pub), {paths.identity[name][0]} (+.pub)")
+    for name, (node_auth, _pub) in paths.node_auth.items():
+        typer.echo(f"{name}: {node_auth} (+.pub), {paths.identity[name][0]} (+.pub)")
     typer.echo(f"identity registry: {Path(out) / 'registry.json'} ({', '.join(names)}; give it to every institution "
                "out of band)")
     if paths.coordinator is not None:
@@ -93,16 +95,24 @@ def keys_init(
 def keys_registry(
     config: Path = typer.Option(..., "--config", help="Coordinator deployment config."),
     out: Path = typer.Option(..., "--out", help="Where to write registry.json."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing registry."),
 ) -> None:
     """Build registry.json from the identity public keys a coordinator config admits."""
     from fedse_secure.federation.deploy_config import load_coordinator_config
+    from fedse_secure.federation.flower import pki
     from fedse_secure.federation.flower.coordinator_loop import load_registry
+    from fedse_secure.io_utils import check_output_file
 
     try:
+        # A damaged registry.json may be rebuilt (with --force); any other file is never replaced.
+        check_output_file(out, "--out", "an identity registry", "registry.json",
+                          lambda p: p.name == "registry.json" or bool(pki.read_registry(p).names()))
+        if out.exists() and not force:
+            raise pki.PkiError(f"{out} already exists; pass --force to replace it (every institution that pinned it "
+                               "needs the new one)")
         reg = load_registry(load_coordinator_config(config))
     except _errors() as err:
         _fail(err)
-    from fedse_secure.federation.flower import pki
 
     try:
         pki.write_public_file(out, (reg.to_json() + "\n").encode())

@@ -136,8 +136,10 @@ def make_public_dirs(folder: str | Path) -> Path:
     return folder
 
 
-def _parse(path: str | Path, what: str, load):
-    """``load(bytes)`` on the file's content; PkiError naming the file if it is unreadable or malformed."""
+def _parse(path: str | Path, what: str, load,
+           fix: str = "restore it, or create it again with `fedse certs init` / `fedse keys init`"):
+    """``load(bytes)`` on the file's content; PkiError naming the file if it is unreadable or malformed (then
+    ``fix`` says what to do)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -146,8 +148,8 @@ def _parse(path: str | Path, what: str, load):
     try:
         return load(data)
     except Exception as err:  # noqa: BLE001 - cryptography raises ValueError, TypeError or UnsupportedAlgorithm
-        raise PkiError(f"{what} {path} is damaged or not in the expected format ({type(err).__name__}); restore it, "
-                       "or create it again with `fedse certs init` / `fedse keys init`") from None
+        raise PkiError(f"{what} {path} is damaged or not in the expected format ({type(err).__name__}); "
+                       f"{fix}") from None
 
 
 def _now() -> _dt.datetime:
@@ -183,14 +185,40 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _check_host(host: str) -> None:
+    import re
+
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+    if len(host) > 253 or not re.fullmatch(rf"(\*\.)?{label}(\.{label})*\.?", host):
+        raise PkiError(f"--host {host!r} is neither an IP address nor a DNS name (dot-separated labels of letters, "
+                       "digits and '-'); pass the name or address institutions dial, e.g. --host coord.example.org")
+
+
+def _server_key(path: Path, force: bool) -> tuple[ec.EllipticCurvePrivateKey, bool]:
+    """The TLS key at ``path`` (kept, so a rerun only reissues its certificate), or a new one with ``force`` or
+    when there is none; with whether it is new."""
+    if force or not os.path.lexists(path):
+        return ec.generate_private_key(ec.SECP256R1()), True
+    fix = "restore it, or pass --force to replace every TLS key and certificate"
+    key = _parse(path, "TLS key", lambda b: serialization.load_pem_private_key(b, password=None), fix)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path}: expected an EC private key (PEM); {fix}")
+    return key, False
+
+
 def _issue_server_cert(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     common_name: str,
     hosts: Sequence[str],
     days: int,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
     now = _now()
     cert = (
         x509.CertificateBuilder()
@@ -223,18 +251,27 @@ def _issue_server_cert(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return cert, key
+    return cert
 
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
     if not cert_path.is_file() or not key_path.is_file():
         raise PkiError(f"no CA in {ca_dir}; run `fedse certs init` first (or drop your own ca.pem/ca.key there)")
-    cert = _parse(cert_path, "CA certificate", x509.load_pem_x509_certificate)
-    key = _parse(key_path, "CA key", lambda b: serialization.load_pem_private_key(b, password=None))
+    fix = "restore it, or pass --force to create a new CA (this invalidates every certificate)"
+    cert = _parse(cert_path, "CA certificate", x509.load_pem_x509_certificate, fix)
+    key = _parse(key_path, "CA key", lambda b: serialization.load_pem_private_key(b, password=None), fix)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PkiError(f"{key_path}: expected an EC private key for the CA")
+        raise PkiError(f"{key_path}: expected an EC private key for the CA; {fix}")
+    if not _same_public_key(key, cert):
+        raise PkiError(f"{key_path} does not belong to {cert_path} (certificates it signs would not verify); put the "
+                       "CA's own key there, or pass --force to create a new CA (this invalidates every certificate)")
     return cert, key
+
+
+def _same_public_key(key, cert: x509.Certificate) -> bool:
+    der = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*der) == cert.public_key().public_bytes(*der)
 
 
 def init_certs(
@@ -246,11 +283,20 @@ def init_certs(
 ) -> CertPaths:
     """Create (or reuse) a local CA, the SuperLink certificate and one SuperNode certificate per institution.
 
-    An existing CA is reused so that adding an institution later does not invalidate the others' trust.
+    An existing CA is reused so that adding an institution later does not invalidate the others' trust, and so
+    are existing TLS keys (their certificates are reissued, for ``hosts`` and ``days``); ``force`` replaces all.
     """
     out = Path(out_dir)
-    for name in institutions:  # every name before any file: a bad one must not leave a CA behind
+    institutions = list(dict.fromkeys(institutions))
+    for name in institutions:  # every name and host before any file: a bad one must not leave a CA behind
         _check_name(name)
+    for host in hosts:
+        _check_host(host)
+    link_dir = out / "coordinator"
+    node_dirs = {name: out / "institutions" / name for name in institutions}
+    # Every kept key is read before anything is written: a damaged one leaves the PKI as it was.
+    keys = {path: _server_key(path, force) for path in
+            [link_dir / "superlink.key", *(d / "supernode.key" for d in node_dirs.values())]}
     ca_dir = out / "ca"
     if (ca_dir / "ca.pem").exists() and not force:
         ca_cert, ca_key = _load_ca(ca_dir)
@@ -286,19 +332,15 @@ def init_certs(
         _write_private(ca_dir / "ca.key", _pem_key(ca_key), force=True)
         _write_public(ca_dir / "ca.pem", _pem_cert(ca_cert), force=True)
 
-    link_cert, link_key = _issue_server_cert(ca_cert, ca_key, "fedse superlink", hosts, days)
-    link_dir = out / "coordinator"
-    _write_private(link_dir / "superlink.key", _pem_key(link_key), force=True)
-    _write_public(link_dir / "superlink.pem", _pem_cert(link_cert), force=True)
-
-    nodes: dict[str, tuple[Path, Path]] = {}
-    for name in institutions:
-        _check_name(name)
-        node_cert, node_key = _issue_server_cert(ca_cert, ca_key, f"fedse supernode {name}", DEFAULT_HOSTS, days)
-        node_dir = out / "institutions" / name
-        _write_private(node_dir / "supernode.key", _pem_key(node_key), force=True)
-        _write_public(node_dir / "supernode.pem", _pem_cert(node_cert), force=True)
-        nodes[name] = (node_dir / "supernode.pem", node_dir / "supernode.key")
+    common_names = {link_dir / "superlink.key": ("fedse superlink", hosts),
+                    **{d / "supernode.key": (f"fedse supernode {n}", DEFAULT_HOSTS) for n, d in node_dirs.items()}}
+    for key_path, (key, new) in keys.items():
+        common_name, names = common_names[key_path]
+        cert = _issue_server_cert(ca_cert, ca_key, common_name, names, days, key)
+        if new:
+            _write_private(key_path, _pem_key(key), force=True)
+        _write_public(key_path.with_suffix(".pem"), _pem_cert(cert), force=True)
+    nodes = {name: (d / "supernode.pem", d / "supernode.key") for name, d in node_dirs.items()}
     return CertPaths(
         ca_cert=ca_dir / "ca.pem",
         ca_key=ca_dir / "ca.key",
@@ -338,12 +380,15 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
     """Create each institution's Flower node-auth key pair (EC P-384) and Ed25519 identity key pair; with
     ``coordinator``, also the coordinator's adapter-signing identity (an existing one is kept unless ``force``)."""
     out = Path(out_dir)
+    institutions = list(dict.fromkeys(institutions))  # a name given twice would meet its own keys as "existing"
     # Every name and every target path before any file: a bad one must not leave half the keys behind.
     for name in institutions:
         _check_name(name)
     folder = out / "coordinator"
     existing = (folder / "identity_ed25519.pem", folder / "identity_ed25519.pub")
     keep_coordinator = all(p.is_file() and not p.is_symlink() for p in existing) and not force
+    if coordinator and keep_coordinator:
+        _check_identity_pair(*existing)
     targets = [out / "institutions" / name / f for name in institutions
                for f in ("node_auth", "node_auth.pub", "identity_ed25519.pem", "identity_ed25519.pub")]
     if coordinator and not keep_coordinator:
@@ -391,6 +436,18 @@ def init_keys(out_dir: str | Path, institutions: Sequence[str], force: bool = Fa
     return KeyPaths(node_auth=node_auth, identity=identity, coordinator=coordinator_paths)
 
 
+def _check_identity_pair(private: Path, public: Path) -> None:
+    """A kept identity must load, and its two halves belong together, or everything it signs fails later."""
+    fix = (f"restore it from a backup, or move {private.name} and {public.name} in {private.parent} away to create a "
+           "new identity (every institution then needs the new .pub)")
+    key = _parse(private, "identity key", lambda b: serialization.load_pem_private_key(b, password=None), fix)
+    pub = _parse(public, "identity public key", serialization.load_pem_public_key, fix)
+    if not isinstance(key, ed25519.Ed25519PrivateKey) or not isinstance(pub, ed25519.Ed25519PublicKey):
+        raise PkiError(f"{private} and {public} are not an Ed25519 key pair; {fix}")
+    if raw_public_bytes(key.public_key()) != raw_public_bytes(pub):
+        raise PkiError(f"{public} is not the public half of {private}; {fix}")
+
+
 def read_registry(path: str | Path):
     """The identity registry in ``path`` (empty if there is none); PkiError if it is damaged."""
     from fedse_secure.secagg.masking.identity import PublicKeyRegistry
@@ -422,10 +479,22 @@ def load_identity_private(path: str | Path) -> ed25519.Ed25519PrivateKey:
     return key
 
 
+def _is_private_pem(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return b"PRIVATE KEY-----" in fh.read(100)
+    except OSError:
+        return False  # _parse names what is wrong with the file
+
+
 def load_identity_public(path: str | Path) -> ed25519.Ed25519PublicKey:
     path = Path(path)
     if not path.is_file():
         raise PkiError(f"identity public key {path} not found; copy the institution's identity_ed25519.pub there")
+    if _is_private_pem(path):
+        pub = path.with_suffix(".pub")
+        hint = str(pub) if pub.is_file() else "the .pub file `fedse keys init` wrote beside it"
+        raise PkiError(f"{path} is a private key, not a public one; pass its public key instead: {hint}")
     key = _parse(path, "identity public key", serialization.load_pem_public_key)
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise PkiError(f"{path}: expected an Ed25519 public key (PEM), got {type(key).__name__}")
@@ -476,7 +545,5 @@ def check_server_cert(ca_path: str | Path, cert_path: str | Path, key_path: str 
     if host not in names:
         raise PkiError(f"{cert_path} is not valid for {host} (it names {sorted(names)}); reissue it with --host {host}")
     key = _parse(key_path, "private key", lambda b: serialization.load_pem_private_key(b, password=None))
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if not _same_public_key(key, cert):
         raise PkiError(f"{key_path} does not belong to {cert_path}; use the key the certificate was issued for")
