@@ -516,6 +516,10 @@ def explain(path: str | None = None) -> list[FieldDoc]:
         found = [(f"{prefix}{part}", model.model_fields[part]) for prefix, model in level if part in model.model_fields]
         if not found:
             known = sorted({f for _, m in level for f in m.model_fields})
+            if not known:  # the part before is a plain value (federation.rounds.x)
+                parent = ".".join(parts[:i])
+                raise ConfigError(f"config explain: {parent} is a value with no fields below it, so there is no "
+                                  f"{'.'.join(parts[: i + 1])!r}; run `fedse config explain {parent}`")
             raise ConfigError(f"config explain: no field {'.'.join(parts[: i + 1])!r}; fields here: {', '.join(known)}")
         level = [(f"{p}.", m) for p, info in found for m in _models_in(info.annotation)]
     docs = [_describe(p, info) for p, info in found]
@@ -547,13 +551,63 @@ _FIX_HINTS = {
     "less_than_equal": "use a smaller value",
     "less_than": "use a smaller value",
     "int_parsing": "use a whole number",
+    "int_from_float": "use a whole number, e.g. 2",
+    "int_type": "use a whole number",
     "float_parsing": "use a number",
+    "float_type": "use a number",
+    "finite_number": "use an ordinary number (.nan and .inf are not allowed)",
     "bool_parsing": "use true or false",
+    "bool_type": "use true or false",
+    "string_type": 'write text, quoted where it would otherwise read as a number, a list or nothing (e.g. "123")',
+    "path_type": "write the path as text",
+    "list_type": "write a list: [a, b], or one '- ' line per entry",
+    "dict_type": "write key: value pairs, e.g. {key: value}, or {} for none",
+    "model_type": "give its fields as key: value pairs",
+    "model_attributes_type": "give its fields as key: value pairs",
     "string_pattern_mismatch": "start with a letter or digit, then use letters, digits, '.', '_' or '-' only "
                                "(at most 64 characters)",
     "too_short": "add at least one entry",
     "union_tag_not_found": "name the backend, e.g. backend: masking",
 }
+
+#: Where an error came from a --set override, the fix is to that override.
+_OVERRIDE_HINTS = {
+    "extra_forbidden": "drop that --set or check the field's spelling",
+    "model_type": "set one field at a time, e.g. --set {path}.FIELD=VALUE",
+    "model_attributes_type": "set one field at a time, e.g. --set {path}.FIELD=VALUE",
+}
+
+#: pydantic's wording where it names Python types or internals (FederationConfig, <class 'pathlib.Path'>,
+#: discriminators) that the user never wrote.
+_MESSAGES = {
+    "model_type": "expected a section of settings (field: value pairs)",
+    "model_attributes_type": "expected a section of settings (field: value pairs)",
+    "dict_type": "expected key: value pairs",
+    "list_type": "expected a list",
+    "int_type": "expected a whole number",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+    "string_type": "expected text",
+    "path_type": "expected a file path",
+    "union_tag_not_found": "does not name its backend",
+}
+#: Errors about a section as a whole, whose fields `fedse config explain` lists.
+_SECTION_ERRORS = ("model_type", "model_attributes_type", "list_type", "union_tag_not_found")
+
+
+def not_a_mapping(source: str, data: Any, fix: str = "start from configs/smoke.yaml; `fedse config explain` lists "
+                                                      "every field") -> str:
+    """The one line for a YAML document whose top level is not a mapping of settings (an empty file, a list, a
+    single value): what it holds, in the user's terms, and ``fix`` (the default suits an experiment config)."""
+    if data is None:
+        what = "is empty (no settings, or only comments)"
+    elif isinstance(data, list):
+        what = "holds a list, not a mapping of settings (field: value lines)"
+    elif isinstance(data, str):
+        what = f"holds the single text {_shown(data)}, not a mapping of settings (field: value lines)"
+    else:
+        what = f"holds the single value {_shown(data)}, not a mapping of settings (field: value lines)"
+    return f"{source} {what}; {fix}"
 
 
 def _field_path(loc: tuple) -> str:
@@ -576,29 +630,62 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """Turn pydantic's multi-line report into one line per problem: ``source: field.path: problem; fix``."""
+def _override_keys(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Each override's dotted key -> the override as given (the last one for a key given twice wins, as applied)."""
+    return {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+
+
+def _blame(path: str, source: str, overrides: dict[str, str]) -> tuple[str, bool]:
+    """Who set the value at ``path``: ``(--set KEY=VALUE, True)`` where an override set it or a section above it;
+    the file together with the overrides below ``path`` where both shaped it (a check across fields); else the file."""
+    covering = [k for k in overrides if path == k or path.startswith(k + ".")]
+    if covering:
+        return f"--set {overrides[max(covering, key=len)]}", True
+    below = [item for k, item in overrides.items() if not path or k.startswith(path + ".")]
+    if below:
+        return f"{source} with " + ", ".join(f"--set {item}" for item in below), False
+    return source, False
+
+
+def format_validation_error(err: ValidationError, source: str = "config", overrides: list[str] | tuple[str, ...] = (),
+                            explain_command: str | None = None) -> str:
+    """Turn pydantic's multi-line report into one line per problem: ``source: field.path: problem; fix``.
+
+    A problem with a value that a ``--set`` override (in ``overrides``) gave names that override, not the file.
+    ``explain_command`` (e.g. ``fedse config explain``) is named where a section's fields are the fix.
+    """
+    by_key = _override_keys(overrides)
     by_path: dict[str, list[tuple[str, str]]] = {}
     for e in err.errors():
         path = _field_path(e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        kind = e["type"]
+        msg = _MESSAGES.get(kind, e["msg"])
+        if kind == "extra_forbidden":
             msg = "unknown field"
-        elif e["type"] == "value_error":
+        elif kind == "value_error":
             msg = msg.removeprefix("Value error, ")
-        elif e["type"] == "string_pattern_mismatch":
+        elif kind == "string_pattern_mismatch":
             msg = "not a valid name"
-        elif e["type"] == "union_tag_invalid":
+        elif kind == "union_tag_invalid":
             from fedse_secure.secagg.backends import BACKENDS
 
             msg = BACKENDS.unknown(e["ctx"].get("tag")) if e.get("ctx") else msg
-        hint = _FIX_HINTS.get(e["type"])
+        origin, from_override = _blame(path, source, by_key)
+        hint = (_OVERRIDE_HINTS.get(kind) if from_override else None) or _FIX_HINTS.get(kind)
+        if hint and explain_command and kind in _SECTION_ERRORS:
+            hint += f" (`{explain_command} {'.'.join(p for p in path.split('.') if not p.isdigit())}` describes it)"
         got = e.get("input")
-        got_text = "" if e["type"] in ("missing", "union_tag_invalid", "value_error") or isinstance(got, (dict, list)) \
-            else f" (got {_shown(got)})"
-        where = f"{source}: {path}: " if path else f"{source}: "  # cross-field messages name their fields
-        line = f"{where}{msg}{got_text}" + (f"; {hint}" if hint else "")
-        by_path.setdefault(path, []).append((e["type"], line))
+        if kind in ("missing", "union_tag_invalid", "value_error"):
+            got_text = ""
+        elif got is None:
+            got_text = " (got no value)"
+        elif isinstance(got, (dict, list)):
+            got_text = f" (got a {'mapping' if isinstance(got, dict) else 'list'})" if kind.endswith("_type") else ""
+        else:
+            got_text = f" (got {_shown(got)})"
+        where = f"{origin}: {path}: " if path else f"{origin}: "  # cross-field messages name their fields
+        line = f"{where}{msg}{got_text}" + (f"; {hint.replace('{path}', path)}" if hint else "")
+        by_path.setdefault(path, []).append((kind, line))
     # A value that fits no member of a union fails once per member; the complaint of the member it resembles
     # explains it (target_modules: [] is neither 'all-linear' nor a non-empty list -> "add an entry"), so a
     # literal mismatch is dropped where another complaint about the same field exists.
@@ -714,13 +801,15 @@ def read_yaml(path: str | Path, example: str = "configs/smoke.yaml") -> Any:
         raise ConfigError(f"{path} is nested too deeply to be a config; fix the file") from None
 
 
-def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
+def parse_config(data: Any, source: str = "config", overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Validate a raw config mapping; ``overrides`` are the ``--set`` items already applied to it (their problems
+    name them)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(not_a_mapping(source, data))
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, overrides, "fedse config explain")) from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to be a config; fix the file") from None
 
@@ -730,6 +819,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     data = read_yaml(path)
     if overrides:
         if not isinstance(data, (dict, type(None))):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+            raise ConfigError(not_a_mapping(str(path), data))
         data = apply_overrides(data or {}, overrides)
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=str(path), overrides=overrides or ())
