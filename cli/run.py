@@ -75,7 +75,7 @@ def simulate(
     except FedseError as err:
         if err.exit_code == 3:
             fail(f"stopped before round {summary_round(out_dir)}: {err}", code=3)
-        fail(f"{type(err).__name__}: {err}", code=err.exit_code)
+        fail(str(err), code=err.exit_code)
     from fedse_secure.report import final_table
 
     _print_table(final_table([summary]))

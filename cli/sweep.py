@@ -90,7 +90,7 @@ def sweep(
             console.print(f"[yellow]interrupted[/] at seed {seed}; rerun the same command to resume")
             raise typer.Exit(130)
         except FedseError as err:
-            fail(f"seed {seed}: {type(err).__name__}: {err}", code=err.exit_code)
+            fail(f"seed {seed}: {err}", code=err.exit_code)
     summaries = [load_summary(d) for d in run_dirs]
     _print_table(final_table(summaries))
     for p in plot_runs(summaries, plot_dir or out):

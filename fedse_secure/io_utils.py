@@ -56,6 +56,16 @@ def storage_error(path: str | Path, err: OSError, action: str = "write") -> Stor
         fix = "permission denied; choose a folder you can write to or fix its permissions"
     elif code == errno.ENOTDIR:
         fix = "a part of that path is a file, not a folder; choose another path"
+    elif code == errno.EEXIST:
+        fix = "a file is in the way where a folder is needed; move that file away or choose another path"
+    elif code == errno.ENOENT:
+        parent = Path(path).parent
+        if action in ("read", "repair") or (action == "use" and parent.is_dir()):
+            fix = "it does not exist; check the path"
+        elif parent.is_dir():  # /proc, a read-only overlay: the folder is there but takes no new entries
+            fix = f"{parent} does not take new files or folders; choose a folder you can write to"
+        else:
+            fix = f"the folder {parent} does not exist; create it first or choose another path"
     elif code == errno.EISDIR:
         fix = "that path is a folder; name a file"
     elif code == errno.ENAMETOOLONG:
@@ -87,9 +97,7 @@ def ensure_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as err:  # a file sits where the folder should be
-        raise storage_error(path, OSError(errno.ENOTDIR, err.strerror), "create the folder") from None
-    except OSError as err:
+    except OSError as err:  # FileExistsError: a file sits where the folder should be
         raise storage_error(path, err, "create the folder") from None
     return path
 
