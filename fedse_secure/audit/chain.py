@@ -83,6 +83,17 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
+def _json_kind(value: Any) -> str:
+    """A parsed JSON value as a user names it (never a Python type name)."""
+    if isinstance(value, list):
+        return "a JSON array" + (" (empty)" if not value else "")
+    if isinstance(value, str):
+        return "a JSON string"
+    if isinstance(value, bool) or value is None:
+        return f"the JSON value {json.dumps(value)}"
+    return "a JSON number" if isinstance(value, (int, float)) else "not a JSON object"
+
+
 # -- a process-wide re-entrant exclusive lock per file ----------------------------------------------------------
 class _Held:
     def __init__(self) -> None:
@@ -175,8 +186,10 @@ class ChainedLog:
             head = json.loads(self.head_path.read_bytes())
         except (ValueError, UnicodeDecodeError, RecursionError) as err:
             return f"is not valid JSON ({err})"
-        if not isinstance(head, dict) or set(head) != _HEAD_KEYS:
-            return f"has fields {sorted(head) if isinstance(head, dict) else type(head).__name__}, expected {sorted(_HEAD_KEYS)}"
+        if not isinstance(head, dict):
+            return f"is {_json_kind(head)}, not a JSON object with fields {sorted(_HEAD_KEYS)}"
+        if set(head) != _HEAD_KEYS:
+            return f"has fields {sorted(head)}, expected {sorted(_HEAD_KEYS)}"
         if not isinstance(head["entries"], int) or head["entries"] < 0 or not isinstance(head["head_hash"], str):
             return "has a malformed entry count or head hash"
         return head
@@ -251,16 +264,18 @@ class ChainedLog:
             except (ValueError, UnicodeDecodeError, RecursionError):
                 self._fail(report, i, "is not valid JSON (a torn write or a hand edit)")
                 return
-            version = record.get("v") if isinstance(record, dict) else None
-            if isinstance(record, dict) and version not in self.readable_versions:
+            if not isinstance(record, dict):
+                self._fail(report, i, f"is {_json_kind(record)}, not a record of the {self.what} (a JSON object): "
+                                      "the line was edited or the file is not a " + self.what)
+                return
+            version = record.get("v")
+            if version not in self.readable_versions:
                 self._fail(report, i, f"has format version {version!r}; this tool reads versions "
                                       f"{list(self.readable_versions)} of the {self.what}")
                 return
-            expected = ({"v"} | self.payload_keys(version) | self._chain_keys(version)) if isinstance(record, dict) \
-                else set()
-            if not isinstance(record, dict) or set(record) != expected:
-                got = sorted(record) if isinstance(record, dict) else type(record).__name__
-                self._fail(report, i, f"has fields {got}, expected {sorted(expected)}")
+            expected = {"v"} | self.payload_keys(version) | self._chain_keys(version)
+            if set(record) != expected:
+                self._fail(report, i, f"has fields {sorted(record)}, expected {sorted(expected)}")
                 return
             if record["hash"] != record_hash(record):
                 self._fail(report, i, "its content does not match its hash: the line was edited")
