@@ -230,7 +230,8 @@ class InstitutionDeployConfig(StrictModel):
 def _read_yaml(path: Path, example: str = "configs/deploy/coordinator.yaml") -> dict[str, Any]:
     data = read_yaml(path, example=example)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        what = "the file is empty" if data is None else f"got {type(data).__name__}"
+        raise ConfigError(f"{path}: expected a mapping at the top level, {what}; copy {example} and edit it")
     return data
 
 
@@ -254,7 +255,7 @@ def load_coordinator_config(path: str | Path) -> CoordinatorDeployConfig:
     exp = data.get("experiment")
     if isinstance(exp, str):
         exp_path = (path.parent / exp).resolve()
-        data["experiment"] = parse_config(_read_yaml(exp_path), source=str(exp_path))
+        data["experiment"] = parse_config(_read_yaml(exp_path, example="configs/smoke.yaml"), source=str(exp_path))
     elif isinstance(exp, dict):
         data["experiment"] = parse_config(exp, source=f"{path}: experiment")
     try:

@@ -48,7 +48,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, field_validator
 
-from fedse_secure.config import AccountantName, ConfigError, MechanismName, RuleName, format_validation_error
+from fedse_secure.config import AccountantName, ConfigError, MechanismName, RuleName, format_validation_error, read_yaml
 from fedse_secure.schema import StrictModel
 from fedse_secure.secagg.masking.requirements import MaskingRequirements
 
@@ -241,16 +241,18 @@ def load_policy(path: str | Path | None) -> NodePolicy:
     if path is None:
         return NodePolicy()
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise PolicyError(f"{path}: no such policy file; see configs/deploy/policy.yaml for the format")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise PolicyError(f"{path}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
-    if data is None:
+        # The experiment's reader: a key given twice is refused, never silently the last one.
+        data = read_yaml(path, example="configs/deploy/policy.yaml")
+    except ConfigError as err:
+        raise PolicyError(str(err)) from None
+    if data is None:  # an empty policy: every field takes its conservative default
         data = {}
     if not isinstance(data, dict):
-        raise PolicyError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise PolicyError(f"{path}: expected a mapping at the top level, got {type(data).__name__}; write `version: 1` "
+                          "and the sections you need (see configs/deploy/policy.yaml)")
     try:
         policy = NodePolicy.model_validate(data)
     except ValidationError as err:

@@ -336,11 +336,12 @@ def submit_run(cfg: CoordinatorDeployConfig, config_path: Path, resume: bool, st
 def check_institution_files(cfg: InstitutionDeployConfig) -> None:
     from fedse_secure.federation.flower import pki
 
+    from fedse_secure.federation.flower.worker import read_registry
+
     pki.check_node_auth_private(cfg.node_auth_key)
-    pki.load_identity_private(cfg.identity_key)
+    identity = pki.load_identity_private(cfg.identity_key)
     pki.check_server_cert(cfg.superlink.ca_cert, cfg.runtime_api.cert, cfg.runtime_api.key, "127.0.0.1")
-    if not cfg.registry.is_file():
-        raise DeployError(f"{cfg.registry}: no identity registry; get registry.json from the federation out of band")
+    read_registry(cfg, pki.raw_public_bytes(identity.public_key()))  # the worker's own check, before it starts
     if cfg.coordinator_public_key is not None:
         pki.load_identity_public(cfg.coordinator_public_key)
     from fedse_secure.policy import load_policy
@@ -379,13 +380,23 @@ def start_worker(cfg: InstitutionDeployConfig, config_path: Path, ready_timeout_
     while not ready.exists():
         if not child.alive():
             shutil.rmtree(tmp, ignore_errors=True)
-            raise DeployError(f"the {cfg.name} worker exited (code {child.proc.returncode}); its log:\n{child.tail()}")
+            raise DeployError(_worker_exit(cfg, child))
         if time.monotonic() > deadline:
             child.stop()
             shutil.rmtree(tmp, ignore_errors=True)
             raise DeployError(f"the {cfg.name} worker did not start within {ready_timeout_s:.0f} s")
         time.sleep(0.1)
     return child, tmp
+
+
+def _worker_exit(cfg: InstitutionDeployConfig, child: Child) -> str:
+    """Why the worker exited: its one ``error:`` line after an expected failure, else its log tail (a bug)."""
+    from fedse_secure.federation.flower.worker import EXIT_FAILED
+
+    last = child.tail(1)
+    if child.proc.returncode == EXIT_FAILED and last.startswith("error: "):
+        return f"the {cfg.name} worker stopped: {last[len('error: '):]}"
+    return f"the {cfg.name} worker exited (code {child.proc.returncode}); its log:\n{child.tail()}"
 
 
 def supernode_command(cfg: InstitutionDeployConfig, sock: Path, key_file: Path) -> list[str]:
@@ -492,7 +503,7 @@ def serve_institution(cfg: InstitutionDeployConfig, config_path: Path, rejoin_ti
             say(f"{cfg.name}: SuperNode connecting to {cfg.superlink.address} (TLS, node authentication)")
             while node.alive():
                 if not worker.alive():
-                    say(f"{cfg.name}: the worker died (code {worker.proc.returncode}); log tail:\n{worker.tail()}")
+                    say(f"{cfg.name}: {_worker_exit(cfg, worker)}")
                     return 1
                 time.sleep(0.5)
             code = node.proc.returncode

@@ -30,10 +30,35 @@ from fedse_secure.federation.wire import REFUSED, StageReply, StageRequest, Wire
 log = logging.getLogger("fedse.node")
 
 MAX_BLOB_BYTES = 4 << 30
+#: The worker's exit status after an expected failure (a FedseError), which its last log line states.
+EXIT_FAILED = 2
 
 
 class InstitutionRefused(FedseError, RuntimeError):
     """The institution refuses a request (wrong experiment, unsafe setup); it drops out."""
+
+
+def read_registry(cfg: InstitutionDeployConfig, identity_public: bytes):
+    """The federation's identity registry, which must list this institution with ``identity_public``; a one-line
+    FedseError with the fix if it is missing, damaged or says otherwise."""
+    from fedse_secure.federation.flower import pki
+
+    if not cfg.registry.is_file():
+        raise InstitutionRefused(
+            f"{cfg.registry}: no identity registry; get registry.json (every institution's identity public key) "
+            "from the federation out of band, or run `fedse keys init`"
+        )
+    registry = pki.read_registry(cfg.registry)
+    if cfg.name not in registry:
+        raise InstitutionRefused(f"{cfg.registry} does not list {cfg.name!r}; add this institution's identity key "
+                                 f"(`fedse keys init --out DIR -i {cfg.name}` merges it) or get the federation's "
+                                 "registry.json")
+    if registry.public_bytes(cfg.name) != identity_public:
+        raise InstitutionRefused(
+            f"{cfg.identity_key} does not match the key {cfg.registry} lists for {cfg.name!r}; use the matching "
+            "key pair or update the registry"
+        )
+    return registry
 
 
 class InstitutionSession:
@@ -48,7 +73,7 @@ class InstitutionSession:
     def __init__(self, cfg: InstitutionDeployConfig):
         from fedse_secure.audit import AuditLog
         from fedse_secure.policy import load_policy
-        from fedse_secure.secagg.masking.identity import IdentityKey, PublicKeyRegistry
+        from fedse_secure.secagg.masking.identity import IdentityKey
 
         self.cfg = cfg
         self.policy = load_policy(cfg.policy)
@@ -60,19 +85,7 @@ class InstitutionSession:
             self.coordinator_key = pki.raw_public_bytes(pki.load_identity_public(cfg.coordinator_public_key))
         self._model_hash: tuple | None = None
         self.identity = IdentityKey.load(cfg.identity_key)
-        if not cfg.registry.is_file():
-            raise InstitutionRefused(
-                f"{cfg.registry}: no identity registry; get registry.json (every institution's identity public key) "
-                "from the federation out of band, or run `fedse keys init`"
-            )
-        self.registry = PublicKeyRegistry.from_json(cfg.registry.read_text())
-        if cfg.name not in self.registry:
-            raise InstitutionRefused(f"{cfg.registry} does not list {cfg.name!r}; add this institution's identity key")
-        if self.registry.public_bytes(cfg.name) != self.identity.public_bytes():
-            raise InstitutionRefused(
-                f"{cfg.identity_key} does not match the key {cfg.registry} lists for {cfg.name!r}; use the matching "
-                "key pair or update the registry"
-            )
+        self.registry = read_registry(cfg, self.identity.public_bytes())
         self._agent = None
         self._agent_key: tuple | None = None
         self.endpoint = None
@@ -264,9 +277,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) not in (3, 4):
         sys.exit("usage: python -m fedse_secure.federation.flower.worker CONFIG SOCKET KEYFILE [READYFILE]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_institution_config(args[0])
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(cfg, Path(args[1]), Path(args[2]).read_bytes(), Path(args[3]) if len(args) == 4 else None)
+    try:
+        cfg = load_institution_config(args[0])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        serve(cfg, Path(args[1]), Path(args[2]).read_bytes(), Path(args[3]) if len(args) == 4 else None)
+    except FedseError as err:
+        # `fedse node start` shows this one line (the last of the log) instead of a traceback.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":
