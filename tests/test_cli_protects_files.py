@@ -143,12 +143,14 @@ def test_a_policy_or_deploy_config_that_is_not_a_mapping_names_the_fix(tmp_path)
     listed = tmp_path / "list.yaml"
     listed.write_text("- version: 1\n")
     _refused("policy", "check", "--policy", listed, "--experiment", REPO / "configs/smoke.yaml",
-             says="got list; write `version: 1`")
+             says="holds a list, not a mapping of settings (field: value lines); write `version: 1`")
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
-    _refused("node", "start", "--config", empty, says="the file is empty; copy configs/deploy/institution-")
+    _refused("node", "start", "--config", empty, says="is empty (no settings, or only comments); start from "
+                                                      "configs/deploy/institution-")
     _refused("keys", "registry", "--config", listed, "--out", tmp_path / "registry.json",
-             says="got list; copy configs/deploy/coordinator.yaml")
+             says="holds a list, not a mapping of settings (field: value lines); start from "
+                  "configs/deploy/coordinator.yaml")
 
 
 # -- 4. a bad registry stops `fedse node start` in one line -------------------------------------------------------

@@ -27,6 +27,7 @@ from fedse_secure.config import (
     ConfigError,
     ExperimentConfig,
     format_validation_error,
+    not_a_mapping,
     parse_config,
     read_yaml,
 )
@@ -230,8 +231,7 @@ class InstitutionDeployConfig(StrictModel):
 def _read_yaml(path: Path, example: str = "configs/deploy/coordinator.yaml") -> dict[str, Any]:
     data = read_yaml(path, example=example)
     if not isinstance(data, dict):
-        what = "the file is empty" if data is None else f"got {type(data).__name__}"
-        raise ConfigError(f"{path}: expected a mapping at the top level, {what}; copy {example} and edit it")
+        raise ConfigError(not_a_mapping(str(path), data, f"start from {example}"))
     return data
 
 

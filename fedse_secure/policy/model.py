@@ -48,7 +48,15 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, field_validator
 
-from fedse_secure.config import AccountantName, ConfigError, MechanismName, RuleName, format_validation_error, read_yaml
+from fedse_secure.config import (
+    AccountantName,
+    ConfigError,
+    MechanismName,
+    RuleName,
+    format_validation_error,
+    not_a_mapping,
+    read_yaml,
+)
 from fedse_secure.schema import StrictModel
 from fedse_secure.secagg.masking.requirements import MaskingRequirements
 
@@ -251,8 +259,8 @@ def load_policy(path: str | Path | None) -> NodePolicy:
     if data is None:  # an empty policy: every field takes its conservative default
         data = {}
     if not isinstance(data, dict):
-        raise PolicyError(f"{path}: expected a mapping at the top level, got {type(data).__name__}; write `version: 1` "
-                          "and the sections you need (see configs/deploy/policy.yaml)")
+        raise PolicyError(not_a_mapping(str(path), data, "write `version: 1` and the sections you need (see "
+                                        "configs/deploy/policy.yaml)"))
     try:
         policy = NodePolicy.model_validate(data)
     except ValidationError as err:
