@@ -9,6 +9,7 @@ traceback instead.
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 import click
 import typer
@@ -19,15 +20,40 @@ from fedse_secure import __version__
 _debug = {"on": os.environ.get("FEDSE_DEBUG", "") not in ("", "0")}
 
 
+def _click_error(err: click.ClickException) -> NoReturn:
+    """Click's own errors (a missing argument, a value out of range, an unknown command) as one ``error:`` line
+    naming the command's help, instead of click's usage box; the exit code stays click's (2 for usage)."""
+    from fedse_cli.progress import fail
+
+    message = " ".join(err.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    if isinstance(err, click.UsageError) and err.ctx is not None:
+        message += f"; see `{err.ctx.command_path} --help`"
+    fail(message, code=err.exit_code)
+
+
 class _OneLineErrors(TyperGroup):
     """Turns whatever escapes a command into one line and an exit code, never a traceback (unless --debug)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # The top level's own options and a missing command are parsed here, before invoke().
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as err:
+            _click_error(err)
 
     def invoke(self, ctx: click.Context):
         from fedse_cli.progress import fail
 
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except click.exceptions.NoArgsIsHelpError:  # `fedse privacy`: the sub-command's help, as click prints it
+            raise
+        except click.ClickException as err:
+            _click_error(err)
+        except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as err:
             if _debug["on"]:

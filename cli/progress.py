@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
@@ -13,8 +14,8 @@ console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print an error (one line per problem) and exit non-zero."""
-    for line in message.splitlines() or [message]:
-        console.print(f"[bold red]error[/]: {line}", highlight=False, soft_wrap=True)
+    for line in message.splitlines() or [message]:  # escaped: "[a, b]" in a message is text, not a style
+        console.print(f"[bold red]error[/]: {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
