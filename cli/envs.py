@@ -137,9 +137,23 @@ def _exit_on(problems: list[str], json_output: bool) -> None:
         raise typer.Exit(1)
 
 
+def _bind_problem(host: str, port: int, err: OSError) -> str:
+    """Name the option at fault: a host that does not resolve or is no local interface, else the port."""
+    import errno
+    import socket
+
+    if isinstance(err, socket.gaierror):
+        return (f"cannot serve on --host {host}: the name does not resolve ({err.strerror or err}); pass a local "
+                "interface's name or address, e.g. --host 127.0.0.1")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot serve on --host {host}: it is not an address of this machine; pass a local interface's "
+                "address, e.g. --host 127.0.0.1")
+    return f"cannot bind {host}:{port} ({err.strerror or err}); pick another --port"
+
+
 @envs_app.command("serve")
 def serve(
-    port: int = typer.Option(36001, help="TCP port (0 picks a free one)."),
+    port: int = typer.Option(36001, min=0, max=65535, help="TCP port (0 picks a free one)."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind; keep it local unless you mean to expose it."),
     env: list[str] = typer.Option(None, "--env", help="Environment to serve (repeatable; default: all five)."),
 ) -> None:
@@ -151,7 +165,7 @@ def serve(
     try:
         server = make_server(host, port, names)
     except OSError as err:
-        _fail(f"cannot bind {host}:{port} ({err}); pick another --port")
+        _fail(_bind_problem(host, port, err))
     typer.echo(f"serving {', '.join(names)} on http://{host}:{server.server_address[1]}/<env> (Ctrl-C stops)")
     try:
         server.serve_forever()

@@ -46,7 +46,7 @@ def verify(
         [], "--disable",
         help=f"Switch a protection off to see its checks fail (repeatable): {', '.join(PROTECTIONS)}.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the simulated data and keys."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the simulated data and keys."),
 ) -> None:
     """Run the threat checks and print threat -> check -> pass/fail. Exits 1 if any check fails."""
     from fedse_cli.run import _quiet_libraries
