@@ -41,7 +41,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import StringConstraints
 
 from fedse_secure.config import ExperimentConfig
 from fedse_secure.errors import FedseError
@@ -59,6 +61,8 @@ from fedse_secure.io_utils import (
 MARKER = ".fedse-run"
 LOCK = ".fedse-lock"
 LEDGER_ARCHIVE = "ledger-archive"
+#: A round number as a JSON object key: readers (``fedse report``) sort and plot rounds as integers.
+RoundKey = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]
 #: What fedse writes at the top of a run folder; anything else there is the user's and blocks an overwrite.
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "adapters", "institutions", "events.jsonl",
                          "success_per_round.png", "registry.json", "coordinator_identity.pem",
@@ -129,11 +133,11 @@ class RunSummary:
     privacy: str = "none"
     clients: dict[str, str] = field(default_factory=dict)
     #: client -> round -> success rate; env -> round -> micro-averaged success; round -> micro average
-    success_by_client: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    success_by_env: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    micro_avg: dict[str, float | None] = field(default_factory=dict)
+    success_by_client: dict[str, dict[RoundKey, float | None]] = field(default_factory=dict)
+    success_by_env: dict[str, dict[RoundKey, float | None]] = field(default_factory=dict)
+    micro_avg: dict[RoundKey, float | None] = field(default_factory=dict)
     aborted_rounds: list[dict[str, Any]] = field(default_factory=list)
-    round_s: dict[str, float] = field(default_factory=dict)
+    round_s: dict[RoundKey, float] = field(default_factory=dict)
     final_adapter: str | dict[str, str] | None = None
     epsilon_spent: dict[str, float | None] = field(default_factory=dict)
     ledger_heads: dict[str, str] = field(default_factory=dict)
