@@ -102,7 +102,7 @@ def report(
     A run that has not completed is named with its status: a run whose process died shows as interrupted
     (continue it with `fedse simulate --resume RUN`), a run in which no round completed as failed.
     """
-    from fedse_secure.report import differences, final_table, load_summary, plot_runs
+    from fedse_secure.report import differences, final_table, load_summary, plot_runs, writable_dir
 
     summaries = [load_summary(d) for d in run_dirs]
     table = final_table(summaries)
@@ -112,6 +112,7 @@ def report(
             diff = differences(summaries, baseline)
         except ValueError as err:
             fail(str(err))
+    plots = writable_dir(plot_dir or default_plot_dir(run_dirs))  # before the table: one error, not a table and one
     runs = [{"run": str(d), "status": s.status, "rounds_completed": s.rounds_completed,
              "rounds_planned": s.rounds_planned, "error": s.error} for d, s in zip(run_dirs, summaries)]
     for run in runs:
@@ -127,7 +128,7 @@ def report(
         _print_table(table)
         if diff:
             _print_differences(diff)
-    written = plot_runs(summaries, plot_dir or default_plot_dir(run_dirs))
+    written = plot_runs(summaries, plots)
     if not as_json:
         for p in written:
             console.print(f"plot: {p}")

@@ -16,6 +16,14 @@ import typer
 from fedse_cli.progress import RichProgress, console, fail
 
 
+#: Each seed is a whole simulation; a longer list is a typo (0-1000000000) that would only hang building configs.
+MAX_SEEDS = 1000
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def _parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
@@ -24,13 +32,17 @@ def _parse_seeds(text: str) -> list[int]:
             continue
         if "-" in part:
             lo, hi = part.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
+            if not (_is_number(lo) and _is_number(hi)) or int(lo) > int(hi):
                 raise ValueError(f"bad seed range {part!r}; write e.g. 0-4")
-            seeds.extend(range(int(lo), int(hi) + 1))
-        elif part.isdigit():
-            seeds.append(int(part))
+            more = range(int(lo), int(hi) + 1)
+        elif _is_number(part):
+            more = range(int(part), int(part) + 1)
         else:
             raise ValueError(f"bad seed {part!r}; seeds are non-negative integers, e.g. --seeds 0,1,2 or 0-4")
+        if len(seeds) + (more.stop - more.start) > MAX_SEEDS:  # len() of a huge range overflows
+            raise ValueError(f"--seeds {text!r} lists more than {MAX_SEEDS} seeds (one simulation each); "
+                             "run a shorter list, e.g. --seeds 0-9")
+        seeds.extend(more)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r} must list distinct seeds, e.g. 0,1,2")
     return seeds
@@ -67,8 +79,9 @@ def sweep(
     from fedse_secure.federation.run_folder import RunFolder
     from fedse_secure.federation.simulation import resume as resume_simulation
     from fedse_secure.federation.simulation import simulate as run_simulation
-    from fedse_secure.report import final_table, load_summary, plot_runs
+    from fedse_secure.report import final_table, load_summary, plot_runs, writable_dir
 
+    plots = writable_dir(plot_dir or out)  # before any seed trains, not after the last
     run_dirs = []
     for seed, cfg in configs.items():
         run_dir = out / f"{cfg.name}-seed{seed}"
@@ -93,7 +106,7 @@ def sweep(
             fail(f"seed {seed}: {err}", code=err.exit_code)
     summaries = [load_summary(d) for d in run_dirs]
     _print_table(final_table(summaries))
-    for p in plot_runs(summaries, plot_dir or out):
+    for p in plot_runs(summaries, plots):
         console.print(f"plot: {p}")
 
 

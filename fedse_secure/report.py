@@ -7,12 +7,14 @@ mean with a 95% confidence interval (Student t), which the paper does not report
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedse_secure.federation.run_folder import RunFolder, RunSummary
+from fedse_secure.io_utils import atomic_write_bytes, ensure_dir, storage_error
 
 
 def load_summary(run_dir: str | Path) -> RunSummary:
@@ -146,6 +148,30 @@ def differences(summaries: list[RunSummary], baseline: str) -> dict[str, Any]:
     return {"environments": envs, "rows": rows}
 
 
+def writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and prove a file can be written there, so that a command asked to write plots
+    fails before its work (training, a long table), not after it; :class:`StorageError` (one line) otherwise."""
+    import tempfile
+
+    path = ensure_dir(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fedse-write-probe.", dir=path)
+    except OSError as err:
+        raise storage_error(path, err, "write plots to") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def save_png(fig, path: str | Path, dpi: float | str = "figure") -> Path:
+    """Write a matplotlib figure as PNG atomically (readers see the old plot or the new one, never half)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_runs(summaries: list[RunSummary], out_dir: str | Path) -> list[Path]:
     """One PNG per environment plus the micro average: success per round, one line per group, CI bands."""
     import matplotlib
@@ -154,8 +180,7 @@ def plot_runs(summaries: list[RunSummary], out_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(out_dir)
     envs = environments(summaries)
     groups = group_runs(summaries)
     panels = envs + [None]
@@ -178,10 +203,12 @@ def plot_runs(summaries: list[RunSummary], out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("success (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:  # no evaluated round: no lines, and no legend to draw
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "success_per_round.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        path = save_png(fig, out_dir / "success_per_round.png", dpi=110)
+    finally:
+        plt.close(fig)
     written.append(path)
     return written

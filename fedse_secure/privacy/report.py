@@ -134,6 +134,21 @@ def build_report(ledger: PrivacyLedger, delta: float | None = None, budget: floa
     return report
 
 
+def png_target(png_path: str | Path) -> Path:
+    """Where a plot may go: a ``.png`` file in a folder that can be written (checked before any work). Any other
+    name is refused, so that an output option never replaces a ledger, its head or any other non-plot file."""
+    from fedse_secure.report import writable_dir
+
+    png_path = Path(png_path)
+    if png_path.is_dir():
+        raise ReportError(f"{png_path} is a folder; name the plot file, e.g. {png_path / 'epsilon.png'}")
+    if png_path.suffix.lower() != ".png":
+        raise ReportError(f"{png_path}: a plot is written as PNG; name a .png file, e.g. "
+                          f"{png_path.with_name(png_path.stem + '.png')}")
+    writable_dir(png_path.parent)
+    return png_path
+
+
 def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
     """PNG of cumulative ε over rounds under every accountant, with the budget line if one is set."""
     import matplotlib
@@ -141,8 +156,9 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
+    from fedse_secure.report import save_png
+
+    png_path = png_target(png_path)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     rounds = [r.round for r in report.rows]
     # Accountants often agree closely; distinct dashes and marker sizes keep every curve visible on top of another.
@@ -166,11 +182,13 @@ def plot_report(report: PrivacyReport, png_path: str | Path) -> Path:
     who = f" — {report.institution}" if report.institution else ""
     ax.set_title(f"Privacy spent{who}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # an empty ledger draws no curve, and has no legend
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    try:
+        return save_png(fig, png_path)
+    finally:
+        plt.close(fig)
 
 
 @dataclass
