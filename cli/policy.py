@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -61,6 +62,8 @@ def check(
     violated field), 2 bad input."""
     from fedse_secure.policy import check_model, decide
 
+    if epsilon_cap is not None and not (math.isfinite(epsilon_cap) and epsilon_cap > 0):
+        _fail(f"--epsilon-cap {epsilon_cap:g}: an ε cap must be a positive finite number, e.g. --epsilon-cap 8")
     rules = _policy(policy)
     exp = _experiment(experiment, overrides)
     decision = decide(rules, exp, institution or policy.stem, epsilon_cap=epsilon_cap)

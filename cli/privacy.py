@@ -15,6 +15,13 @@ privacy_app = typer.Typer(
 )
 
 _DEFAULT_DELTA = 1e-5
+#: Planning bounds: above ε=100 DP promises nothing useful, and the accountants' noise search over more composed
+#: steps than this runs for minutes to hours (PLD and PRV discretise ever wider privacy-loss distributions).
+_MAX_PLAN_EPSILON = 100.0
+_MAX_PLAN_STEPS = 100_000
+#: The plan options that set a config field, by the field's name in a validation error.
+_PLAN_FLAGS = {"mode": "--mode", "delta": "--delta", "expected_batch_size": "--expected-batch-size",
+               "epochs_per_round": "--epochs", "max_steps_per_round": "--max-steps"}
 
 
 def _fail(message: str, code: int = 2):
@@ -76,7 +83,7 @@ def report(
 ) -> None:
     """ε spent per round and in total (every accountant), the remaining budget, and a PNG of ε over rounds."""
     from fedse_secure.privacy import LedgerCorruptedError
-    from fedse_secure.privacy.report import ReportError, build_report, plot_report
+    from fedse_secure.privacy.report import ReportError, build_report, plot_report, png_target
     from fedse_secure.registry import UnknownComponentError
 
     privacy, _ = _privacy_from(config)
@@ -86,14 +93,19 @@ def report(
     if b is not None and not (math.isfinite(b) and b > 0):
         _fail(f"--budget {b:g}: an ε budget must be a positive finite number")
     led = _ledger(ledger)
+    try:  # before any accounting: a bad plot path is refused first, and never replaces another file
+        png_path = png_target(png or ledger.with_name(ledger.name + ".epsilon.png"))
+    except ReportError as err:
+        _fail(f"--png {err}")
     try:
         rep = build_report(led, delta, b, accountants=accountant or None)
     except LedgerCorruptedError as err:
-        _fail(f"{err}\nthe ledger failed verification, so no ε is reported; run `fedse privacy verify {ledger}`", 1)
+        _fail(f"{err} (the ledger failed verification, so no ε is reported; `fedse privacy verify {ledger}` "
+              "lists every check)", 1)
     except (ReportError, UnknownComponentError) as err:
         _fail(str(err))
     d = rep.delta
-    png_path = plot_report(rep, png or ledger.with_name(ledger.name + ".epsilon.png"))
+    png_path = plot_report(rep, png_path)
     if as_json:
         data = rep.to_dict()
         data["png"] = str(png_path)
@@ -189,11 +201,17 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (one object)."),
 ) -> None:
     """The noise multiplier needed for a target ε over the planned rounds, under every accountant."""
+    from pydantic import ValidationError
+
     from fedse_secure.config import PrivacyConfig, TrainingConfig
     from fedse_secure.privacy import ACCOUNTANTS, AccountingError, epsilon, noise_multiplier_for_target, project_event
 
-    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
-        _fail(f"--target-epsilon {target_epsilon:g}: ε must be a positive finite number, e.g. --target-epsilon 8")
+    if not (math.isfinite(target_epsilon) and 0 < target_epsilon <= _MAX_PLAN_EPSILON):
+        _fail(f"--target-epsilon {target_epsilon:g}: ε must be a positive number up to {_MAX_PLAN_EPSILON:g} (beyond "
+              "it DP guarantees nothing useful), e.g. --target-epsilon 8")
+    if overrides and config is None:
+        _fail("--set overrides a field of --config; without a config pass the plan's values as options (--mode, "
+              "--delta, --expected-batch-size, --epochs, --max-steps)")
     for flag, value in (("--rounds", rounds), ("--records", records), ("--expected-batch-size", expected_batch_size),
                         ("--max-steps", max_steps)):
         if value is not None and value < 1:
@@ -227,24 +245,39 @@ def plan(
             training.epochs_per_round = epochs
         if max_steps is not None:
             training.max_steps_per_round = max_steps
-    except Exception as err:  # pydantic ValidationError: one line per problem
-        _fail(f"invalid option: {err}".splitlines()[0] + "; check the value's range")
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = _PLAN_FLAGS.get(str(first["loc"][-1])) if first["loc"] else None
+        message = first["msg"].removeprefix("Value error, ")
+        _fail(f"{flag} {first['input']}: {message}" if flag else message)
     n_rounds = rounds or rounds_from_cfg
     if not n_rounds:
         _fail("--rounds is required without --config (how many rounds must fit in the budget?)")
     if privacy.mode == "dp-sgd" and not records:
         _fail("--records is required for dp-sgd: the sample rate is expected_batch_size / records")
-    event = project_event(records or 1, training, privacy)
+    try:
+        event = project_event(records or 1, training, privacy)
+    except ValueError as err:  # a mode that records no DP event (none): nothing to plan
+        _fail(f"--mode {privacy.mode}: {err}")
     if event.steps == 0:
         _fail("the planned rounds run no training steps (epochs_per_round is 0); nothing to plan")
+    if n_rounds * event.steps > _MAX_PLAN_STEPS:
+        _fail(f"{n_rounds} rounds × {event.steps} steps is more than the {_MAX_PLAN_STEPS} composed steps a plan can "
+              "search; plan fewer --rounds, or fewer steps per round (--max-steps, --epochs, --records)")
     spent = []
     if ledger is not None:
         from fedse_secure.privacy import LedgerCorruptedError
+        from fedse_secure.privacy.report import ReportError, report_delta
 
+        led = _ledger(ledger)
         try:
-            spent = _ledger(ledger).events()
+            spent = led.events()
+            # As `privacy report` and `verify`: a larger δ than the ledger's would understate what it spent.
+            privacy.delta = report_delta(led, privacy.delta if delta is not None or config is not None else None)
         except LedgerCorruptedError as err:
             _fail(str(err), 1)
+        except ReportError as err:
+            _fail(f"--delta {err}" if delta is not None else f"privacy.delta of {config}: {err}")
     result = {"mode": privacy.mode, "target_epsilon": target_epsilon, "delta": privacy.delta, "rounds": n_rounds,
               "sample_rate": event.sample_rate, "steps_per_round": event.steps, "already_spent_events": len(spent)}
     result["accountants"] = {}
@@ -263,9 +296,10 @@ def plan(
                                           "epsilon": epsilon([*spent, *planned], privacy.delta, acc)}
         except AccountingError as err:
             result["accountants"][acc] = {"error": str(err)}
+    planned = any("error" not in r for r in result["accountants"].values())
     if as_json:
         typer.echo(json.dumps(result))
-        return
+        raise typer.Exit(0 if planned else 1)
     out = _out()
     out.print(f"{privacy.mode}: {n_rounds} rounds × {event.steps} steps at sample rate {event.sample_rate:.4g}, "
               f"target ε={target_epsilon:g}, δ={privacy.delta:g}"
@@ -275,4 +309,7 @@ def plan(
             out.print(f"  {acc.upper()}: [red]{r['error']}[/]")
         else:
             out.print(f"  {acc.upper()}: noise_multiplier ≥ {r['noise_multiplier']:.4f} (ε = {r['epsilon']:.4f})")
+    if not planned:
+        _fail(f"no accountant found a noise level that keeps {n_rounds} rounds within ε={target_epsilon:g} (each "
+              "says why above); raise --target-epsilon or plan fewer rounds or steps", 1)
     out.print(f"set privacy.noise_multiplier to the value for your accountant (privacy.accountant: {privacy.accountant})")
