@@ -68,8 +68,8 @@ class VerificationReport:
             if self.matched_heads:
                 text += f"; {len(self.matched_heads)} externally recorded head(s) found in the chain"
         else:
-            where = f" line {self.first_bad_line}" if self.first_bad_line is not None else ""
-            text = f"{self.path}:{where}: {self.problem}"
+            where = f": line {self.first_bad_line}" if self.first_bad_line is not None else ""
+            text = f"{self.path}{where}: {self.problem}"
         for w in self.warnings:
             text += f"\n  warning: {w}"
         return text
