@@ -43,7 +43,8 @@ def certs_init(
     institution: list[str] = typer.Option(..., "--institution", "-i", help="Institution name (repeat)."),
     host: list[str] = typer.Option(["127.0.0.1", "localhost", "::1"], "--host",
                                    help="Names/IPs the SuperLink certificate is valid for (repeat)."),
-    days: int = typer.Option(365, "--days", min=1),
+    # X.509 dates end in 9999; ten years is already longer than a pilot should trust one certificate.
+    days: int = typer.Option(365, "--days", min=1, max=3650, help="Days the certificates are valid (at most 3650)."),
     force: bool = typer.Option(False, "--force", help="Replace the existing CA and TLS keys (invalidates every "
                                                       "certificate); without it they are kept and certificates "
                                                       "reissued."),

@@ -46,6 +46,7 @@ CASES = [
     Case("envs-serve-negative-port", ["envs", "serve", "--port", "-1"], says="--port"),
     Case("envs-serve-port-too-large", ["envs", "serve", "--port", "70000"], says="--port"),
     Case("threats-negative-seed", ["threats", "verify", "--seed", "-1", "--only", "T1"], says="--seed"),
+    Case("certs-days-past-x509", ["certs", "init", "--out", "pki", "-i", "a", "--days", "99999999"], says="--days"),
     Case("envs-serve-unresolvable-host", ["envs", "serve", "--host", "nonexistent.invalid", "--port", "0"],
          says="--host nonexistent.invalid"),
     Case("report-non-integer-round", ["report", "run"], _run_folder(BAD_ROUND_KEY), says="success_by_env.maze.abc"),
