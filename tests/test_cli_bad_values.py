@@ -158,3 +158,14 @@ def test_report_refuses_an_unwritable_plots_folder_before_the_table(tmp_path):
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 1
     assert "success rate" not in result.output, "the table printed before the plots folder was checked"
+
+
+def test_simulate_refuses_an_output_under_a_file_before_it_loads_the_model(tmp_path, monkeypatch):
+    _config()(tmp_path)
+    _afile(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["simulate", "cfg.yaml", "--out", "afile/sub"])
+    assert result.exit_code == 2, result.output
+    assert "a part of that path is a file" in result.output
+    assert "loading model" not in result.output, "the output folder is checked before the model is loaded"
+    assert not (tmp_path / "afile").is_dir()

@@ -257,7 +257,19 @@ class RunFolder:
 
             raise RunFolderError(str(storage_error(self.path, err, "create the run folder"))) from None
 
-    def _create(self, config: ExperimentConfig, overwrite: bool) -> RunFolder:
+    def check_creatable(self, overwrite: bool = False) -> None:
+        """Refuse (one line, nothing touched) what :meth:`create` would refuse, so that a run stops before it
+        loads a model rather than after."""
+        try:
+            self._check_creatable(overwrite)
+        except OSError as err:
+            if isinstance(err, StorageError) or err.errno not in _BAD_PATH:
+                raise
+            from fedse_secure.io_utils import storage_error
+
+            raise RunFolderError(str(storage_error(self.path, err, "create the run folder"))) from None
+
+    def _check_creatable(self, overwrite: bool) -> None:
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
             raise RunFolderError(f"{self.path} is a file, not a folder; choose another --out")
         if self.path.exists() and any(self.path.iterdir()):
@@ -265,6 +277,18 @@ class RunFolder:
                 hint = (f"continue it with `fedse simulate --resume {self.path}`, replace it with --overwrite, "
                         "or choose another --out") if self.is_run_folder() else "choose another --out"
                 raise RunFolderError(f"{self.path} already exists and is not empty; {hint}")
+            self._check_overwrite()
+            return
+        # The folder will be made inside the nearest one that exists: it must be a folder this process can write.
+        existing = next(p for p in [self.path, *self.path.parents] if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied", str(existing))
+
+    def _create(self, config: ExperimentConfig, overwrite: bool) -> RunFolder:
+        self._check_creatable(overwrite)
+        if self.path.exists() and any(self.path.iterdir()):
             self._clear_for_overwrite()
         # The topmost folder this call creates: removed again if the run folder cannot be written at all.
         first_new = next((p for p in [*reversed(self.path.parents), self.path] if not p.exists()), None)
@@ -281,8 +305,8 @@ class RunFolder:
             raise
         return self
 
-    def _clear_for_overwrite(self) -> None:
-        """Empty a run folder for ``--overwrite``, or refuse (nothing is removed then) when it is not safe."""
+    def _check_overwrite(self) -> None:
+        """Refuse ``--overwrite`` (nothing is removed) where emptying this folder is not safe."""
         where = self.path.resolve()
         cwd = Path.cwd().resolve()
         if where == cwd or where in cwd.parents:
@@ -297,6 +321,10 @@ class RunFolder:
             raise RunFolderError(f"{self.path} holds files fedse did not write ({', '.join(foreign[:5])}); move them "
                                  "out first or choose another --out, --overwrite removes only a run's own files")
         self._refuse_if_active("overwrite")
+
+    def _clear_for_overwrite(self) -> None:
+        """Empty a run folder for ``--overwrite``, or refuse (nothing is removed then) when it is not safe."""
+        self._check_overwrite()
         archived = self._archive_ledgers()
         for entry in sorted(self.path.iterdir()):
             if entry.name in (LEDGER_ARCHIVE, MARKER, LOCK):

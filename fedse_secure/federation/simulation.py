@@ -65,6 +65,8 @@ class Simulation:
         started = time.time()
         # Everything that can fail on the config alone fails before the run folder is touched.
         preflight(cfg)
+        if not self.resuming:
+            self.run.check_creatable(self.overwrite)
         self._load_model()
         if self.resuming:
             self.run.check_resumable()
