@@ -229,11 +229,11 @@ class MaskingRequirements(StrictModel):
             need_t = max(need_t, self.min_threshold)
         if k >= complete and self.honest_floor(n_listed) > need_t:
             need_t = self.honest_floor(n_listed)
+            if need_t > k + 1:
+                return SetupRefusal("participants", f"a sum of the {n_listed} listed institutions cannot hold two "
+                                    f"honest inputs beside the {self.colluders(n_listed)} colluders assumed {context}")
             context = (f"for two honest inputs in every released sum beside the {self.colluders(n_listed)} colluders "
                        f"assumed {context}")
-        if need_t > k + 1:
-            return SetupRefusal("participants", f"a sum of the {n_listed} listed institutions cannot hold two honest "
-                                f"inputs beside the {self.colluders(n_listed)} colluders assumed {context}")
         if threshold < need_t:
             return SetupRefusal.below("threshold", threshold,
                                       f"{need_t}, the least this institution accepts with degree {k} {context}")
