@@ -31,6 +31,7 @@ an event of an unrecorded round still counts against the budget.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -248,20 +249,20 @@ class RunFolder:
     def create(self, config: ExperimentConfig, overwrite: bool = False) -> RunFolder:
         """A new run folder for ``config``: an empty or missing folder, or (``overwrite``) a run folder fedse
         created, emptied first (its privacy ledgers are moved to ``ledger-archive/``, never deleted)."""
-        try:
+        with self._bad_path_refused():
             return self._create(config, overwrite)
-        except OSError as err:
-            if isinstance(err, StorageError) or err.errno not in _BAD_PATH:
-                raise
-            from fedse_secure.io_utils import storage_error
-
-            raise RunFolderError(str(storage_error(self.path, err, "create the run folder"))) from None
 
     def check_creatable(self, overwrite: bool = False) -> None:
         """Refuse (one line, nothing touched) what :meth:`create` would refuse, so that a run stops before it
         loads a model rather than after."""
-        try:
+        with self._bad_path_refused():
             self._check_creatable(overwrite)
+
+    @contextlib.contextmanager
+    def _bad_path_refused(self):
+        """An OSError that says the path itself is unusable becomes the one-line RunFolderError naming the fix."""
+        try:
+            yield
         except OSError as err:
             if isinstance(err, StorageError) or err.errno not in _BAD_PATH:
                 raise
@@ -323,8 +324,7 @@ class RunFolder:
         self._refuse_if_active("overwrite")
 
     def _clear_for_overwrite(self) -> None:
-        """Empty a run folder for ``--overwrite``, or refuse (nothing is removed then) when it is not safe."""
-        self._check_overwrite()
+        """Empty a run folder for ``--overwrite``; :meth:`_create` has run :meth:`_check_overwrite` just before."""
         archived = self._archive_ledgers()
         for entry in sorted(self.path.iterdir()):
             if entry.name in (LEDGER_ARCHIVE, MARKER, LOCK):
