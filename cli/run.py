@@ -102,7 +102,8 @@ def report(
     A run that has not completed is named with its status: a run whose process died shows as interrupted
     (continue it with `fedse simulate --resume RUN`), a run in which no round completed as failed.
     """
-    from fedse_secure.report import differences, final_table, load_summary, plot_runs, writable_dir
+    from fedse_secure.io_utils import writable_dir
+    from fedse_secure.report import differences, final_table, load_summary, plot_runs
 
     summaries = [load_summary(d) for d in run_dirs]
     table = final_table(summaries)

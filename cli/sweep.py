@@ -79,7 +79,8 @@ def sweep(
     from fedse_secure.federation.run_folder import RunFolder
     from fedse_secure.federation.simulation import resume as resume_simulation
     from fedse_secure.federation.simulation import simulate as run_simulation
-    from fedse_secure.report import final_table, load_summary, plot_runs, writable_dir
+    from fedse_secure.io_utils import writable_dir
+    from fedse_secure.report import final_table, load_summary, plot_runs
 
     plots = writable_dir(plot_dir or out)  # before any seed trains, not after the last
     run_dirs = []

@@ -102,6 +102,19 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and prove a file can be written there, so that a command asked to write plots
+    fails before its work (training, a long table), not after it; :class:`StorageError` (one line) otherwise."""
+    path = ensure_dir(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fedse-write-probe.", dir=path)
+    except OSError as err:
+        raise storage_error(path, err, "write plots to") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary sibling, fsync, then rename over ``path`` (readers see old or new, never half)."""
     path = Path(path)

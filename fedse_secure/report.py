@@ -7,14 +7,13 @@ mean with a 95% confidence interval (Student t), which the paper does not report
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedse_secure.federation.run_folder import RunFolder, RunSummary
-from fedse_secure.io_utils import atomic_write_bytes, ensure_dir, storage_error
+from fedse_secure.io_utils import atomic_write_bytes, ensure_dir
 
 
 def load_summary(run_dir: str | Path) -> RunSummary:
@@ -146,21 +145,6 @@ def differences(summaries: list[RunSummary], baseline: str) -> dict[str, Any]:
                                  "above_zero": bool(mean - ci > 0) if len(a) > 1 and finite else None}
         rows.append(row)
     return {"environments": envs, "rows": rows}
-
-
-def writable_dir(path: str | Path) -> Path:
-    """Create ``path`` if needed and prove a file can be written there, so that a command asked to write plots
-    fails before its work (training, a long table), not after it; :class:`StorageError` (one line) otherwise."""
-    import tempfile
-
-    path = ensure_dir(path)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".fedse-write-probe.", dir=path)
-    except OSError as err:
-        raise storage_error(path, err, "write plots to") from None
-    os.close(fd)
-    os.unlink(probe)
-    return path
 
 
 def save_png(fig, path: str | Path, dpi: float | str = "figure") -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedse_secure.errors import FedseError
+from fedse_secure.io_utils import writable_dir
 from fedse_secure.privacy.accountants import ACCOUNTANTS, AccountingError, composition_relation, get_accountant
 from fedse_secure.privacy.accounting import epsilon_dp_accounting
 from fedse_secure.privacy.ledger import LedgerCorruptedError, PrivacyLedger, VerificationReport
@@ -137,8 +138,6 @@ def build_report(ledger: PrivacyLedger, delta: float | None = None, budget: floa
 def png_target(png_path: str | Path) -> Path:
     """Where a plot may go: a ``.png`` file in a folder that can be written (checked before any work). Any other
     name is refused, so that an output option never replaces a ledger, its head or any other non-plot file."""
-    from fedse_secure.report import writable_dir
-
     png_path = Path(png_path)
     if png_path.is_dir():
         raise ReportError(f"{png_path} is a folder; name the plot file, e.g. {png_path / 'epsilon.png'}")

@@ -136,6 +136,10 @@ def make_public_dirs(folder: str | Path) -> Path:
     return folder
 
 
+def _pem_private_key(data: bytes):
+    return serialization.load_pem_private_key(data, password=None)
+
+
 def _parse(path: str | Path, what: str, load,
            fix: str = "restore it, or create it again with `fedse certs init` / `fedse keys init`"):
     """``load(bytes)`` on the file's content; PkiError naming the file if it is unreadable or malformed (then
@@ -205,7 +209,7 @@ def _server_key(path: Path, force: bool) -> tuple[ec.EllipticCurvePrivateKey, bo
     if force or not os.path.lexists(path):
         return ec.generate_private_key(ec.SECP256R1()), True
     fix = "restore it, or pass --force to replace every TLS key and certificate"
-    key = _parse(path, "TLS key", lambda b: serialization.load_pem_private_key(b, password=None), fix)
+    key = _parse(path, "TLS key", _pem_private_key, fix)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{path}: expected an EC private key (PEM); {fix}")
     return key, False
@@ -260,7 +264,7 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
         raise PkiError(f"no CA in {ca_dir}; run `fedse certs init` first (or drop your own ca.pem/ca.key there)")
     fix = "restore it, or pass --force to create a new CA (this invalidates every certificate)"
     cert = _parse(cert_path, "CA certificate", x509.load_pem_x509_certificate, fix)
-    key = _parse(key_path, "CA key", lambda b: serialization.load_pem_private_key(b, password=None), fix)
+    key = _parse(key_path, "CA key", _pem_private_key, fix)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{key_path}: expected an EC private key for the CA; {fix}")
     if not _same_public_key(key, cert):
@@ -440,7 +444,7 @@ def _check_identity_pair(private: Path, public: Path) -> None:
     """A kept identity must load, and its two halves belong together, or everything it signs fails later."""
     fix = (f"restore it from a backup, or move {private.name} and {public.name} in {private.parent} away to create a "
            "new identity (every institution then needs the new .pub)")
-    key = _parse(private, "identity key", lambda b: serialization.load_pem_private_key(b, password=None), fix)
+    key = _parse(private, "identity key", _pem_private_key, fix)
     pub = _parse(public, "identity public key", serialization.load_pem_public_key, fix)
     if not isinstance(key, ed25519.Ed25519PrivateKey) or not isinstance(pub, ed25519.Ed25519PublicKey):
         raise PkiError(f"{private} and {public} are not an Ed25519 key pair; {fix}")
@@ -473,7 +477,7 @@ def load_identity_private(path: str | Path) -> ed25519.Ed25519PrivateKey:
     path = Path(path)
     if not path.is_file():
         raise PkiError(f"identity key {path} not found; create it with `fedse keys init` or fix identity_key")
-    key = _parse(path, "identity key", lambda b: serialization.load_pem_private_key(b, password=None))
+    key = _parse(path, "identity key", _pem_private_key)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise PkiError(f"{path}: expected an Ed25519 private key (PKCS8 PEM), got {type(key).__name__}")
     return key
@@ -544,6 +548,6 @@ def check_server_cert(ca_path: str | Path, cert_path: str | Path, key_path: str 
     names = {str(v) for v in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
     if host not in names:
         raise PkiError(f"{cert_path} is not valid for {host} (it names {sorted(names)}); reissue it with --host {host}")
-    key = _parse(key_path, "private key", lambda b: serialization.load_pem_private_key(b, password=None))
+    key = _parse(key_path, "private key", _pem_private_key)
     if not _same_public_key(key, cert):
         raise PkiError(f"{key_path} does not belong to {cert_path}; use the key the certificate was issued for")
